@@ -1,0 +1,30 @@
+"""The Scipion ``Plugin`` class: environment and binaries (imported only by Scipion)."""
+import os
+
+import pwem
+
+from . import __version__
+
+CRYOPOSEML_HOME = "CRYOPOSEML_HOME"
+
+
+class Plugin(pwem.Plugin):
+    """cryoposeml needs no binaries of its own: its CLI lives in the Python environment that runs
+    Scipion (``pip install -e .``). Relion (for the local-refinement handoff) is found on PATH."""
+
+    _url = "https://github.com/cryoposeml/scipion-em-cryoposeml"
+    _supportedVersions = [__version__]
+
+    @classmethod
+    def _defineVariables(cls):
+        cls._defineVar(CRYOPOSEML_HOME, os.environ.get(CRYOPOSEML_HOME, ""))
+
+    @classmethod
+    def getProgram(cls, command: str) -> str:
+        """The command line that runs ``cryoposeml <command>`` with Scipion's Python."""
+        python = os.environ.get("SCIPION_PYTHON", "python")
+        return f"{python} -m cryoposeml.cli {command}"
+
+    @classmethod
+    def defineBinaries(cls, env):
+        pass

@@ -1,0 +1,111 @@
+"""Map and pose metrics: FSC, resolution at a threshold, real-space PCC, soft masks, angular errors."""
+from __future__ import annotations
+
+import numpy as np
+
+from .symmetry import symmetric_distance_deg
+
+__all__ = ["fsc", "resolution_at", "pcc", "soft_sphere_mask", "soft_circle_mask", "angular_error_stats"]
+
+
+def _shell_index(box: int) -> np.ndarray:
+    """Radius (rounded) of every voxel of an ``rfftn`` of a ``(box,)*3`` map."""
+    kz = np.fft.fftfreq(box) * box
+    kx = np.fft.rfftfreq(box) * box
+    r = np.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    return np.round(r).astype(np.int64)
+
+
+def fsc(map1: np.ndarray, map2: np.ndarray, pixel_size_angstrom: float = 1.0,
+        mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier shell correlation of two cubic maps.
+
+    Returns ``(frequency, fsc)``, both ``(box // 2 + 1,)``: shell ``i`` is at ``i / (box * pixel)``
+    1/Angstrom. Shells are one voxel thick, centred on integer radii.
+    """
+    map1, map2 = np.asarray(map1, np.float64), np.asarray(map2, np.float64)
+    if map1.shape != map2.shape or map1.ndim != 3:
+        raise ValueError(f"FSC needs two maps of the same cubic shape, got {map1.shape} and {map2.shape}")
+    if mask is not None:
+        map1, map2 = map1 * mask, map2 * mask
+    box = map1.shape[0]
+    f1, f2 = np.fft.rfftn(map1), np.fft.rfftn(map2)
+    shell = _shell_index(box).ravel()
+    nshell = box // 2 + 1
+    keep = shell < nshell
+    shell = shell[keep]
+    num = np.bincount(shell, (f1 * f2.conj()).real.ravel()[keep], nshell)
+    d1 = np.bincount(shell, (np.abs(f1) ** 2).ravel()[keep], nshell)
+    d2 = np.bincount(shell, (np.abs(f2) ** 2).ravel()[keep], nshell)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = np.where((d1 > 0) & (d2 > 0), num / np.sqrt(d1 * d2), 0.0)
+    freq = np.arange(nshell) / (box * pixel_size_angstrom)
+    return freq, curve
+
+
+def resolution_at(frequency: np.ndarray, curve: np.ndarray, threshold: float = 0.143) -> float:
+    """Resolution (Angstrom) where the FSC first drops below ``threshold`` (linear interpolation
+    between shells). If it never does, the Nyquist resolution; the DC shell is skipped."""
+    below = np.nonzero(curve[1:] < threshold)[0]
+    if len(below) == 0:
+        return float(1.0 / frequency[-1])
+    i = below[0] + 1
+    if i == 1:
+        return float(1.0 / frequency[1])
+    f0, f1, c0, c1 = frequency[i - 1], frequency[i], curve[i - 1], curve[i]
+    f = f0 + (c0 - threshold) / (c0 - c1) * (f1 - f0)
+    return float(1.0 / f)
+
+
+def pcc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Pearson correlation of two arrays (inside ``mask``, a boolean or weight array, if given)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    w = np.ones_like(a) if mask is None else np.asarray(mask, np.float64).ravel()
+    a = a - np.average(a, weights=w)
+    b = b - np.average(b, weights=w)
+    return float(np.sum(w * a * b) / np.sqrt(np.sum(w * a * a) * np.sum(w * b * b)))
+
+
+def _soft_edge(r: np.ndarray, radius: float, width: float) -> np.ndarray:
+    if width <= 0:
+        return (r <= radius).astype(np.float32)
+    t = np.clip((r - radius) / width, 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+
+
+def soft_sphere_mask(box: int, radius_px: float | None = None, width_px: float = 3.0) -> np.ndarray:
+    """Spherical mask ``(box,)*3`` about ``box // 2``: 1 inside ``radius_px``, raised-cosine edge of
+    ``width_px`` beyond it (default radius: ``box / 2 - width_px``)."""
+    radius = box / 2 - width_px if radius_px is None else radius_px
+    k = np.arange(box) - box // 2
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    return _soft_edge(r, radius, width_px)
+
+
+def soft_circle_mask(box: int, radius_px: float | None = None, width_px: float = 3.0) -> np.ndarray:
+    """The 2D ``(box, box)`` counterpart of :func:`soft_sphere_mask`."""
+    radius = box / 2 - width_px if radius_px is None else radius_px
+    k = np.arange(box) - box // 2
+    r = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
+    return _soft_edge(r, radius, width_px)
+
+
+def angular_error_stats(pred: np.ndarray, true: np.ndarray, sym: str = "C1",
+                        weights: np.ndarray | None = None) -> dict:
+    """Symmetry-aware angular errors between predicted and true matrices ``(B, 3, 3)``.
+
+    Returns per-particle ``errors_deg`` and MAnE (mean), median, confidence-weighted MAnE (when
+    ``weights`` are given), and the percentages under 5 and 10 degrees.
+    """
+    err = np.asarray(symmetric_distance_deg(np.asarray(pred), np.asarray(true), sym))
+    out = {
+        "errors_deg": err,
+        "mean_deg": float(err.mean()),
+        "median_deg": float(np.median(err)),
+        "pct_under_5deg": float(100 * np.mean(err < 5)),
+        "pct_under_10deg": float(100 * np.mean(err < 10)),
+    }
+    if weights is not None:
+        w = np.asarray(weights, np.float64)
+        out["weighted_mean_deg"] = float(np.sum(w * err) / np.sum(w)) if w.sum() > 0 else float("nan")
+    return out

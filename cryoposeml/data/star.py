@@ -1,0 +1,237 @@
+"""Relion 3.1+ particle STAR files (``data_optics`` + ``data_particles``), read and written with
+the ``starfile`` library. Unknown columns and extra blocks survive a round trip.
+
+Image paths (``rlnImageName = "N@stack.mrcs"``, 1-based) resolve relative to the STAR file's
+folder first, then to its parent folders (a Relion project's root, for job outputs), then to the
+current directory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from ..core.ctf import CtfParams
+from ..core.errors import InputError
+from ..core.rotations import euler_to_matrix, matrix_to_euler
+from ._atomic import atomic_path
+
+__all__ = ["ParticleStar", "read_star", "write_star", "ANGLE_COLUMNS", "SHIFT_COLUMNS"]
+
+ANGLE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
+SHIFT_COLUMNS = ["rlnOriginXAngst", "rlnOriginYAngst"]
+PRIOR_COLUMNS = ["rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior",
+                 "rlnOriginXPriorAngst", "rlnOriginYPriorAngst"]
+_OPTICS_REQUIRED = ["rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize"]
+_CTF_OPTICS = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
+_CTF_PARTICLE = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
+
+
+@dataclass
+class ParticleStar:
+    """A particle STAR file in memory: the optics table, the particle table, other blocks."""
+
+    particles: pd.DataFrame
+    optics: pd.DataFrame
+    path: Path | None = None
+    other_blocks: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.particles)
+
+    # -- validation -------------------------------------------------------------------------
+    def _where(self) -> str:
+        return str(self.path) if self.path else "<STAR in memory>"
+
+    def require(self, columns: list[str], what: str) -> None:
+        """Raise :class:`InputError` if the particle table lacks any of ``columns``."""
+        missing = [c for c in columns if c not in self.particles.columns]
+        if missing:
+            raise InputError(f"the particle table has no {', '.join(missing)} column(s), needed for {what}",
+                             self._where())
+
+    def has_poses(self) -> bool:
+        return all(c in self.particles.columns for c in ANGLE_COLUMNS)
+
+    def has_ctf(self) -> bool:
+        return (all(c in self.particles.columns for c in _CTF_PARTICLE)
+                and all(c in self._optics_per_particle().columns for c in _CTF_OPTICS))
+
+    # -- optics ---------------------------------------------------------------------------------
+    def _optics_per_particle(self) -> pd.DataFrame:
+        groups = self.particles["rlnOpticsGroup"].astype(int).to_numpy()
+        table = self.optics.set_index(self.optics["rlnOpticsGroup"].astype(int))
+        unknown = set(groups) - set(table.index)
+        if unknown:
+            raise InputError(f"particles refer to optics group(s) {sorted(unknown)} missing from data_optics",
+                             self._where())
+        return table.loc[groups].reset_index(drop=True)
+
+    def optics_value(self, column: str) -> np.ndarray:
+        """A ``data_optics`` column expanded to one value per particle (a particle column wins)."""
+        if column in self.particles.columns:
+            return self.particles[column].to_numpy()
+        table = self._optics_per_particle()
+        if column not in table.columns:
+            raise InputError(f"no {column} in data_optics", self._where())
+        return table[column].to_numpy()
+
+    @property
+    def pixel_size_angstrom(self) -> float:
+        """The particles' pixel size (one value: mixed pixel sizes are refused)."""
+        sizes = np.unique(np.round(self.optics["rlnImagePixelSize"].astype(float).to_numpy(), 5))
+        if len(sizes) != 1:
+            raise InputError(f"optics groups have different pixel sizes {sizes.tolist()}; rescale first",
+                             self._where())
+        return float(sizes[0])
+
+    @property
+    def box(self) -> int:
+        sizes = np.unique(self.optics["rlnImageSize"].astype(int).to_numpy())
+        if len(sizes) != 1:
+            raise InputError(f"optics groups have different box sizes {sizes.tolist()}", self._where())
+        return int(sizes[0])
+
+    # -- poses ---------------------------------------------------------------------------------
+    def angles_deg(self) -> np.ndarray:
+        """``(N, 3)`` Relion Euler angles (rot, tilt, psi) in degrees."""
+        self.require(ANGLE_COLUMNS, "poses")
+        return self.particles[ANGLE_COLUMNS].to_numpy(dtype=np.float64)
+
+    def matrices(self) -> np.ndarray:
+        """``(N, 3, 3)`` Relion rotation matrices of the particles' poses."""
+        return euler_to_matrix(self.angles_deg())
+
+    def shifts_angstrom(self) -> np.ndarray:
+        """``(N, 2)`` origins (rlnOriginX/YAngst); zeros where the columns are absent."""
+        cols = [c for c in SHIFT_COLUMNS if c in self.particles.columns]
+        out = np.zeros((len(self), 2))
+        for i, c in enumerate(SHIFT_COLUMNS):
+            if c in cols:
+                out[:, i] = self.particles[c].to_numpy(dtype=np.float64)
+        return out
+
+    def shifts_px(self) -> np.ndarray:
+        return self.shifts_angstrom() / self.pixel_size_angstrom
+
+    def set_poses(self, matrices: np.ndarray | None = None, shifts_angstrom: np.ndarray | None = None) -> None:
+        """Write poses (``(N, 3, 3)`` matrices -> Relion angles) and/or shifts into the table."""
+        if matrices is not None:
+            self.particles[ANGLE_COLUMNS] = matrix_to_euler(np.asarray(matrices, np.float64))
+        if shifts_angstrom is not None:
+            self.particles[SHIFT_COLUMNS] = np.asarray(shifts_angstrom, np.float64)
+
+    def ctf_params(self) -> CtfParams:
+        """The particles' CTF parameters (Relion columns; optics values per particle)."""
+        self.require(_CTF_PARTICLE, "the CTF")
+        p = self.particles
+
+        def opt(col, default=0.0):
+            try:
+                return self.optics_value(col).astype(np.float64)
+            except InputError:
+                if default is None:
+                    raise
+                return np.full(len(p), default)
+
+        return CtfParams(
+            defocus_u_angstrom=p["rlnDefocusU"].to_numpy(np.float64),
+            defocus_v_angstrom=p["rlnDefocusV"].to_numpy(np.float64),
+            defocus_angle_deg=p["rlnDefocusAngle"].to_numpy(np.float64),
+            voltage_kv=opt("rlnVoltage", None),
+            cs_mm=opt("rlnSphericalAberration", None),
+            amplitude_contrast=opt("rlnAmplitudeContrast", None),
+            phase_shift_deg=opt("rlnPhaseShift"),
+            bfactor=opt("rlnCtfBfactor"),
+        )
+
+    def random_subset(self) -> np.ndarray | None:
+        """``rlnRandomSubset`` (1 or 2) per particle, or None when the column is absent."""
+        if "rlnRandomSubset" not in self.particles.columns:
+            return None
+        return self.particles["rlnRandomSubset"].to_numpy(np.int64)
+
+    # -- images ---------------------------------------------------------------------------------
+    def image_locations(self) -> tuple[list[Path], np.ndarray, np.ndarray]:
+        """``(stacks, stack_index, slice_index)``: the unique resolved stack paths, and per particle
+        which stack it is in and its 0-based slice in it."""
+        self.require(["rlnImageName"], "the images")
+        names = self.particles["rlnImageName"].astype(str).to_numpy()
+        slices = np.empty(len(names), np.int64)
+        stack_of = np.empty(len(names), np.int64)
+        unique: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if "@" in name:
+                num, stack = name.split("@", 1)
+                try:
+                    slices[i] = int(num) - 1
+                except ValueError:
+                    raise InputError(f"row {i + 1}: rlnImageName {name!r} is not 'N@stack.mrcs'", self._where())
+            else:
+                slices[i], stack = 0, name
+            if slices[i] < 0:
+                raise InputError(f"row {i + 1}: image number in {name!r} must be >= 1", self._where())
+            stack_of[i] = unique.setdefault(stack, len(unique))
+        return [self._resolve(s) for s in unique], stack_of, slices
+
+    def _resolve(self, name: str) -> Path:
+        p = Path(name)
+        if p.is_absolute():
+            candidates = [p]
+        else:
+            base = self.path.resolve().parent if self.path else Path.cwd()
+            candidates = [base / p, *[parent / p for parent in base.parents], Path.cwd() / p]
+        for c in candidates:
+            if c.exists():
+                return c
+        raise InputError(f"image stack {name!r} not found (looked next to the STAR file, in its parent "
+                         "folders and in the current directory)", self._where())
+
+    def copy(self) -> "ParticleStar":
+        return ParticleStar(self.particles.copy(), self.optics.copy(), self.path, dict(self.other_blocks))
+
+
+def read_star(path) -> ParticleStar:
+    """Read and check a Relion 3.1+ particle STAR file (clear :class:`InputError` when it is not)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as e:  # starfile raises a variety of parser errors
+        raise InputError(f"not a readable STAR file ({e})", path) from e
+    if "optics" not in blocks:
+        raise InputError("no data_optics block: a Relion 3.1+ particle STAR file is needed "
+                         "(convert a Relion 3.0 file with relion_convert_star)", path)
+    if "particles" not in blocks:
+        raise InputError(f"no data_particles block (blocks: {', '.join(blocks) or 'none'})", path)
+    optics, particles = blocks.pop("optics"), blocks.pop("particles")
+    if not isinstance(optics, pd.DataFrame) or not isinstance(particles, pd.DataFrame):
+        raise InputError("data_optics and data_particles must be loop_ tables", path)
+    missing = [c for c in _OPTICS_REQUIRED if c not in optics.columns]
+    if missing:
+        raise InputError(f"data_optics lacks {', '.join(missing)}", path)
+    if len(particles) == 0:
+        raise InputError("data_particles is empty", path)
+    if "rlnOpticsGroup" not in particles.columns:
+        if len(optics) != 1:
+            raise InputError("particles have no rlnOpticsGroup but there are several optics groups", path)
+        particles["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
+    star = ParticleStar(particles.reset_index(drop=True), optics.reset_index(drop=True), path, blocks)
+    box = star.box
+    if box % 2:
+        raise InputError(f"odd box size {box} px: cryoposeml needs an even box (rescale or re-extract)", path)
+    return star
+
+
+def write_star(star: ParticleStar, path) -> Path:
+    """Write ``star`` to ``path`` atomically (a partial file never appears under the final name)."""
+    path = Path(path)
+    blocks = {"optics": star.optics, "particles": star.particles, **star.other_blocks}
+    with atomic_path(path) as tmp:
+        starfile.write(blocks, tmp, float_format="%.6f", overwrite=True)
+    return path

@@ -1,0 +1,48 @@
+"""cryoposeml: deep-learning particle pose estimation for cryo-EM, as a Scipion plugin and a CLI."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = "0.1.0"
+
+setup(
+    name="scipion-em-cryoposeml",
+    version=VERSION,
+    description="Amortized particle pose estimation for cryo-EM (Scipion plugin + CLI)",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cryoposeml", "cryoposeml.*"]),
+    include_package_data=True,
+    package_data={
+        "cryoposeml": [
+            "protocols.conf",
+            "resources/maps/*.mrc",
+            "resources/maps/*.md",
+            "templates/*.json.template",
+        ],
+    },
+    install_requires=[
+        "numpy>=1.26,<2",
+        "scipy>=1.10,<1.11",  # scipion-em pins scipy<=1.10.0
+        "torch>=2.2",
+        "mrcfile>=1.4",
+        "starfile>=0.5",
+        "pandas>=2",
+        "healpy>=1.16",
+        "e3nn>=0.5",
+        "escnn>=1.0.11",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "roma>=1.4",
+    ],
+    extras_require={
+        "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5.0"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={
+        "pyworkflow.plugin": ["cryoposeml = cryoposeml"],
+        "console_scripts": ["cryoposeml = cryoposeml.cli:main"],
+    },
+)
