@@ -43,6 +43,6 @@ setup(
     },
     entry_points={
         "pyworkflow.plugin": ["cryoposeml = cryoposeml"],
-        "console_scripts": ["cryoposeml = cryoposeml.cli:main"],
+        "console_scripts": ["cryoposeml = cryoposeml.cli:console_main"],
     },
 )

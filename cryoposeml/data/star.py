@@ -178,6 +178,13 @@ class ParticleStar:
             stack_of[i] = unique.setdefault(stack, len(unique))
         return [self._resolve(s) for s in unique], stack_of, slices
 
+    def image_keys(self) -> list[str]:
+        """One key per particle, ``"slice@/resolved/stack.mrcs"``, equal for the same image whatever
+        folder each STAR file lives in (used to match particles between files)."""
+        stacks, stack_of, slices = self.image_locations()
+        names = [str(s.resolve()) for s in stacks]
+        return [f"{i}@{names[k]}" for k, i in zip(stack_of, slices)]
+
     def _resolve(self, name: str) -> Path:
         p = Path(name)
         if p.is_absolute():
@@ -228,10 +235,25 @@ def read_star(path) -> ParticleStar:
     return star
 
 
+def _relocated_image_names(star: ParticleStar, dest_dir: Path) -> pd.Series:
+    """rlnImageName rewritten relative to ``dest_dir`` (the stacks stay where they are)."""
+    stacks, stack_of, slices = star.image_locations()
+    rel = [os.path.relpath(s, dest_dir) for s in stacks]
+    return pd.Series([f"{i + 1:06d}@{rel[k]}" for k, i in zip(stack_of, slices)], index=star.particles.index)
+
+
 def write_star(star: ParticleStar, path) -> Path:
-    """Write ``star`` to ``path`` atomically (a partial file never appears under the final name)."""
+    """Write ``star`` to ``path`` atomically (a partial file never appears under the final name).
+
+    When ``star`` was read from another folder, image paths are rewritten relative to ``path``'s
+    folder so they still resolve.
+    """
     path = Path(path)
-    blocks = {"optics": star.optics, "particles": star.particles, **star.other_blocks}
+    particles = star.particles
+    if (star.path is not None and "rlnImageName" in particles
+            and star.path.resolve().parent != path.resolve().parent):
+        particles = particles.assign(rlnImageName=_relocated_image_names(star, path.resolve().parent))
+    blocks = {"optics": star.optics, "particles": particles, **star.other_blocks}
     with atomic_path(path) as tmp:
         starfile.write(blocks, tmp, float_format="%.6f", overwrite=True)
     return path

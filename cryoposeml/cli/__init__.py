@@ -1,0 +1,52 @@
+"""``cryoposeml <command>``: the command line the Scipion protocols, the demo and scripts use.
+
+Each command is a module here with ``add_args(parser)`` and ``main(args)``; its help is the
+module docstring. Exit codes: 0 success, 1 bad input (the message names the file and the
+problem), 2 usage error, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+
+COMMANDS = ["simulate", "reconstruct", "evaluate", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cryoposeml", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"cryoposeml {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f".{name}", __name__)
+        doc = module.__doc__ or ""
+        p = sub.add_parser(name, help=doc.strip().split("\n")[0], description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        module.add_args(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv=None) -> int:
+    from ..core.errors import InputError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args._main(args)
+    except InputError as e:
+        print(f"cryoposeml {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"cryoposeml {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())

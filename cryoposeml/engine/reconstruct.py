@@ -1,0 +1,121 @@
+"""Reconstruct a map (and half-maps) from a particle STAR file with poses."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..core.ctf import ctf_2d
+from ..core.errors import InputError
+from ..core.metrics import fsc, resolution_at, soft_sphere_mask
+from ..core.reconstruction import BackProjector
+from ..data.dataset import ParticleDataset
+from ..data.mrc import write_map
+from ..data.star import ParticleStar, read_star
+from ._outputs import check_new_file, stamp, write_json
+
+__all__ = ["ReconstructionResult", "reconstruct_star", "reconstruct", "half_map_paths"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconstructionResult:
+    full: np.ndarray
+    pixel_size_angstrom: float
+    half1: np.ndarray | None = None
+    half2: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def half_fsc(self, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return fsc(self.half1, self.half2, self.pixel_size_angstrom, mask)
+
+
+def _halves(star: ParticleStar) -> tuple[np.ndarray, bool]:
+    subset = star.random_subset()
+    if subset is not None:
+        bad = ~np.isin(subset, (1, 2))
+        if bad.any():
+            raise InputError(f"rlnRandomSubset must be 1 or 2 (row {int(np.nonzero(bad)[0][0]) + 1} has "
+                             f"{subset[bad][0]})", star.path)
+        return subset, False
+    rng = np.random.default_rng(0)
+    return np.where(rng.permutation(len(star)) < len(star) / 2, 1, 2), True
+
+
+def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,
+                     use_ctf: bool = True, regularization: float = 1e-3, batch_size: int = 256,
+                     progress: bool = True, device=None) -> ReconstructionResult:
+    """Reconstruct the particles of ``star`` at their poses (CTF-corrected when it has CTFs)."""
+    angles_A = star.matrices()
+    origins = star.shifts_px()
+    ds = ParticleDataset(star)
+    box, apix = star.box, star.pixel_size_angstrom
+    use_ctf = use_ctf and star.has_ctf()
+    ctf = star.ctf_params() if use_ctf else None
+    weights = None
+    if fom_weighting:
+        star.require(["rlnParticleFigureOfMerit"], "--fom-weighting")
+        weights = star.particles["rlnParticleFigureOfMerit"].to_numpy(np.float64)
+        if (weights < 0).any() or not np.isfinite(weights).all():
+            raise InputError("rlnParticleFigureOfMerit must be finite and >= 0", star.path)
+    subset, made_up = _halves(star) if halves else (np.ones(len(star), np.int64), False)
+    bps = {k: BackProjector(box, sym, device=device) for k in np.unique(subset)}
+    bar = tqdm(total=len(star), desc="reconstruct", unit="img", disable=not progress)
+    for idx, images in ds.batches(batch_size):
+        c = ctf_2d(ctf.subset(idx), box, apix, dtype=torch.float64) if use_ctf else None
+        for k, bp in bps.items():
+            sel = subset[idx] == k
+            if sel.any():
+                bp.insert(images[sel], angles_A[idx[sel]], origins[idx[sel]],
+                          None if c is None else c[sel], None if weights is None else weights[idx[sel]])
+        bar.update(len(idx))
+    bar.close()
+    info = {"particles": len(star), "sym": sym, "ctf": use_ctf, "fom_weighting": fom_weighting,
+            "regularization": regularization}
+    if not halves:
+        return ReconstructionResult(bps[1].reconstruct(regularization), apix, info=info)
+    if len(bps) != 2:
+        raise InputError("half-maps need particles in both rlnRandomSubset 1 and 2", star.path)
+    half1, half2 = bps[1].reconstruct(regularization), bps[2].reconstruct(regularization)
+    full_bp = bps[1].copy()
+    full_bp.merge(bps[2])
+    info.update(halves_assigned_randomly=made_up, half_counts=[bps[1].count, bps[2].count])
+    return ReconstructionResult(full_bp.reconstruct(regularization), apix, half1, half2, info)
+
+
+def half_map_paths(out: Path) -> tuple[Path, Path, Path]:
+    """``MAP.mrc`` -> ``MAP_half1.mrc``, ``MAP_half2.mrc``, ``MAP_fsc.json``."""
+    stem = out.with_suffix("")
+    return (stem.parent / f"{stem.name}_half1.mrc", stem.parent / f"{stem.name}_half2.mrc",
+            stem.parent / f"{stem.name}_fsc.json")
+
+
+def reconstruct(particles, out, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,
+                use_ctf: bool = True, regularization: float = 1e-3, batch_size: int = 256,
+                overwrite: bool = False, progress: bool = True, device=None) -> dict:
+    """``cryoposeml reconstruct``: write the map (and half-maps + their FSC). Returns the summary."""
+    out = Path(out)
+    targets = [out, *half_map_paths(out)] if halves else [out]
+    for t in targets:
+        check_new_file(t, overwrite)
+    star = read_star(particles)
+    res = reconstruct_star(star, sym, halves, fom_weighting, use_ctf, regularization, batch_size, progress, device)
+    summary = {**stamp(particles=particles, sym=sym, halves=halves, fom_weighting=fom_weighting,
+                       regularization=regularization), **res.info}
+    if halves:
+        h1, h2, fsc_json = half_map_paths(out)
+        mask = soft_sphere_mask(star.box)
+        freq, curve = res.half_fsc(mask)
+        summary.update(fsc_frequency_per_angstrom=freq, fsc_half_maps=curve,
+                       resolution_fsc0143_angstrom=resolution_at(freq, curve, 0.143),
+                       resolution_fsc05_angstrom=resolution_at(freq, curve, 0.5))
+        write_map(h1, res.half1, res.pixel_size_angstrom)
+        write_map(h2, res.half2, res.pixel_size_angstrom)
+        write_json(fsc_json, summary)
+    write_map(out, res.full, res.pixel_size_angstrom)
+    return summary

@@ -1,0 +1,185 @@
+"""Simulated particle datasets with known poses: the forward model of :mod:`cryoposeml.core`.
+
+image = shift(-origin) * CTF * central slice of the map at pose A, plus white Gaussian noise at
+``snr = var(signal) / var(noise)`` (signal variance: the mean over the first 1024 clean particle
+images).
+Junk particles are pure noise or projections of another map (scaled to the same signal variance).
+
+Writes ``particles.star`` (images, CTF, optics, rlnRandomSubset, no poses: what extraction gives),
+``ground_truth.star`` (the same plus the true poses and ``rlnCpmlJunk``: 0 particle, 1 pure noise,
+2 another map), ``Particles/stack_NNNN.mrcs`` and ``simulation.json``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..core.ctf import CtfParams, ctf_2d
+from ..core.errors import InputError
+from ..core.projection import Projector
+from ..core.rotations import matrix_to_euler, random_rotations
+from ..core.symmetry import symmetry_group
+from ..data.bundled import resolve_map
+from ..data.mrc import read_map, write_stack
+from ..data.star import ParticleStar, read_star, write_star
+from ._outputs import stamp, staged_dir, write_json
+
+__all__ = ["SimulationConfig", "simulate"]
+
+JUNK_NONE, JUNK_NOISE, JUNK_OTHER_MAP = 0, 1, 2
+
+
+@dataclass
+class SimulationConfig:
+    map: str = "adk_open"                 # path or bundled map name
+    n: int = 1000
+    snr: float | None = 0.1               # None: noise-free
+    ctf: bool = True
+    sym: str = "C1"
+    shift_sigma_angstrom: float = 0.0     # per-axis Gaussian sd of rlnOriginX/YAngst
+    junk_fraction: float = 0.0
+    junk_map: str = "other_ptp1b"
+    junk_noise_share: float = 0.5         # share of junk that is pure noise (rest: other map)
+    poses: str | None = None              # STAR with the poses (and shifts) to use
+    defocus_min_angstrom: float = 10000.0
+    defocus_max_angstrom: float = 25000.0
+    astigmatism_sd_angstrom: float = 200.0
+    voltage_kv: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    stack_size: int = 1000
+    seed: int = 0
+    batch_size: int = 256
+
+
+def _projector(path, what: str) -> tuple[Projector, float, int]:
+    vol, apix = read_map(path)
+    if vol.shape[0] % 2:
+        raise InputError(f"odd box size {vol.shape[0]} px in the {what}: an even box is needed", path)
+    if not np.isfinite(vol).all():
+        raise InputError(f"the {what} contains NaN or infinite values", path)
+    return Projector(vol), apix, vol.shape[0]
+
+
+def _given_poses(path, n_default: int) -> tuple[np.ndarray, np.ndarray | None]:
+    star = read_star(path)
+    return star.matrices(), (star.shifts_angstrom() if "rlnOriginXAngst" in star.particles else None)
+
+
+def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool = True) -> Path:
+    """Simulate a dataset into the folder ``out`` (created atomically). Returns ``out``."""
+    if cfg.snr is not None and not cfg.snr > 0:
+        raise InputError(f"--snr must be positive (got {cfg.snr}); omit it for noise-free images")
+    if not 0 <= cfg.junk_fraction < 1:
+        raise InputError(f"--junk-fraction must be in [0, 1) (got {cfg.junk_fraction})")
+    symmetry_group(cfg.sym)  # validates the name
+    map_path = resolve_map(cfg.map)
+    proj, apix, box = _projector(map_path, "map")
+    rng = np.random.default_rng(cfg.seed)
+
+    if cfg.poses:
+        A, origins = _given_poses(cfg.poses, cfg.n)
+        n = len(A)
+    else:
+        n = cfg.n
+        if n < 1:
+            raise InputError(f"--n must be at least 1 (got {n})")
+        A, origins = random_rotations(n, rng), None
+    if origins is None:
+        origins = rng.normal(0.0, cfg.shift_sigma_angstrom, (n, 2)) if cfg.shift_sigma_angstrom > 0 else np.zeros((n, 2))
+
+    junk = np.zeros(n, np.int64)
+    n_junk = int(round(cfg.junk_fraction * n))
+    if n_junk:
+        which = rng.choice(n, n_junk, replace=False)
+        n_noise = int(round(cfg.junk_noise_share * n_junk))
+        junk[which[:n_noise]] = JUNK_NOISE
+        junk[which[n_noise:]] = JUNK_OTHER_MAP
+    junk_proj = None
+    if (junk == JUNK_OTHER_MAP).any():
+        jpath = resolve_map(cfg.junk_map)
+        junk_proj, japix, jbox = _projector(jpath, "junk map")
+        if jbox != box or abs(japix - apix) > 1e-3:
+            raise InputError(f"the junk map is {jbox} px at {japix:.3f} A/px but the map is {box} px at "
+                             f"{apix:.3f} A/px", jpath)
+
+    defocus = rng.uniform(cfg.defocus_min_angstrom, cfg.defocus_max_angstrom, n)
+    astig = np.abs(rng.normal(0.0, cfg.astigmatism_sd_angstrom, n))
+    ctf = CtfParams(defocus + astig / 2, defocus - astig / 2, rng.uniform(0, 180, n),
+                    cfg.voltage_kv, cfg.cs_mm, cfg.amplitude_contrast)
+    subset = np.where(rng.permutation(n) < n / 2, 1, 2)
+
+    def render(sl: slice) -> np.ndarray:
+        """Clean images of particles ``sl`` (other-map junk unscaled, noise junk zero)."""
+        c = ctf_2d(ctf.subset(sl), box, apix) if cfg.ctf else None
+        A_t = torch.as_tensor(A[sl], dtype=torch.float32)
+        o_t = torch.as_tensor(origins[sl] / apix, dtype=torch.float32)
+        img = proj.project(A_t, o_t, c).numpy()
+        other = junk[sl] == JUNK_OTHER_MAP
+        if other.any():
+            img[other] = junk_proj.project(A_t[other], o_t[other], None if c is None else c[other]).numpy()
+        img[junk[sl] == JUNK_NOISE] = 0.0
+        return img
+
+    # The signal variance (for the SNR and to scale other-map junk) comes from a pilot of up to
+    # 1024 particles, so the images can then be streamed to disk one stack at a time.
+    pilot = render(slice(0, min(n, 1024)))
+    pj = junk[:len(pilot)]
+    signal_var = float(pilot[pj == JUNK_NONE].var(axis=(1, 2)).mean()) if (pj == JUNK_NONE).any() \
+        else float(pilot.var(axis=(1, 2)).mean())
+    other_scale = 1.0
+    if junk_proj is not None:
+        probe = junk_proj.project(torch.as_tensor(A[:256], dtype=torch.float32), None,
+                                  ctf_2d(ctf.subset(slice(0, 256)), box, apix) if cfg.ctf else None).numpy()
+        other_scale = float(np.sqrt(signal_var / probe.var(axis=(1, 2)).mean()))
+    noise_sd = float(np.sqrt(signal_var / cfg.snr)) if cfg.snr else 0.0
+    good = junk == JUNK_NONE
+
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnMicrographOriginalPixelSize": [apix],
+        "rlnVoltage": [cfg.voltage_kv], "rlnSphericalAberration": [cfg.cs_mm],
+        "rlnAmplitudeContrast": [cfg.amplitude_contrast], "rlnImagePixelSize": [apix], "rlnImageSize": [box],
+        "rlnImageDimensionality": [2],
+    })
+    names = [f"{i % cfg.stack_size + 1:06d}@Particles/stack_{i // cfg.stack_size + 1:04d}.mrcs" for i in range(n)]
+    base = pd.DataFrame({
+        "rlnImageName": names,
+        "rlnMicrographName": [f"Micrographs/sim_{i // cfg.stack_size + 1:04d}.mrc" for i in range(n)],
+        "rlnDefocusU": ctf.defocus_u_angstrom, "rlnDefocusV": ctf.defocus_v_angstrom,
+        "rlnDefocusAngle": ctf.defocus_angle_deg, "rlnCtfBfactor": 0.0, "rlnPhaseShift": 0.0,
+        "rlnOpticsGroup": 1, "rlnRandomSubset": subset,
+    })
+    angles = matrix_to_euler(A)
+    truth = base.assign(rlnAngleRot=angles[:, 0], rlnAngleTilt=angles[:, 1], rlnAnglePsi=angles[:, 2],
+                        rlnOriginXAngst=origins[:, 0], rlnOriginYAngst=origins[:, 1], rlnCpmlJunk=junk)
+
+    with staged_dir(out, overwrite) as tmp:
+        (tmp / "Particles").mkdir()
+        bar = tqdm(total=n, desc="simulate", unit="img", disable=not progress)
+        for k, start in enumerate(range(0, n, cfg.stack_size)):
+            stop = min(n, start + cfg.stack_size)
+            stack = np.empty((stop - start, box, box), np.float32)
+            for b in range(start, stop, cfg.batch_size):
+                sl = slice(b, min(stop, b + cfg.batch_size))
+                img = render(sl)
+                img[junk[sl] == JUNK_OTHER_MAP] *= other_scale
+                if noise_sd:
+                    img += rng.normal(0.0, noise_sd, img.shape).astype(np.float32)
+                stack[b - start:sl.stop - start] = img
+                bar.update(sl.stop - sl.start)
+            write_stack(tmp / "Particles" / f"stack_{k + 1:04d}.mrcs", stack, apix)
+        bar.close()
+        write_star(ParticleStar(base, optics), tmp / "particles.star")
+        write_star(ParticleStar(truth, optics.copy()), tmp / "ground_truth.star")
+        write_json(tmp / "simulation.json", {
+            **stamp(**asdict(cfg)), "map_path": str(map_path), "pixel_size_angstrom": apix, "box": box,
+            "signal_variance": signal_var, "noise_sd": noise_sd,
+            "counts": {"particles": int(good.sum()), "junk_noise": int((junk == JUNK_NOISE).sum()),
+                       "junk_other_map": int((junk == JUNK_OTHER_MAP).sum())},
+        })
+    return Path(out)
