@@ -5,7 +5,8 @@ import numpy as np
 
 from .symmetry import symmetric_distance_deg
 
-__all__ = ["fsc", "resolution_at", "pcc", "soft_sphere_mask", "soft_circle_mask", "angular_error_stats"]
+__all__ = ["fsc", "resolution_at", "pcc", "soft_sphere_mask", "soft_circle_mask", "mask_outside_sphere",
+           "angular_error_stats"]
 
 
 def _shell_index(box: int) -> np.ndarray:
@@ -88,6 +89,20 @@ def soft_circle_mask(box: int, radius_px: float | None = None, width_px: float =
     k = np.arange(box) - box // 2
     r = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
     return _soft_edge(r, radius, width_px)
+
+
+def mask_outside_sphere(volume: np.ndarray, radius_px: float | None = None, width_px: float = 3.0) -> np.ndarray:
+    """Relion's ``softMaskOutsideMap``: beyond ``radius_px`` (default ``box / 2``, the inscribed
+    sphere) blend to the mean value found there over a raised-cosine edge of ``width_px``, so the
+    box corners carry no noise or aliasing. Relion applies it to every reconstruction."""
+    box = volume.shape[0]
+    radius = box / 2 if radius_px is None else radius_px
+    k = np.arange(box) - box // 2
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    keep = _soft_edge(r, radius, width_px)
+    outside = r > radius
+    background = float(volume[outside].mean()) if outside.any() else 0.0
+    return (volume * keep + background * (1 - keep)).astype(volume.dtype)
 
 
 def angular_error_stats(pred: np.ndarray, true: np.ndarray, sym: str = "C1",

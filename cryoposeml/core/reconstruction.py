@@ -4,13 +4,15 @@
 trilinear scattering at ``A_i.T @ (kx, ky, 0)`` (the adjoint of :class:`~.projection.Projector`),
 for every symmetry mate ``A_i @ g``; ``w_i`` is an optional per-particle weight (FOM weighting).
 ``lambda`` (Wiener-like regularisation) is ``regularization`` times the mean of the non-zero
-weights. The real-space result is divided by the trilinear apodization (gridding correction).
+weights. The real-space result is divided by the trilinear apodization (gridding correction) and,
+as Relion does, the box corners outside the inscribed sphere are softly masked.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .metrics import mask_outside_sphere
 from .fourier import fft2_centered, ifftn_centered, shift_phase_2d, trilinear_apodization
 from .projection import slice_coordinates
 from .symmetry import symmetry_group
@@ -93,8 +95,11 @@ class BackProjector:
         new._data, new._weight = self._data.clone(), self._weight.clone()
         return new
 
-    def reconstruct(self, regularization: float = 1e-3) -> np.ndarray:
-        """The map ``(N, N, N)`` float32, ``(z, y, x)``, centre at ``N // 2``."""
+    def reconstruct(self, regularization: float = 1e-3, mask_corners: bool = True) -> np.ndarray:
+        """The map ``(N, N, N)`` float32, ``(z, y, x)``, centre at ``N // 2``.
+
+        ``mask_corners``: as Relion, blend the box corners beyond the inscribed sphere to their mean
+        (they hold only noise and aliasing)."""
         n, m = self.box, self.box * self.pad
         weight = self._weight
         positive = weight > 0
@@ -110,4 +115,5 @@ class BackProjector:
         padded = ifftn_centered(spectrum).real
         lo = m // 2 - n // 2
         vol = padded[lo:lo + n, lo:lo + n, lo:lo + n] / trilinear_apodization(n, m, device=weight.device)
-        return vol.cpu().numpy().astype(np.float32)
+        vol = vol.cpu().numpy().astype(np.float32)
+        return mask_outside_sphere(vol) if mask_corners else vol
