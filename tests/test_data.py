@@ -1,0 +1,87 @@
+"""STAR/MRC I/O, lazy datasets and preprocessing."""
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryoposeml.core.ctf import ctf_2d
+from cryoposeml.core.fourier import fft2_centered
+from cryoposeml.data.dataset import ParticleDataset
+from cryoposeml.data.mrc import write_stack
+from cryoposeml.data.preprocess import normalize_background, phase_flip, rescale
+from cryoposeml.data.star import ParticleStar, read_star, write_star
+
+
+def test_star_round_trip_keeps_unknown_columns(sim_noise_free_ctf, tmp_path):
+    star = read_star(sim_noise_free_ctf / "ground_truth.star")
+    star.particles["rlnSomethingNew"] = np.arange(len(star))
+    star.particles["myToolScore"] = 0.5
+    star.other_blocks["general"] = pd.DataFrame({"rlnFinalResolution": [3.2]})
+    write_star(star, tmp_path / "deep" / "copy.star")
+    back = read_star(tmp_path / "deep" / "copy.star")
+    assert list(back.particles.columns) == list(star.particles.columns)
+    assert (back.particles["rlnSomethingNew"] == np.arange(len(star))).all()
+    assert "general" in back.other_blocks
+    np.testing.assert_allclose(back.matrices(), star.matrices(), atol=1e-5)
+    # the copy lives elsewhere: its image paths were rewritten and still reach the same images
+    a = ParticleDataset(star).read_batch([0, 300, 599])
+    b = ParticleDataset(back).read_batch([0, 300, 599])
+    np.testing.assert_array_equal(a, b)
+    assert back.image_keys() == star.image_keys()
+
+
+def test_paths_resolve_relative_to_star_not_cwd(sim_noise_free_ctf, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    star = read_star(sim_noise_free_ctf / "ground_truth.star")
+    stacks, _, _ = star.image_locations()
+    assert all(s.is_relative_to(sim_noise_free_ctf) for s in stacks)
+
+
+def test_dataset_bounds_open_stacks(tmp_path):
+    n_stacks, per = 40, 5
+    names = []
+    for k in range(n_stacks):
+        write_stack(tmp_path / f"s{k:02d}.mrcs", np.full((per, 16, 16), k, np.float32), 2.0)
+        names += [f"{i + 1}@s{k:02d}.mrcs" for i in range(per)]
+    optics = pd.DataFrame(dict(rlnOpticsGroup=[1], rlnImagePixelSize=[2.0], rlnImageSize=[16]))
+    write_star(ParticleStar(pd.DataFrame(dict(rlnImageName=names, rlnOpticsGroup=1)), optics), tmp_path / "p.star")
+    ds = ParticleDataset(read_star(tmp_path / "p.star"), max_open_stacks=4)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    order = np.random.default_rng(0).permutation(len(ds))
+    seen = []
+    for idx, imgs in ds.batches(7, order):
+        seen.append((idx, imgs[:, 0, 0]))
+        assert len(ds.reader._maps) <= 4
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 4
+    for idx, vals in seen:
+        np.testing.assert_array_equal(vals, idx // per)  # each image holds its stack number
+    assert float(ds[17][0, 0]) == 3
+
+
+def test_rescale_normalize_phase_flip(adk_map):
+    from cryoposeml.core.projection import Projector
+    from cryoposeml.core.rotations import random_rotations
+    from cryoposeml.data.star import read_star  # noqa: F401
+
+    vol, apix = adk_map
+    A = torch.as_tensor(random_rotations(4, 0), dtype=torch.float32)
+    img = Projector(vol).project(A).numpy()
+    small = rescale(img, apix, 2 * apix, 32)
+    # Fourier cropping keeps the low frequencies exactly (all but the new Nyquist row/column)
+    f_big = fft2_centered(torch.as_tensor(img, dtype=torch.float64))[:, 17:48, 17:48]
+    f_small = fft2_centered(torch.as_tensor(small, dtype=torch.float64))[:, 1:, 1:]
+    assert torch.allclose(f_small, f_big / 4, atol=1e-3 * f_big.abs().max())
+    # same box at another pixel size: crop after resampling
+    assert rescale(img, apix, 1.0, 64).shape == (4, 64, 64)
+
+    noisy = img + np.random.default_rng(0).normal(3.0, 2.0, img.shape).astype(np.float32)
+    norm = normalize_background(noisy, 28)
+    k = np.arange(64) - 32
+    out = (k[:, None] ** 2 + k[None, :] ** 2) > 28**2
+    np.testing.assert_allclose(norm[:, out].mean(1), 0, atol=1e-5)
+    np.testing.assert_allclose(norm[:, out].std(1), 1, atol=1e-5)
+
+    from cryoposeml.core.ctf import CtfParams
+    ctf = ctf_2d(CtfParams(np.full(4, 15000.0), np.full(4, 14000.0), np.zeros(4), 300.0, 2.7, 0.1), 64, apix)
+    np.testing.assert_allclose(phase_flip(phase_flip(img, ctf.numpy()), ctf.numpy()), img, atol=1e-4)
