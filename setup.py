@@ -1,10 +1,11 @@
 """cryoposeml: deep-learning particle pose estimation for cryo-EM, as a Scipion plugin and a CLI."""
+import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = "0.1.0"
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "cryoposeml" / "__init__.py").read_text()).group(1)
 
 setup(
     name="scipion-em-cryoposeml",
@@ -13,7 +14,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cryoposeml", "cryoposeml.*"]),
+    packages=find_namespace_packages(include=["cryoposeml", "cryoposeml.*"]),
     include_package_data=True,
     package_data={
         "cryoposeml": [

@@ -6,11 +6,6 @@ The package is also a Scipion plugin (entry point ``pyworkflow.plugin: cryoposem
 """
 __version__ = "0.1.0"
 
-# Scipion reads these from the plugin module.
-_logo = ""
-_references = ["Fernandez-Leiro2024cesped", "Nashed2021cryoposenet", "Wu2025cryoforum",
-               "Li2023hetacumn", "Nagarajan2025equivariant"]
-
 
 def __getattr__(name):
     if name == "Plugin":

@@ -12,7 +12,6 @@ class Plugin(pwem.Plugin):
     """cryoposeml needs no binaries of its own: its CLI lives in the Python environment that runs
     Scipion (``pip install -e .``). Relion (for the local-refinement handoff) is found on PATH."""
 
-    _url = "https://github.com/cryoposeml/scipion-em-cryoposeml"
     _supportedVersions = [__version__]
 
     @classmethod

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import mask_outside_sphere
 from .fourier import fft2_centered, ifftn_centered, shift_phase_2d, trilinear_apodization
+from .metrics import mask_outside_sphere
 from .projection import slice_coordinates
 from .symmetry import symmetry_group
 

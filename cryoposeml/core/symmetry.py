@@ -89,7 +89,7 @@ def symmetry_group(sym: str) -> np.ndarray:
     return _group(name).copy()
 
 
-def _as_torch(x, like=None):
+def _as_torch(x):
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64))
 
 

@@ -24,8 +24,6 @@ __all__ = ["ParticleStar", "read_star", "write_star", "ANGLE_COLUMNS", "SHIFT_CO
 
 ANGLE_COLUMNS = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
 SHIFT_COLUMNS = ["rlnOriginXAngst", "rlnOriginYAngst"]
-PRIOR_COLUMNS = ["rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior",
-                 "rlnOriginXPriorAngst", "rlnOriginYPriorAngst"]
 _OPTICS_REQUIRED = ["rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize"]
 _CTF_OPTICS = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
 _CTF_PARTICLE = ["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
@@ -108,10 +106,9 @@ class ParticleStar:
 
     def shifts_angstrom(self) -> np.ndarray:
         """``(N, 2)`` origins (rlnOriginX/YAngst); zeros where the columns are absent."""
-        cols = [c for c in SHIFT_COLUMNS if c in self.particles.columns]
         out = np.zeros((len(self), 2))
         for i, c in enumerate(SHIFT_COLUMNS):
-            if c in cols:
+            if c in self.particles.columns:
                 out[:, i] = self.particles[c].to_numpy(dtype=np.float64)
         return out
 

@@ -66,7 +66,7 @@ def _projector(path, what: str) -> tuple[Projector, float, int]:
     return Projector(vol), apix, vol.shape[0]
 
 
-def _given_poses(path, n_default: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _given_poses(path) -> tuple[np.ndarray, np.ndarray | None]:
     star = read_star(path)
     return star.matrices(), (star.shifts_angstrom() if "rlnOriginXAngst" in star.particles else None)
 
@@ -83,7 +83,7 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
     rng = np.random.default_rng(cfg.seed)
 
     if cfg.poses:
-        A, origins = _given_poses(cfg.poses, cfg.n)
+        A, origins = _given_poses(cfg.poses)
         n = len(A)
     else:
         n = cfg.n
