@@ -40,7 +40,7 @@ setup(
     ],
     extras_require={
         "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5.0"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "psutil"],
     },
     entry_points={
         "pyworkflow.plugin": ["cryoposeml = cryoposeml"],

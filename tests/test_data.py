@@ -85,3 +85,21 @@ def test_rescale_normalize_phase_flip(adk_map):
     from cryoposeml.core.ctf import CtfParams
     ctf = ctf_2d(CtfParams(np.full(4, 15000.0), np.full(4, 14000.0), np.zeros(4), 300.0, 2.7, 0.1), 64, apix)
     np.testing.assert_allclose(phase_flip(phase_flip(img, ctf.numpy()), ctf.numpy()), img, atol=1e-4)
+
+
+def test_streaming_memory_is_flat(tmp_path):
+    """Streaming a 64 MB stack holds only a batch in memory, not the touched pages."""
+    psutil = __import__("pytest").importorskip("psutil")
+    n = 4000
+    write_stack(tmp_path / "big.mrcs", np.random.default_rng(0).normal(size=(n, 64, 64)).astype(np.float32), 1.5)
+    optics = pd.DataFrame(dict(rlnOpticsGroup=[1], rlnImagePixelSize=[1.5], rlnImageSize=[64]))
+    names = [f"{i + 1}@big.mrcs" for i in range(n)]
+    write_star(ParticleStar(pd.DataFrame(dict(rlnImageName=names, rlnOpticsGroup=1)), optics), tmp_path / "b.star")
+    ds = ParticleDataset(read_star(tmp_path / "b.star"))
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    total = 0.0
+    for _, imgs in ds.batches(256):
+        total += float(imgs[:, 0, 0].sum())
+        peak = max(peak, proc.memory_info().rss)
+    assert (peak - base) / 2**20 < 24, f"resident memory grew by {(peak - base) / 2**20:.0f} MiB"

@@ -33,8 +33,9 @@ class BackProjector:
         self.box, self.pad = box, pad
         self.group = torch.as_tensor(symmetry_group(sym), dtype=torch.float64, device=device)
         m = box * pad
-        self._data = torch.zeros((m**3, 2), dtype=torch.float64, device=device)
-        self._weight = torch.zeros(m**3, dtype=torch.float64, device=device)
+        # Accumulated (real, imaginary, weight) per padded voxel. Only half of each image's
+        # spectrum is inserted; Hermitian symmetry supplies the other half in reconstruct().
+        self._acc = torch.zeros((m**3, 3), dtype=torch.float64, device=device)
         self.count = 0
 
     def insert(self, images, A, origins_px=None, ctf=None, weights=None) -> None:
@@ -43,7 +44,7 @@ class BackProjector:
         ``origins_px`` ``(B, 2)`` are the particles' Relion origins in pixels (undone here), ``ctf``
         the ``(B, N, N)`` CTFs in the centred layout, ``weights`` ``(B,)`` per-particle weights.
         """
-        dev = self._data.device
+        dev = self._acc.device
         images = torch.as_tensor(images, dtype=torch.float64, device=dev)
         A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A, dtype=torch.float64, device=dev)
         spectra = fft2_centered(images)
@@ -58,17 +59,19 @@ class BackProjector:
         if weights is not None:
             w = torch.as_tensor(weights, dtype=torch.float64, device=dev)[:, None, None]
             spectra, w2 = spectra * w, w2 * w
-        values = torch.view_as_real(spectra)
+        values = torch.cat([torch.view_as_real(spectra), w2[..., None]], -1)
+        kx = torch.arange(self.box, device=dev) - self.box // 2
+        half = (kx[None, :] > 0) | ((kx[None, :] == 0) & (kx[:, None] >= 0))   # (ky, kx) half-plane
         for g in self.group:
             pts, inside = slice_coordinates(A @ g, self.box, self.pad)
-            self._scatter(pts[:, inside], values[:, inside], w2[:, inside])
+            keep = inside & half
+            self._scatter(pts[:, keep], values[:, keep])
         self.count += images.shape[0]
 
-    def _scatter(self, pts, values, weights) -> None:
+    def _scatter(self, pts, values) -> None:
         m = self.box * self.pad
         pts = pts.reshape(-1, 3) + m // 2
-        values = values.reshape(-1, 2)
-        weights = weights.reshape(-1)
+        values = values.reshape(-1, 3)
         base = torch.floor(pts)
         frac = pts - base
         base = base.long()
@@ -80,19 +83,17 @@ class BackProjector:
                          * (frac[:, 2] if dz else 1 - frac[:, 2]))
                     ok = (x >= 0) & (x < m) & (y >= 0) & (y < m) & (z >= 0) & (z < m)
                     idx = ((z * m + y) * m + x)[ok]
-                    self._data.index_add_(0, idx, values[ok] * w[ok, None])
-                    self._weight.index_add_(0, idx, weights[ok] * w[ok])
+                    self._acc.index_add_(0, idx, values[ok] * w[ok, None])
 
     def merge(self, other: "BackProjector") -> None:
         """Add another accumulator's data (e.g. two half-sets -> the full map)."""
-        self._data += other._data
-        self._weight += other._weight
+        self._acc += other._acc
         self.count += other.count
 
     def copy(self) -> "BackProjector":
         new = BackProjector.__new__(BackProjector)
         new.box, new.pad, new.group, new.count = self.box, self.pad, self.group, self.count
-        new._data, new._weight = self._data.clone(), self._weight.clone()
+        new._acc = self._acc.clone()
         return new
 
     def reconstruct(self, regularization: float = 1e-3, mask_corners: bool = True) -> np.ndarray:
@@ -101,13 +102,17 @@ class BackProjector:
         ``mask_corners``: as Relion, blend the box corners beyond the inscribed sphere to their mean
         (they hold only noise and aliasing)."""
         n, m = self.box, self.box * self.pad
-        weight = self._weight
+        acc = self._acc.reshape(m, m, m, 3)
+        # Hermitian completion: value(-p) = conj(value(p)); index i holds p = i - m//2, so -p is at
+        # m - i, i.e. the flipped array rolled by one.
+        mirror = torch.roll(torch.flip(acc, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
+        data = torch.complex(acc[..., 0] + mirror[..., 0], acc[..., 1] - mirror[..., 1])
+        weight = acc[..., 2] + mirror[..., 2]
         positive = weight > 0
         if not bool(positive.any()):
             raise ValueError("no data were inserted")
         lam = regularization * weight[positive].mean()
-        spectrum = torch.view_as_complex(self._data) / (weight + lam)
-        spectrum = spectrum.reshape(m, m, m)
+        spectrum = data / (weight + lam)
         # Keep the Nyquist sphere of the original box only.
         k = torch.arange(m, dtype=torch.float64, device=weight.device) - m // 2
         r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import mmap
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,8 @@ def write_stack(path, images: np.ndarray, pixel_size_angstrom: float) -> Path:
 
 class StackReader:
     """Reads images from many stacks through memory maps, keeping at most ``max_open`` mapped at
-    once (least recently used are closed), so neither memory nor open file handles grow with the
-    number of stacks or particles. Thread-safe."""
+    once (least recently used are closed) and releasing the pages each read touched, so neither
+    memory nor open file handles grow with the number of stacks or particles. Thread-safe."""
 
     def __init__(self, max_open: int = 32):
         self.max_open = max_open
@@ -124,7 +125,12 @@ class StackReader:
             bad = (slices < 0) | (slices >= info.n)
             if bad.any():
                 raise InputError(f"image {int(slices[bad][0]) + 1} requested but the stack has {info.n}", path)
-            return np.asarray(self._map(path)[slices], dtype=np.float32)
+            mm = self._map(path)
+            out = np.array(mm[slices], dtype=np.float32)
+            # Give the mapped pages back (they stay in the page cache): resident memory stays flat
+            # however large the stacks are and however many particles pass through.
+            mm._mmap.madvise(mmap.MADV_DONTNEED)
+            return out
 
     def close(self) -> None:
         with self._lock:
