@@ -12,7 +12,7 @@ def add_args(p):
     p.add_argument("--map", default=d.map, help="map (.mrc) or bundled map name (default: %(default)s)")
     p.add_argument("--n", type=int, default=d.n, help="number of particles (default: %(default)s)")
     p.add_argument("--snr", type=float, default=d.snr,
-                   help="signal-to-noise ratio; 0 or 'none' for noise-free (default: %(default)s)")
+                   help="signal-to-noise ratio, var(signal)/var(noise); 0 for noise-free (default: %(default)s)")
     p.add_argument("--no-noise", action="store_true", help="noise-free images (same as --snr 0)")
     p.add_argument("--ctf", dest="ctf", action="store_true", default=True, help="apply a CTF (default)")
     p.add_argument("--no-ctf", dest="ctf", action="store_false", help="no CTF")
