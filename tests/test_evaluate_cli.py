@@ -85,3 +85,29 @@ def test_demo_runs(tmp_path):
     # a second run never silently overwrites the first
     again = cli("demo", "--out", tmp_path / "demo", "--n", 400)
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_fom_weighting_ignores_zero_weight_particles(sim_noise_free_ctf, tmp_path):
+    """Particles with rlnParticleFigureOfMerit 0 (here with scrambled poses) must not count."""
+    from cryoposeml.core.metrics import pcc
+    from cryoposeml.core.rotations import random_rotations
+    from cryoposeml.data.mrc import read_map
+
+    star = read_star(sim_noise_free_ctf / "ground_truth.star")
+    bad = np.arange(len(star)) % 3 == 0
+    A = star.matrices()
+    A[bad] = random_rotations(int(bad.sum()), 0)
+    star.set_poses(A)
+    star.particles["rlnParticleFigureOfMerit"] = np.where(bad, 0.0, 0.7)
+    write_star(star, tmp_path / "all.star")
+    good_only = star.copy()
+    good_only.particles = star.particles[~bad].reset_index(drop=True)
+    write_star(good_only, tmp_path / "good.star")
+    for name, extra in (("weighted", ["--fom-weighting"]), ("plain", [])):
+        r = cli("reconstruct", "--particles", tmp_path / "all.star", "--out", tmp_path / f"{name}.mrc", *extra)
+        assert r.returncode == 0, r.stderr
+    r = cli("reconstruct", "--particles", tmp_path / "good.star", "--out", tmp_path / "good.mrc")
+    assert r.returncode == 0, r.stderr
+    weighted, good, plain = (read_map(tmp_path / f"{n}.mrc")[0] for n in ("weighted", "good", "plain"))
+    assert pcc(weighted, good) > 0.999
+    assert pcc(plain, good) < 0.99
