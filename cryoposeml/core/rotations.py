@@ -36,6 +36,7 @@ __all__ = [
     "matrix_to_sixd",
     "sixd_to_matrix",
     "geodesic_distance_deg",
+    "rotation_angle_deg",
     "random_rotations",
     "relion_to_scipion_matrix",
     "scipion_matrix_to_relion",
@@ -122,18 +123,21 @@ def sixd_to_matrix(x):
     return roma.special_gramschmidt(cols)
 
 
+def rotation_angle_deg(R: torch.Tensor) -> torch.Tensor:
+    """Rotation angle (degrees) of matrices ``(..., 3, 3)``, in the atan2 form that stays accurate
+    near 0 and 180 degrees where ``arccos((trace - 1) / 2)`` does not."""
+    cos = ((R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2).clamp(-1, 1)
+    skew = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    return torch.rad2deg(torch.atan2(skew.norm(dim=-1) / 2, cos))
+
+
 @_numpy_in_numpy_out
 def geodesic_distance_deg(A1, A2):
     """Angle (degrees) of the rotation ``A1.T @ A2``, broadcast over leading dims; no symmetry.
 
     For symmetry-aware distances use :func:`cryoposeml.core.symmetry.symmetric_distance_deg`.
     """
-    R = A1.transpose(-1, -2) @ A2
-    cos = ((R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2).clamp(-1, 1)
-    # atan2 form: accurate near 0 and 180 deg where acos is not.
-    skew = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
-    sin = skew.norm(dim=-1) / 2
-    return torch.rad2deg(torch.atan2(sin, cos))
+    return rotation_angle_deg(A1.transpose(-1, -2) @ A2)
 
 
 def random_rotations(n: int, seed: int | np.random.Generator | None = None) -> np.ndarray:

@@ -19,6 +19,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from .errors import InputError
+from .rotations import rotation_angle_deg
 
 __all__ = ["symmetry_group", "symmetric_distance_deg", "expand_over_group", "to_asymmetric_unit",
            "symmetrize_map"]
@@ -102,14 +103,9 @@ def symmetric_distance_deg(A1, A2, sym: str = "C1"):
     A1, A2 = _as_torch(A1), _as_torch(A2)
     G = torch.as_tensor(symmetry_group(sym), dtype=A1.dtype, device=A1.device)
     R = A1.transpose(-1, -2) @ A2
-    # trace(R @ g) = sum_ij R_ij g_ji; the best mate has the largest trace. Its angle is then
-    # computed with the atan2 form, accurate near 0 deg where arccos(trace) is not.
+    # trace(R @ g) = sum_ij R_ij g_ji; the best mate has the largest trace (smallest angle).
     best = torch.einsum("...ij,gji->...g", R, G).argmax(-1)
-    Rg = R @ G[best]
-    skew = torch.stack([Rg[..., 2, 1] - Rg[..., 1, 2], Rg[..., 0, 2] - Rg[..., 2, 0],
-                        Rg[..., 1, 0] - Rg[..., 0, 1]], -1)
-    tr = Rg[..., 0, 0] + Rg[..., 1, 1] + Rg[..., 2, 2]
-    out = torch.rad2deg(torch.atan2(skew.norm(dim=-1) / 2, (tr - 1) / 2))
+    out = rotation_angle_deg(R @ G[best])
     return out.numpy() if is_numpy else out
 
 
@@ -144,8 +140,9 @@ def symmetrize_map(volume: np.ndarray, sym: str, order: int = 1) -> np.ndarray:
     c = n // 2
     zyx = np.indices(volume.shape, dtype=np.float64).reshape(3, -1) - c
     xyz = zyx[::-1]
+    group = symmetry_group(sym)
     out = np.zeros(volume.size)
-    for g in symmetry_group(sym):
+    for g in group:
         p = (g @ xyz)[::-1] + c
         out += map_coordinates(volume, p, order=order, mode="constant", cval=0.0)
-    return (out / len(symmetry_group(sym))).reshape(volume.shape).astype(volume.dtype)
+    return (out / len(group)).reshape(volume.shape).astype(volume.dtype)
