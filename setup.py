@@ -37,6 +37,7 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "roma>=1.4",
+        "safetensors>=0.4",
     ],
     extras_require={
         "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5.0"],

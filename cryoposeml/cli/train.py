@@ -1,0 +1,46 @@
+"""Train a pose network on particles whose poses a refinement already found.
+
+The model folder gets model.json (configuration, preprocessing, symmetry, calibration, validation
+metrics: median error, ECE, AUROC), and per network weights.safetensors, checkpoint.pt,
+metrics.csv and curves.png. --halfsets trains one network per rlnRandomSubset (gold standard).
+An interrupted run continues with --resume.
+"""
+from ..engine.train import TrainConfig, train
+from ..models import MODEL_FAMILIES
+
+
+def add_args(p):
+    d = TrainConfig()
+    p.add_argument("--particles", required=True, help="Relion 3.1+ STAR with poses")
+    p.add_argument("--out", required=True, help="model folder")
+    p.add_argument("--model", default=d.model, choices=MODEL_FAMILIES, help="model family (default: %(default)s)")
+    p.add_argument("--sym", default=d.sym, help="point group (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, one-cycle (default: %(default)s)")
+    p.add_argument("--box-px", type=int, default=d.box_px,
+                   help="network box; particles are Fourier-rescaled to it, keeping their field of view "
+                        "(default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="(default: %(default)s)")
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping epochs (default: %(default)s)")
+    p.add_argument("--halfsets", action="store_true", help="one network per half-set")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no in-plane D4 augmentation")
+    p.add_argument("--no-siamese", dest="siamese", action="store_false", help="no pairwise-distance loss")
+    p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="encoder widths (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training in --out")
+
+
+def main(args):
+    cfg = TrainConfig(model=args.model, sym=args.sym, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      box_px=args.box_px, val_fraction=args.val_fraction, patience=args.patience,
+                      halfsets=args.halfsets, augment=args.augment, siamese=args.siamese, widths=tuple(args.widths),
+                      seed=args.seed, device=args.device)
+    meta = train(args.particles, args.out, cfg, resume=args.resume, overwrite=args.overwrite,
+                 progress=not args.quiet)
+    for run, r in meta["runs"].items():
+        v = r["validation"]
+        print(f"{run}: validation median {v['median_deg']:.2f} deg, mean {v['mean_deg']:.2f} deg, "
+              f"ECE {v['ece_deg']:.2f} deg, AUROC(>10 deg) {v['auroc_error_over_10deg']:.3f}")
+    print(f"wrote {args.out}/model.json")

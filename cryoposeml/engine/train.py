@@ -1,0 +1,315 @@
+"""``cryoposeml train``: supervised pose networks on particles with known poses.
+
+A model folder holds ``model.json`` (written last: its presence means the training finished) with
+the network configuration, preprocessing, symmetry, calibration and a summary of the training
+data, and one sub-folder per trained network (``full/``, or ``half1/`` + ``half2/`` with
+``--halfsets``), each with ``weights.safetensors`` (best validation epoch), ``checkpoint.pt``
+(for ``--resume``), ``metrics.csv`` and ``curves.png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..core.errors import InputError
+from ..core.inplane import D4, transform_images, transform_poses
+from ..core.symmetry import symmetric_distance_deg, symmetry_group
+from ..data.dataset import ParticleDataset
+from ..data.preprocess import Preprocessor
+from ..data.star import ParticleStar, read_star
+from ..models import PoseNetConfig, build_model
+from ..models.losses import confidence_regression_loss, siamese_distance_loss, symmetric_quaternion_loss
+from ._outputs import stamp, write_json
+from .calibration import auroc, expected_calibration_error, fit_calibration
+
+__all__ = ["TrainConfig", "train", "load_model", "preprocessor_for", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "bingham"
+    sym: str = "C1"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3                  # peak of the one-cycle schedule
+    weight_decay: float = 1e-4
+    box_px: int = 64                  # network input box; the field of view of the particles is kept
+    val_fraction: float = 0.1
+    patience: int = 10                # early stopping on the validation median error
+    halfsets: bool = False
+    augment: bool = True              # random in-plane D4 transforms with consistent labels
+    siamese: bool = True              # cryo-forum's pairwise-distance loss with its curriculum
+    shift_weight: float = 0.1
+    widths: tuple = (32, 64, 128, 256)
+    dropout: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def preprocessor_for(star: ParticleStar, box_px: int, pixel_out: float) -> Preprocessor:
+    return Preprocessor(star.pixel_size_angstrom, pixel_out, box_px,
+                        star.ctf_params() if star.has_ctf() else None, do_phase_flip=True)
+
+
+def _load_images(star: ParticleStar, prep: Preprocessor, progress: bool) -> torch.Tensor:
+    ds = ParticleDataset(star, transform=prep)
+    out = torch.empty(len(ds), prep.box_out, prep.box_out)
+    bar = tqdm(total=len(ds), desc="train: preprocessing", unit="img", disable=not progress)
+    for idx, imgs in ds.batches(512):
+        out[idx] = torch.from_numpy(imgs)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _augment(images, A, origins, gen: torch.Generator):
+    """One random D4 element per particle (images, poses and origins transformed together)."""
+    which = torch.randint(0, len(D4), (images.shape[0],), generator=gen)
+    images, A, origins = images.clone(), A.clone(), origins.clone()
+    for k in which.unique().tolist():
+        sel = which == k
+        images[sel] = transform_images(images[sel], D4[k])
+        A[sel], origins[sel] = transform_poses(A[sel], origins[sel], D4[k])
+    return images, A, origins
+
+
+@torch.no_grad()
+def _predict(model, images: torch.Tensor, device, batch_size: int = 256) -> dict:
+    model.eval()
+    outs = {"matrix": [], "confidence": [], "shift_px": []}
+    for s in range(0, len(images), batch_size):
+        o = model(images[s:s + batch_size].to(device))
+        for k in outs:
+            outs[k].append(o[k].float().cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def _plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    ax[1].plot(ep, [r["val_median_deg"] for r in rows], label="validation median error")
+    ax[1].plot(ep, [r["val_mean_deg"] for r in rows], label="validation mean error")
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylabel("degrees")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, train_idx, val_idx, outdir: Path,
+               resume: bool, progress: bool) -> dict:
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(net_cfg).to(device)
+    group = torch.as_tensor(symmetry_group(cfg.sym), dtype=torch.float32, device=device)
+    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / cfg.batch_size)))
+    total = cfg.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    state = {"epoch": 0, "best": float("inf"), "bad_epochs": 0, "rows": []}
+    ckpt = outdir / "checkpoint.pt"
+    if resume and ckpt.exists():
+        try:  # weights_only: tensors and plain containers; a pickle that would run code is refused
+            saved = torch.load(ckpt, map_location=device, weights_only=True)
+        except Exception as e:
+            raise InputError(f"refused: not a plain checkpoint of tensors ({type(e).__name__}); loading it could "
+                             "run code. Delete it to start over", ckpt) from e
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        state = json.loads(saved["state"])
+        log.info("resuming %s at epoch %d", outdir.name, state["epoch"])
+    outdir.mkdir(parents=True, exist_ok=True)
+    A_t = torch.as_tensor(A, dtype=torch.float32)
+    o_t = torch.as_tensor(origins, dtype=torch.float32)
+    val_imgs = images[val_idx]
+    for epoch in range(state["epoch"], cfg.epochs):
+        t_epoch = time.perf_counter()
+        if state["bad_epochs"] >= cfg.patience:
+            log.info("early stop: no validation improvement in %d epochs", cfg.patience)
+            break
+        model.train()
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        losses = []
+        bar = tqdm(range(steps_per_epoch), desc=f"train {outdir.name} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for step in bar:
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            x, a, o = images[idx], A_t[idx], o_t[idx]
+            if cfg.augment:
+                x, a, o = _augment(x, a, o, gen)
+            x, a, o = x.to(device), a.to(device), o.to(device)
+            out = model(x)
+            t = (epoch * steps_per_epoch + step + 1) / total
+            beta1 = t**0.5 if cfg.siamese else 1.0
+            q_loss = symmetric_quaternion_loss(out["quaternion"], a, group)
+            loss = beta1 * q_loss.mean()
+            if getattr(model.rotation, "learns_confidence", False):
+                loss = loss + 0.1 * confidence_regression_loss(out["confidence"], q_loss)
+            if cfg.siamese:
+                loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], a, group, generator=None)
+            if net_cfg.predict_shifts:
+                loss = loss + cfg.shift_weight * torch.nn.functional.smooth_l1_loss(out["shift_px"], o)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        pred = _predict(model, val_imgs, device)
+        err = symmetric_distance_deg(pred["matrix"].double().numpy(), A[val_idx], cfg.sym)
+        shift_err = np.linalg.norm(pred["shift_px"].numpy() - origins[val_idx], axis=1)
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+               "val_median_deg": float(np.median(err)), "val_mean_deg": float(np.mean(err)),
+               "val_shift_median_px": float(np.median(shift_err)), "lr": float(sched.get_last_lr()[0]),
+               "epoch_s": time.perf_counter() - t_epoch}
+        state["rows"].append(row)
+        log.info("%s epoch %d: loss %.4f, validation median %.2f deg, mean %.2f deg", outdir.name, epoch + 1,
+                 row["train_loss"], row["val_median_deg"], row["val_mean_deg"])
+        if row["val_median_deg"] < state["best"]:
+            state["best"], state["bad_epochs"] = row["val_median_deg"], 0
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(outdir / "weights.safetensors"))
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        tmp = outdir / "checkpoint.pt.part"
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(), "state": json.dumps(state)}, tmp)
+        tmp.replace(ckpt)
+        with open(outdir / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(state["rows"][0]))
+            w.writeheader()
+            w.writerows(state["rows"])
+        _plot_curves(state["rows"], outdir / "curves.png")
+
+    # Calibrate the best model on the validation particles: fit on one half, score on the other,
+    # then fit the final map on all of them.
+    model.load_state_dict(load_file(str(outdir / "weights.safetensors"), device=str(device)))
+    pred = _predict(model, val_imgs, device)
+    score = pred["confidence"].double().numpy()
+    err = symmetric_distance_deg(pred["matrix"].double().numpy(), A[val_idx], cfg.sym)
+    rng = np.random.default_rng(cfg.seed)
+    half = rng.permutation(len(err)) < len(err) // 2
+    ece = expected_calibration_error(fit_calibration(score[half], err[half]).expected_error(score[~half]), err[~half])
+    calib = fit_calibration(score, err)
+    shift_err = np.linalg.norm(pred["shift_px"].numpy() - origins[val_idx], axis=1)
+    return {
+        "calibration": calib.to_dict(),
+        "validation": {"particles": int(len(val_idx)), "median_deg": float(np.median(err)),
+                       "mean_deg": float(np.mean(err)), "pct_under_5deg": float(100 * np.mean(err < 5)),
+                       "pct_under_10deg": float(100 * np.mean(err < 10)),
+                       "shift_median_px": float(np.median(shift_err)), "ece_deg": ece,
+                       "auroc_error_over_10deg": auroc(-score, err > 10)},
+        "epochs_run": state["epoch"], "best_val_median_deg": state["best"],
+        "train_seconds": float(sum(r["epoch_s"] for r in state["rows"])),
+    }
+
+
+def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Train (one model, or one per half-set) and write the model folder ``out``."""
+    out = Path(out)
+    if (out / "model.json").exists() and not (overwrite or resume):
+        raise InputError("already holds a trained model; choose another folder, --overwrite or --resume", out)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite or (out / "model.json").exists()):
+        raise InputError("exists and is not empty (an interrupted training? use --resume)", out)
+    symmetry_group(cfg.sym)
+    if cfg.box_px % 2 or cfg.box_px < 16:
+        raise InputError(f"--box-px must be even and >= 16 (got {cfg.box_px})")
+    star = read_star(particles)
+    star.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "training (poses from a refinement)")
+    if "rlnCpmlJunk" in star.particles:   # simulated junk carries no pose to learn
+        star.particles = star.particles[star.particles["rlnCpmlJunk"] == 0].reset_index(drop=True)
+    n = len(star)
+    if n < 20:
+        raise InputError(f"only {n} particles: too few to train and validate", particles)
+    pixel_out = star.pixel_size_angstrom * star.box / cfg.box_px
+    prep = preprocessor_for(star, cfg.box_px, pixel_out)
+    images = _load_images(star, prep, progress)
+    A = star.matrices()
+    origins = star.shifts_angstrom() / pixel_out
+    net_cfg = PoseNetConfig(family=cfg.model, box=cfg.box_px, widths=tuple(cfg.widths), dropout=cfg.dropout)
+    rng = np.random.default_rng(cfg.seed)
+
+    def split(idx):
+        idx = rng.permutation(idx)
+        n_val = max(2, int(round(cfg.val_fraction * len(idx))))
+        return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+
+    runs = {}
+    if cfg.halfsets:
+        subset = star.random_subset()
+        if subset is None:
+            raise InputError("--halfsets needs rlnRandomSubset (1/2) in the particles", particles)
+        for h in (1, 2):
+            tr, va = split(np.nonzero(subset == h)[0])
+            runs[f"half{h}"] = _train_one(cfg, net_cfg, images, A, origins, tr, va, out / f"half{h}", resume,
+                                          progress)
+    else:
+        tr, va = split(np.arange(n))
+        runs["full"] = _train_one(cfg, net_cfg, images, A, origins, tr, va, out / "full", resume, progress)
+
+    meta = {
+        **stamp(particles=particles, **{k: v for k, v in asdict(cfg).items() if k != "extra"}),
+        "network": net_cfg.to_dict(), "sym": cfg.sym.upper(),
+        "preprocessing": {"box_px": cfg.box_px, "pixel_size_angstrom": pixel_out, "phase_flip": True,
+                          "normalize_background": True, "mask_radius_px": prep.box_out / 2 - 4},
+        "input": {"box": star.box, "pixel_size_angstrom": star.pixel_size_angstrom},
+        "training_data": {"particles": n, "star": str(Path(particles).resolve())},
+        "runs": runs,
+    }
+    write_json(out / "model.json", meta)
+    return meta
+
+
+def load_model(model_dir, run: str, device) -> tuple[torch.nn.Module, dict]:
+    """A trained network (weights only, no code executed) and the folder's metadata."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "model.json"
+    if not meta_path.exists():
+        raise InputError("no model.json: not a finished cryoposeml model folder", model_dir)
+    meta = json.loads(meta_path.read_text())
+    weights = model_dir / run / "weights.safetensors"
+    if not weights.exists():
+        raise InputError(f"missing {run}/weights.safetensors", model_dir)
+    model = build_model(PoseNetConfig.from_dict(meta["network"]))
+    try:
+        model.load_state_dict(load_file(str(weights), device="cpu"))
+    except Exception as e:
+        raise InputError(f"cannot load weights ({e})", weights) from e
+    return model.to(device).eval(), meta

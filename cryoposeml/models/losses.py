@@ -1,0 +1,55 @@
+"""Pose losses, symmetry-aware (labels are expanded over the point group, the closest mate counts)."""
+from __future__ import annotations
+
+import torch
+
+from ..core.rotations import matrix_to_quaternion, rotation_angle_deg
+
+__all__ = ["symmetric_quaternion_loss", "siamese_distance_loss", "pairwise_symmetric_angle",
+           "confidence_regression_loss"]
+
+
+def symmetric_quaternion_loss(q_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Per-particle ``min_g sin^2(theta_g / 2)`` = ``1 - <q_pred, q(A g)>^2`` (sign-invariant),
+    ``theta_g`` the angle between the prediction and the symmetry mate ``A_label @ g``."""
+    mates = A_label.unsqueeze(1) @ group                       # (B, G, 3, 3)
+    q_mates = matrix_to_quaternion(mates)                     # (B, G, 4)
+    dots = torch.einsum("bi,bgi->bg", q_pred, q_mates)
+    return (1 - dots**2).min(dim=1).values
+
+
+def pairwise_symmetric_angle(A_i: torch.Tensor, A_j: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Symmetry-aware angle (degrees) between paired poses ``(P, 3, 3)``; differentiable."""
+    R = A_i.transpose(-1, -2) @ A_j
+    traces = torch.einsum("pij,gji->pg", R, group)
+    best = traces.argmax(-1)
+    return rotation_angle_deg(R @ group[best])
+
+
+def siamese_distance_loss(A_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor,
+                          n_bins: int = 6, generator: torch.Generator | None = None) -> torch.Tensor:
+    """cryo-forum's distance loss: for random pairs (i, j) of the batch, the predicted poses must
+    be as far apart as the labels are: ``|d(Ri, Rj) - d(Li, Lj)| / 180``. Pairs are stratified: each
+    bin of label distance weighs the same, so rare near and far pairs are not drowned out."""
+    b = A_pred.shape[0]
+    i = torch.arange(b, device=A_pred.device).repeat(4)
+    j = torch.randint(0, b, (4 * b,), device=A_pred.device, generator=generator)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    with torch.no_grad():
+        d_label = pairwise_symmetric_angle(A_label[i], A_label[j], group)
+        max_d = float(d_label.max().clamp(min=1e-6))
+        bins = (d_label / max_d * n_bins).long().clamp(max=n_bins - 1)
+        counts = torch.bincount(bins, minlength=n_bins).float()
+        w = 1.0 / counts[bins]
+        w = w / w.sum()
+    d_pred = pairwise_symmetric_angle(A_pred[i], A_pred[j], group)
+    return (w * (d_pred - d_label).abs()).sum() / 180.0
+
+
+
+def confidence_regression_loss(confidence: torch.Tensor, q_loss: torch.Tensor) -> torch.Tensor:
+    """Teach a head's ``confidence`` to be ``-log(angular error)``: ``q_loss`` is the per-particle
+    ``sin^2(theta / 2)`` (detached here, so only the confidence output learns from it)."""
+    theta = 2 * torch.asin(q_loss.detach().clamp(1e-12, 1.0).sqrt())
+    return torch.nn.functional.smooth_l1_loss(confidence, -torch.log(theta + 1e-3))

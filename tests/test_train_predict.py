@@ -1,0 +1,154 @@
+"""Supervised training and prediction: label-consistent augmentation, learning on a tiny set,
+deterministic prediction with calibrated uncertainty, resume after a kill, safe loading."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cryoposeml.core.inplane import D4, transform_images, transform_poses
+from cryoposeml.core.projection import Projector
+from cryoposeml.core.rotations import random_rotations
+from cryoposeml.data.star import read_star
+from conftest import cli
+
+TINY = ["--box-px", 32, "--widths", 16, 32, 64, "--batch-size", 64]
+
+
+def test_d4_transforms_match_the_projector(adk_map):
+    """Turning/mirroring an image equals projecting at the transformed pose (seed 004, eq. 4)."""
+    vol, _ = adk_map
+    P = Projector(vol)
+    A = torch.as_tensor(random_rotations(6, 3), dtype=torch.float32)
+    o = torch.tensor([[2.0, -3.0], [1, 1], [0, 4], [-2, 0.5], [3, 3], [0, 0]])
+    img = P.project(A, o)
+    for T in D4:
+        A2, o2 = transform_poses(A, o, T)
+        expected = P.project(A2, o2)
+        got = transform_images(img, T)
+        cc = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(expected.numpy(), got.numpy())]
+        assert min(cc) > 0.9999, (T, cc)
+
+
+def test_bingham_head_returns_the_smallest_eigenvector():
+    from cryoposeml.models.heads import BinghamHead
+
+    head = BinghamHead(8)
+    feats = torch.randn(5, 8, requires_grad=True)
+    out = head(feats)
+    q = out["quaternion"]
+    assert torch.allclose(q.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert (out["dispersion"] > 0).all()
+    R = out["matrix"]
+    assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3).expand(5, 3, 3), atol=1e-5)
+    out["quaternion"].sum().backward()
+    assert torch.isfinite(feats.grad).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_training(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    r = cli("simulate", "--n", 1600, "--no-noise", "--shift-sigma", 1.5, "--seed", 4, "--out", d / "sim")
+    assert r.returncode == 0, r.stderr
+    star = read_star(d / "sim" / "ground_truth.star")
+    # held-out particles the model never sees: the last 200
+    train = star.copy()
+    train.particles = star.particles.iloc[:1400].reset_index(drop=True)
+    test = star.copy()
+    test.particles = star.particles.iloc[1400:].reset_index(drop=True)
+    from cryoposeml.data.star import write_star
+
+    write_star(train, d / "train.star")
+    write_star(test, d / "test.star")
+    t = time.perf_counter()
+    r = cli("train", "--particles", d / "train.star", "--out", d / "model", "--model", "sixd", "--epochs", 40,
+            "--no-augment", "--no-siamese", "--lr", "1e-3", *TINY)
+    assert r.returncode == 0, r.stderr
+    print(f"tiny training took {time.perf_counter() - t:.0f} s")
+    return d
+
+
+def test_training_learns_and_prediction_is_calibrated(tiny_training):
+    d = tiny_training
+    meta = json.loads((d / "model" / "model.json").read_text())
+    val = meta["runs"]["full"]["validation"]
+    # a random pose is ~126 deg off on average; the network must have learned the map's views
+    assert val["median_deg"] < 45, val
+    for name in ("pred1", "pred2"):
+        r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--out", d / f"{name}.star")
+        assert r.returncode == 0, r.stderr
+    p1, p2 = read_star(d / "pred1.star"), read_star(d / "pred2.star")
+    # deterministic
+    np.testing.assert_array_equal(p1.particles["rlnAngleRot"].to_numpy(), p2.particles["rlnAngleRot"].to_numpy())
+    fom = p1.particles["rlnParticleFigureOfMerit"].to_numpy()
+    assert ((fom >= 0) & (fom <= 1)).all()
+    r = cli("evaluate", "--particles", d / "pred1.star", "--reference", d / "test.star", "--out", d / "ev.json")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((d / "ev.json").read_text())["poses"]
+    assert ev["median_deg"] < 45, ev
+    # the expected error is of the right size on particles it never saw
+    expected = p1.particles["rlnCpmlExpectedErrorDeg"].to_numpy()
+    assert abs(np.mean(expected) - ev["mean_deg"]) < 15
+    summary = json.loads((d / "pred1.json").read_text())
+    assert summary["runs"]["full"]["transfers"]
+
+
+def test_predict_refuses_a_model_for_another_box(tiny_training, tmp_path):
+    d = tiny_training
+    text = (d / "test.star").read_text()
+    (d / "test.star").parent.joinpath("other_box.star").write_text(text.replace("1.500000\t64\t2", "1.500000\t96\t2"))
+    r = cli("predict", "--particles", d / "other_box.star", "--model", d / "model", "--out", tmp_path / "x.star")
+    assert r.returncode == 1 and "trained on 64 px" in r.stderr, r.stderr
+    assert not (tmp_path / "x.star").exists()
+    r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--sym", "D2", "--out",
+            tmp_path / "x.star")
+    assert r.returncode == 1 and "symmetry C1" in r.stderr
+
+
+def test_resume_continues_a_killed_run(tiny_training, tmp_path):
+    d = tiny_training
+    out = tmp_path / "model"
+    args = [sys.executable, "-m", "cryoposeml.cli", "train", "--particles", str(d / "train.star"), "--out", str(out),
+            "--epochs", "4", "--quiet", *map(str, TINY)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "full" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.json").exists()
+    rows_before = (out / "full" / "metrics.csv").read_text().splitlines()
+    # without --resume the half-finished folder is refused, not overwritten
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows_after = (out / "full" / "metrics.csv").read_text().splitlines()
+    assert len(rows_after) == 1 + 4
+    assert rows_after[:len(rows_before)] == rows_before   # the epochs done before the kill are kept
+    assert json.loads((out / "model.json").read_text())["runs"]["full"]["epochs_run"] == 4
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tiny_training, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "model"
+    (out / "full").mkdir(parents=True)
+    with open(out / "full" / "checkpoint.pt", "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    r = cli("train", "--particles", tiny_training / "train.star", "--out", out, "--resume", "--epochs", 1, *TINY,
+            cwd=tmp_path)
+    assert r.returncode == 1 and "refused" in r.stderr, r.stderr
+    assert not (tmp_path / "pwned_by_pickle").exists()
