@@ -36,6 +36,17 @@ def test_d4_transforms_match_the_projector(adk_map):
         assert min(cc) > 0.9999, (T, cc)
 
 
+@pytest.mark.parametrize("family", ["bingham", "sixd"])
+def test_regression_heads_learn(family, tiny_training):
+    """The regression families learn too (fewer epochs here: a bound well under chance)."""
+    d = tiny_training
+    r = cli("train", "--particles", d / "train.star", "--out", d / f"model_{family}", "--model", family,
+            "--epochs", 8, "--no-augment", "--no-siamese", "--lr", "2e-3", *TINY)
+    assert r.returncode == 0, r.stderr
+    val = json.loads((d / f"model_{family}" / "model.json").read_text())["runs"]["full"]["validation"]
+    assert val["median_deg"] < 90, val
+
+
 def test_bingham_head_returns_the_smallest_eigenvector():
     from cryoposeml.models.heads import BinghamHead
 
@@ -54,21 +65,21 @@ def test_bingham_head_returns_the_smallest_eigenvector():
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    r = cli("simulate", "--n", 1600, "--no-noise", "--shift-sigma", 1.5, "--seed", 4, "--out", d / "sim")
+    r = cli("simulate", "--n", 3000, "--no-noise", "--shift-sigma", 1.5, "--seed", 4, "--out", d / "sim")
     assert r.returncode == 0, r.stderr
     star = read_star(d / "sim" / "ground_truth.star")
     # held-out particles the model never sees: the last 200
     train = star.copy()
-    train.particles = star.particles.iloc[:1400].reset_index(drop=True)
+    train.particles = star.particles.iloc[:2800].reset_index(drop=True)
     test = star.copy()
-    test.particles = star.particles.iloc[1400:].reset_index(drop=True)
+    test.particles = star.particles.iloc[2800:].reset_index(drop=True)
     from cryoposeml.data.star import write_star
 
     write_star(train, d / "train.star")
     write_star(test, d / "test.star")
     t = time.perf_counter()
-    r = cli("train", "--particles", d / "train.star", "--out", d / "model", "--model", "sixd", "--epochs", 40,
-            "--no-augment", "--no-siamese", "--lr", "1e-3", *TINY)
+    r = cli("train", "--particles", d / "train.star", "--out", d / "model", "--model", "image2sphere",
+            "--epochs", 20, "--no-augment", "--lr", "1e-3", "--box-px", 32, "--widths", 32, 64, 128)
     assert r.returncode == 0, r.stderr
     print(f"tiny training took {time.perf_counter() - t:.0f} s")
     return d
@@ -79,7 +90,7 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     meta = json.loads((d / "model" / "model.json").read_text())
     val = meta["runs"]["full"]["validation"]
     # a random pose is ~126 deg off on average; the network must have learned the map's views
-    assert val["median_deg"] < 45, val
+    assert val["median_deg"] < 15, val
     for name in ("pred1", "pred2"):
         r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--out", d / f"{name}.star")
         assert r.returncode == 0, r.stderr
@@ -91,10 +102,12 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     r = cli("evaluate", "--particles", d / "pred1.star", "--reference", d / "test.star", "--out", d / "ev.json")
     assert r.returncode == 0, r.stderr
     ev = json.loads((d / "ev.json").read_text())["poses"]
-    assert ev["median_deg"] < 45, ev
-    # the expected error is of the right size on particles it never saw
+    assert ev["median_deg"] < 15, ev
+    # the expected error is of the right size on particles it never saw, and it ranks them:
+    # the confident half is more accurate than the other half
     expected = p1.particles["rlnCpmlExpectedErrorDeg"].to_numpy()
-    assert abs(np.mean(expected) - ev["mean_deg"]) < 15
+    assert abs(np.mean(expected) - ev["mean_deg"]) < 10
+    assert ev["weighted_mean_deg"] < ev["mean_deg"]
     summary = json.loads((d / "pred1.json").read_text())
     assert summary["runs"]["full"]["transfers"]
 

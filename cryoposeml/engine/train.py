@@ -27,7 +27,8 @@ from ..data.dataset import ParticleDataset
 from ..data.preprocess import Preprocessor
 from ..data.star import ParticleStar, read_star
 from ..models import PoseNetConfig, build_model
-from ..models.losses import confidence_regression_loss, siamese_distance_loss, symmetric_quaternion_loss
+from ..models.losses import (confidence_regression_loss, grid_cross_entropy, siamese_distance_loss,
+                             symmetric_quaternion_loss)
 from ._outputs import stamp, write_json
 from .calibration import auroc, expected_calibration_error, fit_calibration
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    model: str = "bingham"
+    model: str = "image2sphere"
     sym: str = "C1"
     epochs: int = 30
     batch_size: int = 64
@@ -174,14 +175,17 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, tra
                 x, a, o = _augment(x, a, o, gen)
             x, a, o = x.to(device), a.to(device), o.to(device)
             out = model(x)
-            t = (epoch * steps_per_epoch + step + 1) / total
-            beta1 = t**0.5 if cfg.siamese else 1.0
-            q_loss = symmetric_quaternion_loss(out["quaternion"], a, group)
-            loss = beta1 * q_loss.mean()
-            if getattr(model.rotation, "learns_confidence", False):
-                loss = loss + 0.1 * confidence_regression_loss(out["confidence"], q_loss)
-            if cfg.siamese:
-                loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], a, group, generator=None)
+            if "logits" in out:   # a distribution over a rotation grid (image2sphere)
+                loss = grid_cross_entropy(out["logits"], out["grid_matrix"], a, group).mean()
+            else:
+                t = (epoch * steps_per_epoch + step + 1) / total
+                beta1 = t**0.5 if cfg.siamese else 1.0
+                q_loss = symmetric_quaternion_loss(out["quaternion"], a, group)
+                loss = beta1 * q_loss.mean()
+                if getattr(model.rotation, "learns_confidence", False):
+                    loss = loss + 0.1 * confidence_regression_loss(out["confidence"], q_loss)
+                if cfg.siamese:
+                    loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], a, group)
             if net_cfg.predict_shifts:
                 loss = loss + cfg.shift_weight * torch.nn.functional.smooth_l1_loss(out["shift_px"], o)
             opt.zero_grad(set_to_none=True)

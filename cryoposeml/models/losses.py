@@ -6,7 +6,7 @@ import torch
 from ..core.rotations import matrix_to_quaternion, rotation_angle_deg
 
 __all__ = ["symmetric_quaternion_loss", "siamese_distance_loss", "pairwise_symmetric_angle",
-           "confidence_regression_loss"]
+           "confidence_regression_loss", "grid_cross_entropy"]
 
 
 def symmetric_quaternion_loss(q_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -53,3 +53,14 @@ def confidence_regression_loss(confidence: torch.Tensor, q_loss: torch.Tensor) -
     ``sin^2(theta / 2)`` (detached here, so only the confidence output learns from it)."""
     theta = 2 * torch.asin(q_loss.detach().clamp(1e-12, 1.0).sqrt())
     return torch.nn.functional.smooth_l1_loss(confidence, -torch.log(theta + 1e-3))
+
+
+def grid_cross_entropy(logits: torch.Tensor, grid_matrix: torch.Tensor, A_label: torch.Tensor,
+                       group: torch.Tensor) -> torch.Tensor:
+    """CESPED's loss: cross-entropy against the grid cells nearest to each symmetry mate of the
+    label, each mate weighing ``1/|G|``. Returns per-particle losses ``(B,)``."""
+    mates = A_label.unsqueeze(1) @ group                               # (B, G, 3, 3)
+    tr = torch.einsum("bgij,nij->bgn", mates, grid_matrix)              # trace(M^T R_n)
+    target = tr.argmax(-1)                                             # (B, G)
+    logp = logits.log_softmax(-1)
+    return -logp.gather(1, target).mean(1)

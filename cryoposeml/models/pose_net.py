@@ -11,7 +11,7 @@ from .heads import BinghamHead, ShiftHead, SixDHead
 
 __all__ = ["PoseNetConfig", "PoseNet", "build_model", "MODEL_FAMILIES"]
 
-MODEL_FAMILIES = ("bingham", "sixd")
+MODEL_FAMILIES = ("image2sphere", "bingham", "sixd")
 
 
 @dataclass
@@ -22,6 +22,11 @@ class PoseNetConfig:
     dropout: float = 0.1
     blur_sigmas: tuple = (1.0, 2.0, 4.0)
     predict_shifts: bool = True
+    # image2sphere only
+    lmax: int = 6
+    sphere_channels: int = 32
+    so3_channels: int = 16
+    grid_order: int = 2
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -62,4 +67,8 @@ class PoseNet(nn.Module):
 def build_model(cfg: PoseNetConfig) -> nn.Module:
     if cfg.family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {cfg.family!r} (available: {', '.join(MODEL_FAMILIES)})")
+    if cfg.family == "image2sphere":
+        from .image2sphere import Image2Sphere
+
+        return Image2Sphere(cfg)
     return PoseNet(cfg)

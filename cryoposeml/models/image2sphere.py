@@ -1,0 +1,201 @@
+"""Image2Sphere (Klee et al. 2023; CESPED's supervised baseline), built on e3nn.
+
+CNN feature map -> orthographic projection onto the upper hemisphere (z > 0, the viewing side)
+-> spherical-harmonic coefficients -> S2 convolution (to an SO(3) signal in Wigner-D
+coefficients) -> SO(3) activation -> SO(3) convolution -> a distribution over a HEALPix SO(3) grid.
+
+A grid rotation ``R = e3nn.o3.angles_to_matrix(alpha, beta, gamma)`` *is* the pose matrix ``A``
+(Relion convention, :mod:`cryoposeml.core.rotations`); the network learns the map, the convention
+only fixes the labels. Inference takes the best grid cell, then refines locally by evaluating the
+band-limited SO(3) signal at finer rotations around it (deterministic).
+"""
+from __future__ import annotations
+
+import math
+
+import healpy as hp
+import numpy as np
+import torch
+from e3nn import o3
+from torch import nn
+
+from ..core.rotations import matrix_to_quaternion
+from .encoders import BlurStack, VGGEncoder
+
+__all__ = ["Image2Sphere", "so3_healpix_grid_e3nn", "flat_wigner"]
+
+
+def s2_irreps(lmax: int) -> o3.Irreps:
+    return o3.Irreps([(1, (l, 1)) for l in range(lmax + 1)])
+
+
+def so3_irreps(lmax: int) -> o3.Irreps:
+    return o3.Irreps([(2 * l + 1, (l, 1)) for l in range(lmax + 1)])
+
+
+def flat_wigner(lmax: int, alpha, beta, gamma) -> torch.Tensor:
+    """``(..., sum_l (2l+1)^2)``: Wigner-D matrices of rotations (e3nn angles), flattened."""
+    return torch.cat([(2 * l + 1) ** 0.5 * o3.wigner_D(l, alpha, beta, gamma).flatten(-2)
+                      for l in range(lmax + 1)], dim=-1)
+
+
+def _s2_healpix_angles(order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e3nn (alpha, beta) of the HEALPix directions of an order."""
+    nside = 2**order
+    theta, phi = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)), nest=True)
+    xyz = torch.as_tensor(hp.ang2vec(theta, phi), dtype=torch.float32)
+    return o3.xyz_to_angles(xyz)
+
+
+def so3_healpix_grid_e3nn(order: int) -> torch.Tensor:
+    """``(3, n)`` e3nn angles (alpha, beta, gamma) of the HEALPix SO(3) grid of an order."""
+    alpha, beta = _s2_healpix_angles(order)
+    gamma = torch.linspace(0, 2 * math.pi, 6 * 2**order + 1)[:-1]
+    n_dir, n_g = len(alpha), len(gamma)
+    return torch.stack([alpha.repeat_interleave(n_g), beta.repeat_interleave(n_g), gamma.repeat(n_dir)])
+
+
+class _ImageToSphere(nn.Module):
+    """Samples a feature map at the orthographic projections of hemisphere points; returns their
+    spherical-harmonic coefficients ``(B, C, (lmax+1)^2)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, lmax: int, order: int = 3):
+        super().__init__()
+        nside = 2**order
+        theta, phi = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)), nest=True)
+        xyz = hp.ang2vec(theta, phi)
+        xyz = xyz[xyz[:, 2] > 0]                                    # the side facing the viewer
+        xyz_t = torch.as_tensor(xyz, dtype=torch.float32)
+        alpha, beta = o3.xyz_to_angles(xyz_t)
+        self.register_buffer("Y", o3.spherical_harmonics_alpha_beta(range(lmax + 1), alpha, beta,
+                                                                   normalization="component"))
+        # grid_sample coordinates: image x -> point x, image y -> point y (both in [-1, 1])
+        self.register_buffer("grid", xyz_t[None, None, :, :2].contiguous())
+        taper = torch.clamp(xyz_t[:, 2] / 0.2, max=1.0)             # soften the rim of the hemisphere
+        self.register_buffer("taper", taper)
+        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.conv(feats)
+        s = nn.functional.grid_sample(x, self.grid.expand(x.shape[0], -1, -1, -1), align_corners=False)[:, :, 0]
+        s = s * self.taper
+        return torch.einsum("bcp,pi->bci", s, self.Y) / self.Y.shape[0] ** 0.5
+
+
+class _S2Conv(nn.Module):
+    def __init__(self, f_in: int, f_out: int, lmax: int, kernel_order: int = 1):
+        super().__init__()
+        alpha, beta = _s2_healpix_angles(kernel_order)
+        self.w = nn.Parameter(torch.randn(f_in, f_out, len(alpha)))
+        self.register_buffer("Y", o3.spherical_harmonics_alpha_beta(range(lmax + 1), alpha, beta,
+                                                                   normalization="component"))
+        self.lin = o3.Linear(s2_irreps(lmax), so3_irreps(lmax), f_in=f_in, f_out=f_out, internal_weights=False)
+
+    def forward(self, x):
+        psi = torch.einsum("ni,xyn->xyi", self.Y, self.w) / self.Y.shape[0] ** 0.5
+        return self.lin(x, weight=psi)
+
+
+class _SO3Conv(nn.Module):
+    def __init__(self, f_in: int, f_out: int, lmax: int, kernel_order: int = 0):
+        super().__init__()
+        grid = so3_healpix_grid_e3nn(kernel_order)
+        self.w = nn.Parameter(torch.randn(f_in, f_out, grid.shape[1]))
+        self.register_buffer("D", flat_wigner(lmax, *grid))
+        self.lin = o3.Linear(so3_irreps(lmax), so3_irreps(lmax), f_in=f_in, f_out=f_out, internal_weights=False)
+
+    def forward(self, x):
+        psi = torch.einsum("ni,xyn->xyi", self.D, self.w) / self.D.shape[0] ** 0.5
+        return self.lin(x, weight=psi)
+
+
+class _GridActivation(nn.Module):
+    """A pointwise nonlinearity on an SO(3) signal: evaluate it on a HEALPix SO(3) grid, apply the
+    nonlinearity, and project back to Wigner-D coefficients by least squares. (e3nn's
+    SO3Activation does the same on its own grid, several times slower on a CPU.)"""
+
+    def __init__(self, lmax: int, order: int = 2, act=torch.relu):
+        super().__init__()
+        D = flat_wigner(lmax, *so3_healpix_grid_e3nn(order)).double()   # (n, dim), n > dim
+        self.register_buffer("to_grid", D.float().T.contiguous(), persistent=False)
+        self.register_buffer("from_grid", torch.linalg.pinv(D).float().T.contiguous(), persistent=False)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x @ self.to_grid) @ self.from_grid
+
+
+class Image2Sphere(nn.Module):
+    """``forward(images (B, N, N))`` -> ``logits`` over the training grid, plus (in eval mode) the
+    refined ``matrix`` ``(B, 3, 3)``, ``quaternion`` and ``confidence`` (log of the probability
+    mass within ``confidence_radius_deg`` of the best rotation)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.lmax = cfg.lmax
+        self.blur = BlurStack(cfg.blur_sigmas)
+        self.encoder = VGGEncoder(self.blur.out_channels, cfg.widths, cfg.dropout)
+        c = cfg.widths[-1]
+        self.project = _ImageToSphere(c, cfg.sphere_channels, self.lmax)
+        self.s2conv = _S2Conv(cfg.sphere_channels, cfg.so3_channels, self.lmax)
+        self.act = _GridActivation(self.lmax)
+        self.so3conv = _SO3Conv(cfg.so3_channels, 1, self.lmax)
+        grid = so3_healpix_grid_e3nn(cfg.grid_order)
+        self.register_buffer("grid_D", flat_wigner(self.lmax, *grid), persistent=False)
+        self.register_buffer("grid_matrix", o3.angles_to_matrix(*grid), persistent=False)
+        self.shift = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, 128), nn.PReLU(128),
+                                   nn.Linear(128, 2)) if cfg.predict_shifts else None
+        self.confidence_radius_deg = 10.0
+
+    def so3_signal(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.encoder.features(self.blur(images[:, None]))
+        x = self.project(f)
+        x = self.act(self.s2conv(x))
+        return self.so3conv(x)[:, 0], f                          # (B, sum (2l+1)^2)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        coeffs, f = self.so3_signal(images)
+        logits = coeffs @ self.grid_D.T                            # (B, n_grid)
+        out = {"logits": logits, "grid_matrix": self.grid_matrix}
+        out["shift_px"] = (self.shift(f) if self.shift is not None
+                           else torch.zeros(images.shape[0], 2, device=images.device))
+        with torch.no_grad():
+            prob = logits.softmax(-1)
+            best = logits.argmax(-1)
+            R = self.grid_matrix[best]
+            if not self.training:
+                R = self._refine(coeffs, R)
+            # probability mass near the best cell: how peaked the distribution is
+            cos_r = math.cos(math.radians(self.confidence_radius_deg))
+            tr = torch.einsum("bij,nij->bn", R, self.grid_matrix)        # trace(R^T G)
+            near = ((tr - 1) / 2) > cos_r
+            mass = (prob * near).sum(-1).clamp(min=1e-8)
+        out.update(matrix=R, quaternion=matrix_to_quaternion(R), confidence=torch.log(mass))
+        return out
+
+    def _refine(self, coeffs: torch.Tensor, R: torch.Tensor, steps: int = 4) -> torch.Tensor:
+        """Hill-climb the SO(3) signal from the best grid rotation with shrinking rotations about
+        the 3 axes (deterministic)."""
+        step = math.radians(60.0 / 2**self.cfg.grid_order) / 2
+        axes = torch.eye(3, device=R.device, dtype=R.dtype)
+        for _ in range(steps):
+            deltas = [torch.eye(3, device=R.device, dtype=R.dtype)]
+            for a in axes:
+                for s in (-step, step):
+                    deltas.append(_axis_angle(a, s))
+            D = torch.stack(deltas)                                     # (K, 3, 3)
+            cand = R[:, None] @ D[None]                                 # (B, K, 3, 3)
+            ang = o3.matrix_to_angles(cand.reshape(-1, 3, 3).float())
+            W = flat_wigner(self.lmax, *ang).reshape(cand.shape[0], cand.shape[1], -1)
+            val = torch.einsum("bki,bi->bk", W, coeffs)
+            R = cand[torch.arange(len(R)), val.argmax(-1)]
+            step /= 2
+        return R
+
+
+def _axis_angle(axis: torch.Tensor, angle: float) -> torch.Tensor:
+    K = torch.zeros(3, 3, dtype=axis.dtype, device=axis.device)
+    K[0, 1], K[0, 2], K[1, 2] = -axis[2], axis[1], -axis[0]
+    K = K - K.T
+    return torch.eye(3, dtype=axis.dtype, device=axis.device) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
