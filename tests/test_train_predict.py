@@ -165,3 +165,23 @@ def test_a_pickle_that_would_run_code_is_refused(tiny_training, tmp_path, monkey
             cwd=tmp_path)
     assert r.returncode == 1 and "refused" in r.stderr, r.stderr
     assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_halfsets_predict_the_other_half(tiny_training, tmp_path):
+    """Gold standard: one network per rlnRandomSubset; each predicts the particles of the other."""
+    d = tiny_training
+    r = cli("train", "--particles", d / "train.star", "--out", tmp_path / "gs", "--model", "sixd", "--halfsets",
+            "--epochs", 2, *TINY)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "gs" / "model.json").read_text())
+    assert set(meta["runs"]) == {"half1", "half2"}
+    train = read_star(d / "train.star")
+    subset = train.random_subset()
+    for h in (1, 2):
+        assert meta["runs"][f"half{h}"]["validation"]["particles"] == round(0.1 * (subset == h).sum())
+    r = cli("predict", "--particles", d / "test.star", "--model", tmp_path / "gs", "--out", tmp_path / "p.star")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads((tmp_path / "p.json").read_text())["runs"]
+    test_subset = read_star(d / "test.star").random_subset()
+    assert runs["half2"]["particles"] == (test_subset == 1).sum()
+    assert runs["half1"]["particles"] == (test_subset == 2).sum()
