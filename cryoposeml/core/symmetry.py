@@ -21,7 +21,7 @@ from scipy.spatial.transform import Rotation
 from .errors import InputError
 from .rotations import rotation_angle_deg
 
-__all__ = ["symmetry_group", "symmetric_distance_deg", "expand_over_group", "to_asymmetric_unit",
+__all__ = ["symmetry_group", "symmetric_distance_deg", "closest_mate_angle_deg", "expand_over_group", "to_asymmetric_unit",
            "symmetrize_map"]
 
 _PHI = (1 + 5**0.5) / 2
@@ -94,6 +94,15 @@ def _as_torch(x):
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64))
 
 
+def closest_mate_angle_deg(A1: torch.Tensor, A2: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """``min_g angle(A1.T @ A2 @ g)`` in degrees for a group given as a ``(|G|, 3, 3)`` tensor;
+    torch, broadcast, differentiable (the choice of mate is not)."""
+    R = A1.transpose(-1, -2) @ A2
+    # trace(R @ g) = sum_ij R_ij g_ji; the best mate has the largest trace (smallest angle).
+    best = torch.einsum("...ij,gji->...g", R, group).argmax(-1)
+    return rotation_angle_deg(R @ group[best])
+
+
 def symmetric_distance_deg(A1, A2, sym: str = "C1"):
     """Symmetry-aware angular distance (degrees): ``min_g angle(A1.T @ A2 @ g)``, broadcast.
 
@@ -102,10 +111,7 @@ def symmetric_distance_deg(A1, A2, sym: str = "C1"):
     is_numpy = not isinstance(A1, torch.Tensor)
     A1, A2 = _as_torch(A1), _as_torch(A2)
     G = torch.as_tensor(symmetry_group(sym), dtype=A1.dtype, device=A1.device)
-    R = A1.transpose(-1, -2) @ A2
-    # trace(R @ g) = sum_ij R_ij g_ji; the best mate has the largest trace (smallest angle).
-    best = torch.einsum("...ij,gji->...g", R, G).argmax(-1)
-    out = rotation_angle_deg(R @ G[best])
+    out = closest_mate_angle_deg(A1, A2, G)
     return out.numpy() if is_numpy else out
 
 

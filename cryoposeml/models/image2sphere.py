@@ -39,12 +39,16 @@ def flat_wigner(lmax: int, alpha, beta, gamma) -> torch.Tensor:
                       for l in range(lmax + 1)], dim=-1)
 
 
-def _s2_healpix_angles(order: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """e3nn (alpha, beta) of the HEALPix directions of an order."""
+def _healpix_xyz(order: int) -> torch.Tensor:
+    """Unit vectors ``(n, 3)`` of the HEALPix directions of an order (nested)."""
     nside = 2**order
     theta, phi = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)), nest=True)
-    xyz = torch.as_tensor(hp.ang2vec(theta, phi), dtype=torch.float32)
-    return o3.xyz_to_angles(xyz)
+    return torch.as_tensor(hp.ang2vec(theta, phi), dtype=torch.float32)
+
+
+def _s2_healpix_angles(order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """e3nn (alpha, beta) of the HEALPix directions of an order."""
+    return o3.xyz_to_angles(_healpix_xyz(order))
 
 
 def so3_healpix_grid_e3nn(order: int) -> torch.Tensor:
@@ -61,11 +65,8 @@ class _ImageToSphere(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, lmax: int, order: int = 3):
         super().__init__()
-        nside = 2**order
-        theta, phi = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)), nest=True)
-        xyz = hp.ang2vec(theta, phi)
-        xyz = xyz[xyz[:, 2] > 0]                                    # the side facing the viewer
-        xyz_t = torch.as_tensor(xyz, dtype=torch.float32)
+        xyz_t = _healpix_xyz(order)
+        xyz_t = xyz_t[xyz_t[:, 2] > 0]                              # the side facing the viewer
         alpha, beta = o3.xyz_to_angles(xyz_t)
         self.register_buffer("Y", o3.spherical_harmonics_alpha_beta(range(lmax + 1), alpha, beta,
                                                                    normalization="component"))

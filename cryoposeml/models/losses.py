@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..core.rotations import matrix_to_quaternion, rotation_angle_deg
+from ..core.rotations import matrix_to_quaternion
+from ..core.symmetry import closest_mate_angle_deg
 
-__all__ = ["symmetric_quaternion_loss", "siamese_distance_loss", "pairwise_symmetric_angle",
-           "confidence_regression_loss", "grid_cross_entropy"]
+__all__ = ["symmetric_quaternion_loss", "siamese_distance_loss", "confidence_regression_loss", "grid_cross_entropy"]
 
 
 def symmetric_quaternion_loss(q_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -16,14 +16,6 @@ def symmetric_quaternion_loss(q_pred: torch.Tensor, A_label: torch.Tensor, group
     q_mates = matrix_to_quaternion(mates)                     # (B, G, 4)
     dots = torch.einsum("bi,bgi->bg", q_pred, q_mates)
     return (1 - dots**2).min(dim=1).values
-
-
-def pairwise_symmetric_angle(A_i: torch.Tensor, A_j: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Symmetry-aware angle (degrees) between paired poses ``(P, 3, 3)``; differentiable."""
-    R = A_i.transpose(-1, -2) @ A_j
-    traces = torch.einsum("pij,gji->pg", R, group)
-    best = traces.argmax(-1)
-    return rotation_angle_deg(R @ group[best])
 
 
 def siamese_distance_loss(A_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor,
@@ -37,13 +29,13 @@ def siamese_distance_loss(A_pred: torch.Tensor, A_label: torch.Tensor, group: to
     keep = i != j
     i, j = i[keep], j[keep]
     with torch.no_grad():
-        d_label = pairwise_symmetric_angle(A_label[i], A_label[j], group)
+        d_label = closest_mate_angle_deg(A_label[i], A_label[j], group)
         max_d = float(d_label.max().clamp(min=1e-6))
         bins = (d_label / max_d * n_bins).long().clamp(max=n_bins - 1)
         counts = torch.bincount(bins, minlength=n_bins).float()
         w = 1.0 / counts[bins]
         w = w / w.sum()
-    d_pred = pairwise_symmetric_angle(A_pred[i], A_pred[j], group)
+    d_pred = closest_mate_angle_deg(A_pred[i], A_pred[j], group)
     return (w * (d_pred - d_label).abs()).sum() / 180.0
 
 
