@@ -14,7 +14,7 @@ import torch
 
 from cryoposeml.core.inplane import D4, transform_images, transform_poses
 from cryoposeml.core.projection import Projector
-from cryoposeml.core.rotations import random_rotations
+from cryoposeml.core.rotations import geodesic_distance_deg, random_rotations
 from cryoposeml.data.star import read_star
 from conftest import cli
 
@@ -45,6 +45,25 @@ def test_regression_heads_learn(family, tiny_training):
     assert r.returncode == 0, r.stderr
     val = json.loads((d / f"model_{family}" / "model.json").read_text())["runs"]["full"]["validation"]
     assert val["median_deg"] < 90, val
+
+
+def test_equivariant_network_follows_turns_and_mirrors():
+    """The escnn D4 network: turning or mirroring the image turns the predicted pose by T3 and the
+    shift by T (seed 004, eq. 4), and leaves the confidence unchanged, to rounding."""
+    from cryoposeml.models import PoseNetConfig, build_model
+
+    torch.manual_seed(0)
+    for box in (32, 48):
+        model = build_model(PoseNetConfig(family="equivariant", box=box, widths=(8, 16, 32))).eval()
+        x = torch.randn(3, box, box)
+        with torch.no_grad():
+            ref = model(x)
+            for T in D4:
+                got = model(transform_images(x, T))
+                A, o = transform_poses(ref["matrix"], ref["shift_px"], T)
+                assert torch.allclose(got["matrix"], A, atol=1e-4), T
+                assert torch.allclose(got["shift_px"], o, atol=1e-4), T
+                assert torch.allclose(got["confidence"], ref["confidence"], atol=1e-4), T
 
 
 def test_bingham_head_returns_the_smallest_eigenvector():
@@ -112,6 +131,32 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     assert summary["runs"]["full"]["transfers"]
 
 
+def test_top_k_poses_are_distinct_and_ranked(tiny_training, tmp_path):
+    d = tiny_training
+    r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--out", tmp_path / "p.star",
+            "--top-k", 3)
+    assert r.returncode == 0, r.stderr
+    main, top = read_star(tmp_path / "p.star"), read_star(tmp_path / "p_top3.star")
+    n = len(main)
+    assert len(top) == 3 * n
+    ranks = top.particles["rlnCpmlPoseRank"].to_numpy().reshape(n, 3)
+    assert (ranks == [1, 2, 3]).all()
+    A = top.matrices().reshape(n, 3, 3, 3)
+    # rank 1 is the main output's pose; the others are other peaks (15 deg apart before the local
+    # refinement, which moves each by a fraction of a grid cell)
+    assert geodesic_distance_deg(A[:, 0], main.matrices()).max() < 0.01
+    for other in (1, 2):
+        d_other = geodesic_distance_deg(A[:, 0], A[:, other])
+        assert d_other.min() > 10 and np.median(d_other) > 30, np.sort(d_other)[:5]
+    prob = top.particles["rlnCpmlPoseProbability"].to_numpy().reshape(n, 3)
+    assert ((prob >= 0) & (prob <= 1)).all()
+    assert np.median(prob[:, 0]) > np.median(prob[:, 1])
+    # the true pose is among the top 3 at least as often as it is the best one
+    truth = read_star(d / "test.star").matrices()
+    err = geodesic_distance_deg(A, truth[:, None])
+    assert np.mean(err.min(1) < 10) >= np.mean(err[:, 0] < 10)
+
+
 def test_predict_refuses_a_model_for_another_box(tiny_training, tmp_path):
     d = tiny_training
     text = (d / "test.star").read_text()
@@ -150,6 +195,21 @@ def test_resume_continues_a_killed_run(tiny_training, tmp_path):
     assert json.loads((out / "model.json").read_text())["runs"]["full"]["epochs_run"] == 4
 
 
+def test_data_parallel_training_with_torchrun(tiny_training, tmp_path):
+    """Two CPU processes (Gloo) train one model: rank 0 writes it, the ranks agree on every epoch."""
+    d = tiny_training
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "cryoposeml.cli", "train", "--particles", str(d / "train.star"), "--out", str(out),
+                        "--model", "equivariant", "--epochs", "2", "--quiet", *map(str, TINY)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("validation median") == 1, r.stdout   # one report, from rank 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["runs"]["full"]["epochs_run"] == 2
+    assert len((out / "full" / "metrics.csv").read_text().splitlines()) == 3
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned_by_pickle",))
@@ -179,9 +239,33 @@ def test_halfsets_predict_the_other_half(tiny_training, tmp_path):
     subset = train.random_subset()
     for h in (1, 2):
         assert meta["runs"][f"half{h}"]["validation"]["particles"] == round(0.1 * (subset == h).sum())
+    r = cli("predict", "--particles", d / "test.star", "--model", tmp_path / "gs", "--out", tmp_path / "p.star",
+            "--top-k", 2)
+    assert r.returncode == 1 and "image2sphere" in r.stderr and not (tmp_path / "p.star").exists(), r.stderr
     r = cli("predict", "--particles", d / "test.star", "--model", tmp_path / "gs", "--out", tmp_path / "p.star")
     assert r.returncode == 0, r.stderr
     runs = json.loads((tmp_path / "p.json").read_text())["runs"]
     test_subset = read_star(d / "test.star").random_subset()
     assert runs["half2"]["particles"] == (test_subset == 1).sum()
     assert runs["half1"]["particles"] == (test_subset == 2).sum()
+
+
+def test_label_confidence_weights(tiny_training):
+    from cryoposeml.core.errors import InputError
+    from cryoposeml.engine.train import label_weights
+
+    star = read_star(tiny_training / "test.star")
+    w, col = label_weights(star, "auto", "x.star")
+    assert col is None and (w == 1).all()
+    conf = np.linspace(0.0, 1.0, len(star))
+    star.particles["rlnMaxValueProbDistribution"] = conf
+    star.particles["rlnParticleFigureOfMerit"] = 1.0
+    w, col = label_weights(star, "auto", "x.star")
+    assert col == "rlnMaxValueProbDistribution"
+    np.testing.assert_allclose(w, conf / conf.mean())
+    assert (label_weights(star, "none", "x.star")[0] == 1).all()
+    with pytest.raises(InputError, match="rlnNoSuch"):
+        label_weights(star, "rlnNoSuch", "x.star")
+    star.particles["rlnMaxValueProbDistribution"] = -conf
+    with pytest.raises(InputError, match="non-negative"):
+        label_weights(star, "auto", "x.star")

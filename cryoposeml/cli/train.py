@@ -3,8 +3,11 @@
 The model folder gets model.json (configuration, preprocessing, symmetry, calibration, validation
 metrics: median error, ECE, AUROC), and per network weights.safetensors, checkpoint.pt,
 metrics.csv and curves.png. --halfsets trains one network per rlnRandomSubset (gold standard).
-An interrupted run continues with --resume.
+An interrupted run continues with --resume. Several GPUs (or CPU processes): launch with
+``torchrun --nproc_per_node K -m cryoposeml.cli train ...`` (data-parallel, same effective batch).
 """
+import os
+
 from ..engine.train import TrainConfig, train
 from ..models import MODEL_FAMILIES
 
@@ -27,8 +30,14 @@ def add_args(p):
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no in-plane D4 augmentation")
     p.add_argument("--no-siamese", dest="siamese", action="store_false", help="no pairwise-distance loss")
     p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="encoder widths (default: %(default)s)")
+    p.add_argument("--label-confidence", default=d.label_confidence,
+                   help="column weighting each particle's loss (a refinement's confidence in its pose); auto: "
+                        "rlnMaxValueProbDistribution, else rlnParticleFigureOfMerit, when present; none: equal "
+                        "weights (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
+                   help="auto: bfloat16 mixed precision on CUDA, float32 on CPU (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training in --out")
 
 
@@ -36,9 +45,12 @@ def main(args):
     cfg = TrainConfig(model=args.model, sym=args.sym, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       box_px=args.box_px, val_fraction=args.val_fraction, patience=args.patience,
                       halfsets=args.halfsets, augment=args.augment, siamese=args.siamese, widths=tuple(args.widths),
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device,
+                      label_confidence=args.label_confidence, precision=args.precision)
     meta = train(args.particles, args.out, cfg, resume=args.resume, overwrite=args.overwrite,
                  progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:   # torchrun: rank 0 reports
+        return
     for run, r in meta["runs"].items():
         v = r["validation"]
         print(f"{run}: validation median {v['median_deg']:.2f} deg, mean {v['mean_deg']:.2f} deg, "

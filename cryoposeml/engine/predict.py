@@ -8,6 +8,8 @@ network and vice versa (gold standard); others by half 1.
 Written columns: the poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst; the input's are kept as
 ``...Original`` columns with ``--keep-original``), ``rlnParticleFigureOfMerit`` (probability that
 the error is under 10 deg, from the held-out calibration) and ``rlnCpmlExpectedErrorDeg``.
+``top_k`` (distribution models) also writes ``OUT_topK.star``: K rows per particle, the K most
+probable distinct poses with ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import InputError
-from ..core.symmetry import symmetry_group
+from ..core.symmetry import symmetry_group, to_asymmetric_unit
 from ..data.dataset import ParticleDataset
 from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, read_star, write_star
 from ._outputs import check_new_file, stamp, write_json
@@ -42,13 +44,30 @@ def transfer_check(scores: np.ndarray, calib: Calibration) -> dict:
             "fraction_below_validation_p5": float(np.mean(scores < q5)), "transfers": med >= q5}
 
 
+def _top_k_star(result, mats: np.ndarray, prob: np.ndarray, shifts_angstrom):
+    """``k`` rows per particle (all of its columns, then the rank-``r`` pose), ranks 1..k with
+    ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``; rank 1 is the pose of the main output."""
+    n, k = prob.shape
+    star = result.copy()
+    star.particles = result.particles.loc[np.repeat(np.arange(n), k)].reset_index(drop=True)
+    star.set_poses(mats.reshape(n * k, 3, 3), None if shifts_angstrom is None else np.repeat(shifts_angstrom, k, 0))
+    star.particles["rlnCpmlPoseRank"] = np.tile(np.arange(1, k + 1), n)
+    star.particles["rlnCpmlPoseProbability"] = prob.reshape(-1)
+    return star
+
+
 def predict(particles, model_dir, out, batch_size: int = 256, device: str = "auto", sym: str | None = None,
             keep_original: bool = False, strict: bool = False, overwrite: bool = False,
-            progress: bool = True) -> dict:
+            progress: bool = True, top_k: int = 0) -> dict:
     out = Path(out)
     check_new_file(out, overwrite)
     summary_path = out.with_suffix(".json")
     check_new_file(summary_path, overwrite)
+    topk_path = out.with_name(f"{out.stem}_top{top_k}.star")
+    if top_k:
+        if top_k < 2:
+            raise InputError(f"--top-k must be at least 2 (got {top_k}); the best pose is always in the output")
+        check_new_file(topk_path, overwrite)
     dev = resolve_device(device)
     star = read_star(particles)
     runs = {}
@@ -62,6 +81,10 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         symmetry_group(sym)
         if sym.strip().upper() != meta["sym"]:
             raise InputError(f"the model was trained with symmetry {meta['sym']}, not {sym}", model_dir)
+    if top_k and not all(hasattr(m, "top_k") for m in models.values()):
+        raise InputError(f"--top-k needs a model that predicts a distribution over poses (image2sphere); this "
+                         f"{meta['network']['family']} model predicts one pose per particle", model_dir)
+    group = torch.as_tensor(symmetry_group(meta["sym"]), dtype=torch.float32, device=dev)
     inp = meta["input"]
     if star.box != inp["box"] or abs(star.pixel_size_angstrom - inp["pixel_size_angstrom"]) > 1e-3:
         raise InputError(f"particles are {star.box} px at {star.pixel_size_angstrom:.3f} A/px but the model was "
@@ -79,6 +102,8 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
     mats = np.empty((n, 3, 3))
     shifts = np.empty((n, 2))
     score = np.empty(n)
+    if top_k:
+        top_mats, top_prob = np.empty((n, top_k, 3, 3)), np.empty((n, top_k))
     batches = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="predict", unit="img", disable=not progress)
     with concurrent.futures.ThreadPoolExecutor(1) as pool, torch.inference_mode():
@@ -95,9 +120,17 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
                 mats[idx[sel]] = o["matrix"].double().cpu().numpy()
                 shifts[idx[sel]] = o["shift_px"].double().cpu().numpy()
                 score[idx[sel]] = o["confidence"].double().cpu().numpy()
+                if top_k:
+                    tk = model.top_k(o, top_k, group)
+                    top_mats[idx[sel]] = tk["matrix"].double().cpu().numpy()
+                    top_prob[idx[sel]] = tk["probability"].double().cpu().numpy()
             bar.update(len(idx))
     bar.close()
 
+    # one representative per symmetry orbit (no-op for C1)
+    mats = to_asymmetric_unit(mats, meta["sym"])
+    if top_k:
+        top_mats = to_asymmetric_unit(top_mats, meta["sym"])
     result = star.copy()
     p = result.particles
     if keep_original:
@@ -128,6 +161,11 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         log.warning("WARNING: %s", msg)
     summary = {**stamp(particles=particles, model=str(model_dir), batch_size=batch_size, device=str(dev)),
                "particles": n, "runs": runs, "median_expected_error_deg": float(np.median(expected))}
+    if top_k:
+        summary["top_k"] = {"k": top_k, "star": str(topk_path),
+                            "median_probability_by_rank": np.median(top_prob, axis=0).tolist()}
+        write_star(_top_k_star(result, top_mats, top_prob, shifts * pre["pixel_size_angstrom"] if predicts_shifts
+                               else None), topk_path)
     write_star(result, out)
     write_json(summary_path, summary)
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ class TrainConfig:
     dropout: float = 0.1
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"           # auto: bfloat16 autocast on CUDA, float32 on CPU; or fp32, bf16
+    label_confidence: str = "auto"    # column weighting each particle's loss; auto: Relion's, if present
     extra: dict = field(default_factory=dict)
 
 
@@ -70,6 +73,28 @@ def resolve_device(name: str) -> torch.device:
 def preprocessor_for(star: ParticleStar, box_px: int, pixel_out: float) -> Preprocessor:
     return Preprocessor(star.pixel_size_angstrom, pixel_out, box_px,
                         star.ctf_params() if star.has_ctf() else None, do_phase_flip=True)
+
+
+#: columns taken, in this order, as a per-particle confidence in the training labels
+LABEL_CONFIDENCE_COLUMNS = ("rlnMaxValueProbDistribution", "rlnParticleFigureOfMerit")
+
+
+def label_weights(star: ParticleStar, column: str, path) -> tuple[np.ndarray, str | None]:
+    """Per-particle loss weights from a label-confidence column (CESPED weights its cross-entropy by
+    Relion's rlnMaxValueProbDistribution), scaled to mean 1; all ones with ``none``."""
+    p = star.particles
+    if column == "none":
+        return np.ones(len(p)), None
+    if column == "auto":
+        column = next((c for c in LABEL_CONFIDENCE_COLUMNS if c in p), None)
+        if column is None:
+            return np.ones(len(p)), None
+    elif column not in p:
+        raise InputError(f"--label-confidence {column}: no such column", path)
+    w = np.asarray(p[column], dtype=float)
+    if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise InputError(f"column {column} must hold finite, non-negative confidences (not all zero)", path)
+    return w / w.mean(), column
 
 
 def _load_images(star: ParticleStar, prep: Preprocessor, progress: bool) -> torch.Tensor:
@@ -127,18 +152,90 @@ def _plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, train_idx, val_idx, outdir: Path,
-               resume: bool, progress: bool) -> dict:
-    device = resolve_device(cfg.device)
+class _Distributed:
+    """Data-parallel training under ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPUs, Gloo on CPUs.
+    Every rank walks the same shuffled batches and takes its slice of each, so the effective batch
+    and the schedule do not depend on the number of processes; rank 0 alone writes files."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    def shard(self, idx: np.ndarray) -> np.ndarray:
+        return idx[self.rank::self.world]
+
+    def from_main(self, obj):
+        """``obj`` as rank 0 has it (keeps decisions such as early stopping identical on all ranks)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _batch_loss(model, core, x, a, o, w, group, cfg, net_cfg, beta1, autocast) -> torch.Tensor:
+    with autocast:
+        out = model(x)
+    out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+    if "logits" in out:   # a distribution over a rotation grid (image2sphere)
+        loss = (w * grid_cross_entropy(out["logits"], out["grid_matrix"], a, group)).mean()
+    else:
+        q_loss = symmetric_quaternion_loss(out["quaternion"], a, group)
+        loss = beta1 * (w * q_loss).mean()
+        if getattr(core, "learns_confidence", False):
+            loss = loss + 0.1 * confidence_regression_loss(out["confidence"], q_loss)
+        if cfg.siamese:
+            loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], a, group)
+    if net_cfg.predict_shifts:
+        loss = loss + cfg.shift_weight * torch.nn.functional.smooth_l1_loss(out["shift_px"], o)
+    return loss
+
+
+def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, weights, train_idx, val_idx,
+               outdir: Path, resume: bool, progress: bool, ddp: _Distributed) -> dict:
+    device = ddp.device
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(net_cfg).to(device)
+    core = build_model(net_cfg).to(device)
+    model = ddp.wrap(core)
+    # mixed precision (bfloat16: no loss scaling needed) on GPUs; the losses stay in float32
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     group = torch.as_tensor(symmetry_group(cfg.sym), dtype=torch.float32, device=device)
     steps_per_epoch = max(1, int(np.ceil(len(train_idx) / cfg.batch_size)))
     total = cfg.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
-    state = {"epoch": 0, "best": float("inf"), "bad_epochs": 0, "rows": []}
+    state = {"epoch": 0, "best": float("inf"), "bad_epochs": 0, "rows": [], "micro_batch": cfg.batch_size}
     ckpt = outdir / "checkpoint.pt"
     if resume and ckpt.exists():
         try:  # weights_only: tensors and plain containers; a pickle that would run code is refused
@@ -146,15 +243,17 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, tra
         except Exception as e:
             raise InputError(f"refused: not a plain checkpoint of tensors ({type(e).__name__}); loading it could "
                              "run code. Delete it to start over", ckpt) from e
-        model.load_state_dict(saved["model"])
+        core.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         gen.set_state(saved["generator"])
-        state = json.loads(saved["state"])
+        state = {"micro_batch": cfg.batch_size, **json.loads(saved["state"])}
         log.info("resuming %s at epoch %d", outdir.name, state["epoch"])
-    outdir.mkdir(parents=True, exist_ok=True)
+    if ddp.main:
+        outdir.mkdir(parents=True, exist_ok=True)
     A_t = torch.as_tensor(A, dtype=torch.float32)
     o_t = torch.as_tensor(origins, dtype=torch.float32)
+    weights_t = torch.as_tensor(weights, dtype=torch.float32)
     val_imgs = images[val_idx]
     for epoch in range(state["epoch"], cfg.epochs):
         t_epoch = time.perf_counter()
@@ -165,66 +264,79 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, tra
         perm = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"train {outdir.name} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
+                   disable=not (progress and ddp.main), leave=False)
         for step in bar:
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            x, a, o = images[idx], A_t[idx], o_t[idx]
-            if cfg.augment:
+            batch = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x, a, o = images[batch], A_t[batch], o_t[batch]
+            if cfg.augment:   # drawn for the whole batch on every rank: the generators stay in step
                 x, a, o = _augment(x, a, o, gen)
-            x, a, o = x.to(device), a.to(device), o.to(device)
-            out = model(x)
-            if "logits" in out:   # a distribution over a rotation grid (image2sphere)
-                loss = grid_cross_entropy(out["logits"], out["grid_matrix"], a, group).mean()
-            else:
-                t = (epoch * steps_per_epoch + step + 1) / total
-                beta1 = t**0.5 if cfg.siamese else 1.0
-                q_loss = symmetric_quaternion_loss(out["quaternion"], a, group)
-                loss = beta1 * q_loss.mean()
-                if getattr(model.rotation, "learns_confidence", False):
-                    loss = loss + 0.1 * confidence_regression_loss(out["confidence"], q_loss)
-                if cfg.siamese:
-                    loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], a, group)
-            if net_cfg.predict_shifts:
-                loss = loss + cfg.shift_weight * torch.nn.functional.smooth_l1_loss(out["shift_px"], o)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            mine = ddp.shard(np.arange(len(batch)))
+            if len(mine) < 2:
+                continue
+            beta1 = ((epoch * steps_per_epoch + step + 1) / total) ** 0.5 if cfg.siamese else 1.0
+            while True:   # on CUDA out-of-memory: same batch in smaller pieces, gradients accumulated
+                try:
+                    opt.zero_grad(set_to_none=True)
+                    loss_sum = 0.0
+                    for c in range(0, len(mine), state["micro_batch"]):
+                        part = mine[c:c + state["micro_batch"]]
+                        if len(part) < 2:
+                            continue
+                        loss = _batch_loss(model, core, x[part].to(device), a[part].to(device),
+                                           o[part].to(device), weights_t[batch[part]].to(device), group, cfg,
+                                           net_cfg, beta1, autocast) * (len(part) / len(mine))
+                        loss.backward()
+                        loss_sum += float(loss.detach())
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if state["micro_batch"] <= 2:
+                        raise
+                    state["micro_batch"] //= 2
+                    opt.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    log.warning("CUDA out of memory: continuing with pieces of %d particles per step "
+                                "(gradients accumulated; same effective batch)", state["micro_batch"])
+            torch.nn.utils.clip_grad_norm_(core.parameters(), 5.0)
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
-        pred = _predict(model, val_imgs, device)
+            losses.append(loss_sum)
+        pred = _predict(core, val_imgs, device)
         err = symmetric_distance_deg(pred["matrix"].double().numpy(), A[val_idx], cfg.sym)
         shift_err = np.linalg.norm(pred["shift_px"].numpy() - origins[val_idx], axis=1)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "val_median_deg": float(np.median(err)), "val_mean_deg": float(np.mean(err)),
                "val_shift_median_px": float(np.median(shift_err)), "lr": float(sched.get_last_lr()[0]),
                "epoch_s": time.perf_counter() - t_epoch}
+        row = ddp.from_main(row)
         state["rows"].append(row)
-        log.info("%s epoch %d: loss %.4f, validation median %.2f deg, mean %.2f deg", outdir.name, epoch + 1,
-                 row["train_loss"], row["val_median_deg"], row["val_mean_deg"])
-        if row["val_median_deg"] < state["best"]:
+        if ddp.main:
+            log.info("%s epoch %d: loss %.4f, validation median %.2f deg, mean %.2f deg", outdir.name, epoch + 1,
+                     row["train_loss"], row["val_median_deg"], row["val_mean_deg"])
+        improved = row["val_median_deg"] < state["best"]
+        if improved:
             state["best"], state["bad_epochs"] = row["val_median_deg"], 0
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(outdir / "weights.safetensors"))
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        tmp = outdir / "checkpoint.pt.part"
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(), "state": json.dumps(state)}, tmp)
-        tmp.replace(ckpt)
-        with open(outdir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(state["rows"][0]))
-            w.writeheader()
-            w.writerows(state["rows"])
-        _plot_curves(state["rows"], outdir / "curves.png")
+        if ddp.main:
+            if improved:
+                save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
+                          str(outdir / "weights.safetensors"))
+            tmp = outdir / "checkpoint.pt.part"
+            torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "generator": gen.get_state(), "state": json.dumps(state)}, tmp)
+            tmp.replace(ckpt)
+            with open(outdir / "metrics.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(state["rows"][0]))
+                w.writeheader()
+                w.writerows(state["rows"])
+            _plot_curves(state["rows"], outdir / "curves.png")
+        ddp.barrier()
 
     # Calibrate the best model on the validation particles: fit on one half, score on the other,
     # then fit the final map on all of them.
-    model.load_state_dict(load_file(str(outdir / "weights.safetensors"), device=str(device)))
-    pred = _predict(model, val_imgs, device)
+    core.load_state_dict(load_file(str(outdir / "weights.safetensors"), device=str(device)))
+    pred = _predict(core, val_imgs, device)
     score = pred["confidence"].double().numpy()
     err = symmetric_distance_deg(pred["matrix"].double().numpy(), A[val_idx], cfg.sym)
     rng = np.random.default_rng(cfg.seed)
@@ -253,6 +365,9 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
     if out.exists() and any(out.iterdir()) and not (resume or overwrite or (out / "model.json").exists()):
         raise InputError("exists and is not empty (an interrupted training? use --resume)", out)
     symmetry_group(cfg.sym)
+    ddp = _Distributed(resolve_device(cfg.device))
+    ddp.barrier()   # every rank has checked the folder before rank 0 writes into it
+    progress = progress and ddp.main
     if cfg.box_px % 2 or cfg.box_px < 16:
         raise InputError(f"--box-px must be even and >= 16 (got {cfg.box_px})")
     star = read_star(particles)
@@ -267,6 +382,7 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
     images = _load_images(star, prep, progress)
     A = star.matrices()
     origins = star.shifts_angstrom() / pixel_out
+    weights, weight_column = label_weights(star, cfg.label_confidence, particles)
     net_cfg = PoseNetConfig(family=cfg.model, box=cfg.box_px, widths=tuple(cfg.widths), dropout=cfg.dropout)
     rng = np.random.default_rng(cfg.seed)
 
@@ -282,11 +398,12 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
             raise InputError("--halfsets needs rlnRandomSubset (1/2) in the particles", particles)
         for h in (1, 2):
             tr, va = split(np.nonzero(subset == h)[0])
-            runs[f"half{h}"] = _train_one(cfg, net_cfg, images, A, origins, tr, va, out / f"half{h}", resume,
-                                          progress)
+            runs[f"half{h}"] = _train_one(cfg, net_cfg, images, A, origins, weights, tr, va, out / f"half{h}", resume,
+                                          progress, ddp)
     else:
         tr, va = split(np.arange(n))
-        runs["full"] = _train_one(cfg, net_cfg, images, A, origins, tr, va, out / "full", resume, progress)
+        runs["full"] = _train_one(cfg, net_cfg, images, A, origins, weights, tr, va, out / "full", resume, progress,
+                                  ddp)
 
     meta = {
         **stamp(particles=particles, **{k: v for k, v in asdict(cfg).items() if k != "extra"}),
@@ -294,10 +411,12 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
         "preprocessing": {"box_px": cfg.box_px, "pixel_size_angstrom": pixel_out, "phase_flip": True,
                           "normalize_background": True, "mask_radius_px": prep.box_out / 2 - 4},
         "input": {"box": star.box, "pixel_size_angstrom": star.pixel_size_angstrom},
-        "training_data": {"particles": n, "star": str(Path(particles).resolve())},
+        "training_data": {"particles": n, "star": str(Path(particles).resolve()),
+                          "label_confidence_column": weight_column},
         "runs": runs,
     }
-    write_json(out / "model.json", meta)
+    if ddp.main:
+        write_json(out / "model.json", meta)
     return meta
 
 

@@ -158,7 +158,7 @@ class Image2Sphere(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         coeffs, f = self.so3_signal(images)
         logits = coeffs @ self.grid_D.T                            # (B, n_grid)
-        out = {"logits": logits, "grid_matrix": self.grid_matrix}
+        out = {"logits": logits, "grid_matrix": self.grid_matrix, "coeffs": coeffs}
         out["shift_px"] = (self.shift(f) if self.shift is not None
                            else torch.zeros(images.shape[0], 2, device=images.device))
         with torch.no_grad():
@@ -174,6 +174,51 @@ class Image2Sphere(nn.Module):
             mass = (prob * near).sum(-1).clamp(min=1e-8)
         out.update(matrix=R, quaternion=matrix_to_quaternion(R), confidence=torch.log(mass))
         return out
+
+    def _grid_neighbours(self, radius_deg: float) -> torch.Tensor:
+        """``(n, K)`` indices of the grid cells within ``radius_deg`` of each cell (padded with the
+        cell itself); computed once, in chunks."""
+        if getattr(self, "_neighbours", None) is None or self._neighbours[0] != radius_deg:
+            G = self.grid_matrix
+            cos_r = math.cos(math.radians(radius_deg))
+            rows = []
+            for s in range(0, len(G), 2048):
+                near = ((torch.einsum("aij,bij->ab", G[s:s + 2048], G) - 1) / 2) > cos_r
+                rows.extend(torch.nonzero(r).flatten() for r in near)
+            k = max(len(r) for r in rows)
+            nb = torch.stack([torch.cat([r, r[:1].expand(k - len(r))]) for r in rows])
+            self._neighbours = (radius_deg, nb)
+        return self._neighbours[1]
+
+    @torch.no_grad()
+    def top_k(self, out: dict, k: int, group: torch.Tensor, separation_deg: float = 15.0) -> dict:
+        """The ``k`` most probable distinct poses from a forward pass's output: the highest local
+        maxima of the grid distribution (no cell within 25 deg is higher), each at least
+        ``separation_deg`` from the earlier ones and from their symmetry mates (``group``
+        ``(G, 3, 3)``), then refined like the main pose (rank 1 is the main pose). Returns
+        ``matrix`` ``(B, k, 3, 3)`` and ``probability`` ``(B, k)``: the mass within
+        ``confidence_radius_deg``. A particle with fewer than ``k`` peaks repeats its last one with
+        probability 0."""
+        prob = out["logits"].softmax(-1)
+        G = self.grid_matrix
+        nb = self._grid_neighbours(25.0)
+        avail = prob >= prob[:, nb].amax(-1)                          # local maxima
+        cos_sep = math.cos(math.radians(separation_deg))
+        cos_r = math.cos(math.radians(self.confidence_radius_deg))
+        mats, probs = [], []
+        for rank in range(k):
+            found = avail.any(-1)
+            best = prob.masked_fill(~avail, -1.0).argmax(-1)
+            R = self._refine(out["coeffs"], G[best])
+            if rank:   # no peak left: repeat the previous pose with probability 0
+                R = torch.where(found[:, None, None], R, mats[-1])
+            tr = torch.einsum("bij,nij->bn", R, G)
+            probs.append((prob * (((tr - 1) / 2) > cos_r)).sum(-1) * found)
+            mats.append(R)
+            mates = G[best][:, None] @ group.to(R.dtype)[None]                   # (B, |G|, 3, 3)
+            tr_m = torch.einsum("bgij,nij->bgn", mates, G)
+            avail &= ~(((tr_m - 1) / 2) > cos_sep).any(1)
+        return {"matrix": torch.stack(mats, 1), "probability": torch.stack(probs, 1)}
 
     def _refine(self, coeffs: torch.Tensor, R: torch.Tensor, steps: int = 4) -> torch.Tensor:
         """Hill-climb the SO(3) signal from the best grid rotation with shrinking rotations about

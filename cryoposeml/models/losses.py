@@ -10,12 +10,13 @@ __all__ = ["symmetric_quaternion_loss", "siamese_distance_loss", "confidence_reg
 
 
 def symmetric_quaternion_loss(q_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Per-particle ``min_g sin^2(theta_g / 2)`` = ``1 - <q_pred, q(A g)>^2`` (sign-invariant),
-    ``theta_g`` the angle between the prediction and the symmetry mate ``A_label @ g``."""
+    """Per-particle chordal quaternion loss ``min_g (1 - |<q_pred, q(A g)>|)`` = ``1 - cos(theta / 2)``
+    (sign-invariant), ``theta`` the angle to the closest symmetry mate ``A_label @ g``. Unlike
+    ``1 - <q, q'>^2`` its gradient does not vanish for poses far from the label."""
     mates = A_label.unsqueeze(1) @ group                       # (B, G, 3, 3)
     q_mates = matrix_to_quaternion(mates)                     # (B, G, 4)
-    dots = torch.einsum("bi,bgi->bg", q_pred, q_mates)
-    return (1 - dots**2).min(dim=1).values
+    dots = torch.einsum("bi,bgi->bg", q_pred, q_mates).abs()
+    return 1 - dots.max(dim=1).values
 
 
 def siamese_distance_loss(A_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor,
@@ -42,8 +43,9 @@ def siamese_distance_loss(A_pred: torch.Tensor, A_label: torch.Tensor, group: to
 
 def confidence_regression_loss(confidence: torch.Tensor, q_loss: torch.Tensor) -> torch.Tensor:
     """Teach a head's ``confidence`` to be ``-log(angular error)``: ``q_loss`` is the per-particle
-    ``sin^2(theta / 2)`` (detached here, so only the confidence output learns from it)."""
-    theta = 2 * torch.asin(q_loss.detach().clamp(1e-12, 1.0).sqrt())
+    ``1 - cos(theta / 2)`` of :func:`symmetric_quaternion_loss` (detached here, so only the
+    confidence output learns from it)."""
+    theta = 2 * torch.acos((1 - q_loss.detach()).clamp(-1.0, 1.0 - 1e-7))
     return torch.nn.functional.smooth_l1_loss(confidence, -torch.log(theta + 1e-3))
 
 

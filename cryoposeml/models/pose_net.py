@@ -11,7 +11,7 @@ from .heads import BinghamHead, ShiftHead, SixDHead
 
 __all__ = ["PoseNetConfig", "PoseNet", "build_model", "MODEL_FAMILIES"]
 
-MODEL_FAMILIES = ("image2sphere", "bingham", "sixd")
+MODEL_FAMILIES = ("image2sphere", "bingham", "equivariant", "sixd")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class PoseNet(nn.Module):
         head = {"bingham": BinghamHead, "sixd": SixDHead}[cfg.family]
         self.rotation = head(self.encoder.out_features, dropout=cfg.dropout)
         self.shift = ShiftHead(self.encoder.out_features) if cfg.predict_shifts else None
+        self.learns_confidence = getattr(self.rotation, "learns_confidence", False)
 
     def forward(self, images: torch.Tensor) -> dict:
         feats = self.encoder(self.blur(images[:, None]))
@@ -71,4 +72,8 @@ def build_model(cfg: PoseNetConfig) -> nn.Module:
         from .image2sphere import Image2Sphere
 
         return Image2Sphere(cfg)
+    if cfg.family == "equivariant":
+        from .equivariant import EquivariantPoseNet
+
+        return EquivariantPoseNet(cfg)
     return PoseNet(cfg)
