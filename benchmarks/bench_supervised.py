@@ -78,10 +78,12 @@ def main():
                     pct_over_30=float(100 * np.mean(err > 30)),
                     error_histogram_10deg=np.histogram(err, bins=np.arange(0, 190, 10))[0].tolist(),
                     shift_median_A=float(np.median(shift)), ece_deg=expected_calibration_error(expected, err),
-                    auroc=auroc(-fom, err > 10), train_s=t_train, epochs_run=meta["runs"]["full"]["epochs_run"],
+                    auroc=auroc(-fom, err > 10), val_ece_deg=meta["runs"]["full"]["validation"]["ece_deg"],
+                    train_s=t_train, epochs_run=meta["runs"]["full"]["epochs_run"],
                     infer_particles_per_s=args.n_test / t_pred,
                     peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
-                print(json.dumps(rows[-1]))
+                print(json.dumps(rows[-1]), flush=True)
+                _write(args, rows)   # after every model: a long run stopped early keeps what it measured
     finally:
         shutil.rmtree(work)
     head = ["dataset", "model", "median_deg", "mean_deg", "pct_under_5", "pct_under_10", "pct_over_30",
@@ -90,11 +92,15 @@ def main():
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(f"{r[h]:.2f}" if isinstance(r[h], float) else str(r[h]) for h in head))
+    print(f"wrote {_write(args, rows)}")
+
+
+def _write(args, rows) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_supervised.json").write_text(json.dumps({"machine": platform.platform(), "args": vars(args),
-                                                           "rows": rows}, indent=2))
-    print(f"wrote {out / 'bench_supervised.json'}")
+    path = out / "bench_supervised.json"
+    path.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "rows": rows}, indent=2))
+    return path
 
 
 if __name__ == "__main__":

@@ -36,15 +36,32 @@ def test_d4_transforms_match_the_projector(adk_map):
         assert min(cc) > 0.9999, (T, cc)
 
 
-@pytest.mark.parametrize("family", ["bingham", "sixd"])
-def test_regression_heads_learn(family, tiny_training):
-    """The regression families learn too (fewer epochs here: a bound well under chance)."""
+def test_equivariant_family_learns(tiny_training):
+    """The D4-equivariant network learns the tiny noise-free set to under 10 deg (median, held out)."""
     d = tiny_training
-    r = cli("train", "--particles", d / "train.star", "--out", d / f"model_{family}", "--model", family,
-            "--epochs", 8, "--no-augment", "--no-siamese", "--lr", "2e-3", *TINY)
+    r = cli("train", "--particles", d / "train.star", "--out", d / "model_eq", "--model", "equivariant",
+            "--epochs", 25, "--box-px", 32, "--widths", 32, 64, 128)
     assert r.returncode == 0, r.stderr
-    val = json.loads((d / f"model_{family}" / "model.json").read_text())["runs"]["full"]["validation"]
-    assert val["median_deg"] < 90, val
+    val = json.loads((d / "model_eq" / "model.json").read_text())["runs"]["full"]["validation"]
+    assert val["median_deg"] < 10, val
+    r = cli("predict", "--particles", d / "test.star", "--model", d / "model_eq", "--out", d / "pred_eq.star")
+    assert r.returncode == 0, r.stderr
+    r = cli("evaluate", "--particles", d / "pred_eq.star", "--reference", d / "test.star", "--out", d / "ev_eq.json")
+    ev = json.loads((d / "ev_eq.json").read_text())["poses"]
+    assert ev["median_deg"] < 10, ev
+    assert ev["shift_error_median_angstrom"] < 1.5, ev   # half a pixel of the network box (3 A/px)
+
+
+@pytest.mark.slow
+def test_bingham_family_learns(tiny_training):
+    """cryo-forum's network is a slow learner on a set this small: 30 epochs bring it from ~126 deg
+    (chance) to ~35 deg; the bound checks it is well on its way."""
+    d = tiny_training
+    r = cli("train", "--particles", d / "train.star", "--out", d / "model_bingham", "--model", "bingham",
+            "--epochs", 30, "--patience", 30, *TINY)
+    assert r.returncode == 0, r.stderr
+    val = json.loads((d / "model_bingham" / "model.json").read_text())["runs"]["full"]["validation"]
+    assert val["median_deg"] < 45, val
 
 
 def test_equivariant_network_follows_turns_and_mirrors():
@@ -129,6 +146,23 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     assert ev["weighted_mean_deg"] < ev["mean_deg"]
     summary = json.loads((d / "pred1.json").read_text())
     assert summary["runs"]["full"]["transfers"]
+
+
+def test_a_model_of_another_protein_does_not_transfer(tiny_training, tmp_path):
+    """Particles of PTP1B given to the AdK model: warned, and refused with --strict."""
+    d = tiny_training
+    r = cli("simulate", "--map", "other_ptp1b", "--n", 200, "--no-noise", "--shift-sigma", 1.5, "--seed", 9,
+            "--out", tmp_path / "ptp")
+    assert r.returncode == 0, r.stderr
+    r = cli("predict", "--particles", tmp_path / "ptp" / "particles.star", "--model", d / "model", "--out",
+            tmp_path / "strict.star", "--strict")
+    assert r.returncode == 1 and "does not seem to transfer" in r.stderr, r.stderr
+    assert not (tmp_path / "strict.star").exists() and not (tmp_path / "strict.json").exists()
+    r = cli("predict", "--particles", tmp_path / "ptp" / "particles.star", "--model", d / "model", "--out",
+            tmp_path / "p.star")
+    assert r.returncode == 0 and "does not seem to transfer" in r.stderr, r.stderr
+    run = json.loads((tmp_path / "p.json").read_text())["runs"]["full"]
+    assert not run["transfers"] and run["fraction_below_validation_p25"] > 0.5, run
 
 
 def test_top_k_poses_are_distinct_and_ranked(tiny_training, tmp_path):

@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 
-COMMANDS = ["simulate", "train", "predict", "reconstruct", "evaluate", "demo"]
+COMMANDS = ["simulate", "train", "predict", "reconstruct", "evaluate", "abinitio", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .fourier import fftn_centered, frequency_index_2d, ifft2_centered, shift_phase_2d, trilinear_apodization
 
-__all__ = ["Projector", "slice_coordinates"]
+__all__ = ["Projector", "slice_coordinates", "sample_slices"]
 
 
 def slice_coordinates(A: torch.Tensor, box: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +23,21 @@ def slice_coordinates(A: torch.Tensor, box: int, pad: int) -> tuple[torch.Tensor
     pts = torch.einsum("bji,yxj->byxi", A, k) * pad                     # A.T @ k
     inside = (kx**2 + ky**2) <= (box // 2) ** 2
     return pts, inside
+
+
+def sample_slices(grid: torch.Tensor, A: torch.Tensor, box: int, pad: int) -> torch.Tensor:
+    """Central slices ``(B, box, box)`` complex, trilinearly interpolated from a centred padded
+    spectrum ``grid`` ``(1, 2, M, M, M)`` (real and imaginary parts as channels, ``M = pad * box``);
+    zero beyond Nyquist. Differentiable with respect to ``grid`` and ``A``."""
+    m = box * pad
+    pts, inside = slice_coordinates(A, box, pad)
+    # grid_sample wants (x, y, z) normalised to [-1, 1] over (W, H, D), align_corners=True.
+    norm = (pts + m // 2) * (2.0 / (m - 1)) - 1.0
+    b = A.shape[0]
+    out = F.grid_sample(grid, norm.reshape(1, 1, b * box, box, 3), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)          # (1, 2, 1, B*N, N)
+    out = out.reshape(2, b, box, box) * inside
+    return torch.complex(out[0], out[1])
 
 
 class Projector:
@@ -53,15 +68,7 @@ class Projector:
     def central_slices(self, A: torch.Tensor) -> torch.Tensor:
         """Centred 2D spectra ``(B, N, N)`` complex of the volume at poses ``A`` ``(B, 3, 3)``."""
         A = torch.as_tensor(A, dtype=self.dtype, device=self._grid.device)
-        n, m = self.box, self.box * self.pad
-        pts, inside = slice_coordinates(A, n, self.pad)
-        # grid_sample wants (x, y, z) normalised to [-1, 1] over (W, H, D), align_corners=True.
-        norm = (pts + m // 2) * (2.0 / (m - 1)) - 1.0
-        b = A.shape[0]
-        out = F.grid_sample(self._grid, norm.reshape(1, 1, b * n, n, 3), mode="bilinear",
-                            padding_mode="zeros", align_corners=True)          # (1, 2, 1, B*N, N)
-        out = out.reshape(2, b, n, n) * inside
-        return torch.complex(out[0], out[1])
+        return sample_slices(self._grid, A, self.box, self.pad)
 
     def project(self, A, origins_px=None, ctf=None) -> torch.Tensor:
         """Real images ``(B, N, N)``: slices at ``A`` ``(B, 3, 3)``, optionally multiplied by the CTF

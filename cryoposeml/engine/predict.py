@@ -35,13 +35,18 @@ log = logging.getLogger(__name__)
 
 
 def transfer_check(scores: np.ndarray, calib: Calibration) -> dict:
-    """Does the new data look like the validation data to the network? Compares the median of the
-    new confidence scores with the validation quantiles: below the validation 5th percentile means
-    most new particles are less certain than 95% of held-out ones."""
+    """Does the new data look like the validation data to the network? Held-out particles of the
+    training data put 25% of their confidence scores below the validation 25th percentile and 5%
+    below the 5th. The model is said not to transfer when the new particles' median falls below
+    the validation 25th percentile (most of them are less certain than three quarters of the
+    held-out ones) or more than 20% of them fall below the 5th percentile (a large unfamiliar
+    fraction, four times the expected 5%)."""
     q5, q25, q50, q75, q95 = calib.validation_confidence_quantiles
     med = float(np.median(scores))
-    return {"median_confidence": med, "validation_median_confidence": q50, "validation_p5_confidence": q5,
-            "fraction_below_validation_p5": float(np.mean(scores < q5)), "transfers": med >= q5}
+    below5 = float(np.mean(scores < q5))
+    return {"median_confidence": med, "validation_median_confidence": q50, "validation_p25_confidence": q25,
+            "validation_p5_confidence": q5, "fraction_below_validation_p25": float(np.mean(scores < q25)),
+            "fraction_below_validation_p5": below5, "transfers": bool(med >= q25 and below5 <= 0.2)}
 
 
 def _top_k_star(result, mats: np.ndarray, prob: np.ndarray, shifts_angstrom):
@@ -153,9 +158,10 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
     p["rlnCpmlExpectedErrorDeg"] = expected
     bad = [r for r, v in runs.items() if v.get("transfers") is False]
     if bad:
-        msg = (f"the model does not seem to transfer to these particles: their median confidence is below the "
-               f"5th percentile of its validation particles ({', '.join(bad)}). Poses are likely unreliable "
-               "(another protein, pixel size or preprocessing?)")
+        msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "
+               "confident than its held-out validation particles (median below the validation 25th percentile, "
+               "or over 20% below its 5th). Poses are likely unreliable (another protein, another pixel size or "
+               "preprocessing, much lower SNR?)")
         if strict:
             raise InputError(msg, particles)
         log.warning("WARNING: %s", msg)

@@ -333,15 +333,17 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
             _plot_curves(state["rows"], outdir / "curves.png")
         ddp.barrier()
 
-    # Calibrate the best model on the validation particles: fit on one half, score on the other,
-    # then fit the final map on all of them.
+    # Calibrate the best model on the validation particles (the final map is fitted on all of them).
     core.load_state_dict(load_file(str(outdir / "weights.safetensors"), device=str(device)))
     pred = _predict(core, val_imgs, device)
     score = pred["confidence"].double().numpy()
     err = symmetric_distance_deg(pred["matrix"].double().numpy(), A[val_idx], cfg.sym)
-    rng = np.random.default_rng(cfg.seed)
-    half = rng.permutation(len(err)) < len(err) // 2
-    ece = expected_calibration_error(fit_calibration(score[half], err[half]).expected_error(score[~half]), err[~half])
+    # ECE cross-fitted: each fold's expected errors come from a calibration fitted on the others
+    fold = np.random.default_rng(cfg.seed).permutation(len(err)) % 5
+    out_of_fold = np.empty(len(err))
+    for f in range(5):
+        out_of_fold[fold == f] = fit_calibration(score[fold != f], err[fold != f]).expected_error(score[fold == f])
+    ece = expected_calibration_error(out_of_fold, err)
     calib = fit_calibration(score, err)
     shift_err = np.linalg.norm(pred["shift_px"].numpy() - origins[val_idx], axis=1)
     return {

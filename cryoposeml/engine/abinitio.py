@@ -1,0 +1,305 @@
+"""``cryoposeml abinitio``: unsupervised amortized reconstruction (cryoPoseNet / cryoAI).
+
+An encoder maps each particle image to a pose (s2s2 rotation) and a shift; a decoder holds the
+volume and renders the central slice at that pose; the loss compares the rendered slice, times
+the particle's CTF and shift phase, with the particle's spectrum. Nothing is known about the poses
+beforehand: the encoder and the volume are learned together from random initialisation.
+
+Encoders: ``cnn`` (a Gaussian pyramid -- the image plus blurred copies -- into a VGG/GeM CNN, 6D
+head) or ``equivariant`` (the escnn D4 network of :mod:`cryoposeml.models.equivariant`).
+Decoders: ``voxel`` (explicit volume) or ``fouriernet`` (SIREN), see :mod:`cryoposeml.models.decoders`.
+Losses: ``l2``; ``symmetric`` (cryoAI: the smaller of the losses of the image and of its copy
+turned by 180 degrees, each encoded separately -- it lets the encoder escape the in-plane
+pi-ambiguity of projections); ``mirror`` (the same over the image, its 180-degree turn and its
+two mirrors). With the D4 encoder the copies' losses are equal by construction, so ``l2`` is
+enough (seed 004). Frequency marching grows the compared band from 1/4 of Nyquist to Nyquist
+over the first half of training.
+
+The folder: ``abinitio.json`` (written last), ``poses.star`` (the input particles with the
+predicted poses), ``map.mrc`` (reconstructed from them, at the input box), ``decoder_map.mrc``
+(the decoder's own volume), ``metrics.csv``, ``curves.png``, ``weights.safetensors``,
+``checkpoint.pt`` (``--resume``). With ``--reference`` (a STAR with the true poses, e.g.
+``ground_truth.star`` from ``simulate``) every epoch logs seed 004's pose error after the best
+global alignment (MSE / MedSE of ``||R - R_true||_F^2``), and with ``--reference-map`` the final
+FSC against the true map.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..core.ctf import ctf_2d
+from ..core.errors import InputError
+from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
+from ..core.inplane import D4, transform_images
+from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
+from ..data.dataset import ParticleDataset
+from ..data.mrc import read_map, write_map
+from ..data.preprocess import rescale
+from ..data.star import read_star, write_star
+from ..models import PoseNetConfig, build_model
+from ..models.decoders import DECODERS, build_decoder
+from ._outputs import stamp, write_json
+from .reconstruct import reconstruct_star
+from .train import resolve_device
+
+__all__ = ["AbinitioConfig", "abinitio", "ENCODERS", "LOSSES"]
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("cnn", "equivariant")
+LOSSES = ("l2", "symmetric", "mirror")
+#: in-plane copies compared by each loss (indices into core.inplane.D4: 0 identity, 2 = 180-degree
+#: turn, 4 = mirror in x, 6 = mirror in y)
+_COPIES = {"l2": (0,), "symmetric": (0, 2), "mirror": (0, 2, 4, 6)}
+#: converged: median pose error under ~10 degrees (||R - R'||_F^2 = 8 sin^2(theta / 2))
+CONVERGED_MEDSE = 8 * np.sin(np.radians(10) / 2) ** 2
+
+
+@dataclass
+class AbinitioConfig:
+    encoder: str = "equivariant"
+    decoder: str = "voxel"
+    loss: str = "l2"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3               # encoder
+    lr_decoder: float = 1e-2
+    box_px: int = 64
+    widths: tuple = (16, 32, 64, 128)
+    frequency_marching: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+
+def _load(star, box_px: int, progress: bool) -> tuple[torch.Tensor, float]:
+    """Images rescaled to ``box_px`` (field of view kept), background mean removed, and one global
+    scale for the whole set (so the decoder sees every particle at the same contrast)."""
+    pixel_out = star.pixel_size_angstrom * star.box / box_px
+    ds = ParticleDataset(star, transform=lambda imgs, idx: rescale(imgs, star.pixel_size_angstrom, pixel_out,
+                                                                   box_px))
+    out = torch.empty(len(ds), box_px, box_px)
+    bar = tqdm(total=len(ds), desc="abinitio: reading", unit="img", disable=not progress)
+    for idx, imgs in ds.batches(512):
+        out[idx] = torch.from_numpy(imgs)
+        bar.update(len(idx))
+    bar.close()
+    k = torch.arange(box_px) - box_px // 2
+    outside = (k[:, None] ** 2 + k[None, :] ** 2) > (box_px / 2 - 2) ** 2
+    out -= out[:, outside].mean(1)[:, None, None]
+    out /= out[: min(len(out), 2048)].std().clamp(min=1e-12)
+    return out, pixel_out
+
+
+class _AbinitioNet(torch.nn.Module):
+    def __init__(self, cfg: AbinitioConfig):
+        super().__init__()
+        family = {"cnn": "sixd", "equivariant": "equivariant"}[cfg.encoder]
+        self.encoder = build_model(PoseNetConfig(family=family, box=cfg.box_px, widths=tuple(cfg.widths),
+                                                 dropout=0.0))
+        self.decoder = build_decoder(cfg.decoder, cfg.box_px)
+
+
+def _render(net, enc_in, ctf):
+    out = net.encoder(enc_in)
+    spec = net.decoder(out["matrix"]) * ctf * shift_phase_2d(-out["shift_px"], enc_in.shape[-1])
+    return spec, out
+
+
+def _losses(net, raw, ctf, copies, band) -> tuple[torch.Tensor, dict]:
+    """Per-particle loss: mean squared spectral difference inside ``band``, smallest over copies."""
+    per_copy = []
+    first = None
+    for c in copies:
+        x = raw if c == 0 else transform_images(raw, D4[c])
+        cc = ctf if c == 0 else transform_images(ctf, D4[c])
+        Y = fft2_centered(x)
+        enc_in = ifft2_centered(Y * torch.sign(cc)).real          # the encoder sees phase-flipped images
+        spec, out = _render(net, enc_in, cc)
+        # divided by N^2 (Parseval): the loss is a per-pixel mean squared error of the band-passed images
+        per_copy.append(((spec - Y).abs() ** 2 * band).sum((-2, -1)) / (band.sum() * Y.shape[-1] ** 2))
+        first = out if first is None else first
+    return torch.stack(per_copy).min(0).values, first
+
+
+@torch.no_grad()
+def _predict_poses(net, images, ctf_fn, device, batch: int = 256):
+    net.eval()
+    mats, shifts = [], []
+    for s in range(0, len(images), batch):
+        x = images[s:s + batch].to(device)
+        ctf = ctf_fn(np.arange(s, min(len(images), s + batch))).to(device)
+        enc_in = ifft2_centered(fft2_centered(x) * torch.sign(ctf)).real
+        o = net.encoder(enc_in)
+        mats.append(o["matrix"].double().cpu())
+        shifts.append(o["shift_px"].double().cpu())
+    net.train()
+    return torch.cat(mats).numpy(), torch.cat(shifts).numpy()
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 2 if "medse" in rows[0] else 1, figsize=(10, 3.8), squeeze=False)
+    ax[0, 0].plot(ep, [r["loss"] for r in rows])
+    ax[0, 0].set_yscale("log")
+    ax[0, 0].set_xlabel("epoch")
+    ax[0, 0].set_ylabel("loss")
+    if "medse" in rows[0]:
+        ax[0, 1].plot(ep, [r["medse"] for r in rows], label="MedSE")
+        ax[0, 1].plot(ep, [r["mse"] for r in rows], label="MSE")
+        ax[0, 1].axhline(CONVERGED_MEDSE, ls=":", c="k", label="converged (10 deg)")
+        ax[0, 1].set_yscale("log")
+        ax[0, 1].set_xlabel("epoch")
+        ax[0, 1].set_ylabel("||R - R_true||_F^2 after alignment")
+        ax[0, 1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=None, resume: bool = False,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    out = Path(out)
+    for name, allowed in (("encoder", ENCODERS), ("decoder", DECODERS), ("loss", LOSSES)):
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
+    if (out / "abinitio.json").exists() and not (overwrite or resume):
+        raise InputError("already holds a finished run; choose another folder, --overwrite or --resume", out)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite or (out / "abinitio.json").exists()):
+        raise InputError("exists and is not empty (an interrupted run? use --resume)", out)
+    if cfg.box_px % 2 or cfg.box_px < 16:
+        raise InputError(f"--box-px must be even and >= 16 (got {cfg.box_px})")
+    star = read_star(particles)
+    if "rlnCpmlJunk" in star.particles:
+        log.info("rlnCpmlJunk present: every particle is used (ab initio does not know the junk)")
+    truth = None
+    if reference is not None:
+        ref = read_star(reference)
+        ref.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "a pose reference")
+        keys = {k: i for i, k in enumerate(ref.image_keys())}
+        missing = [k for k in star.image_keys() if k not in keys]
+        if missing:
+            raise InputError(f"{len(missing)} particles are not in the reference (first: {missing[0]})", reference)
+        truth = ref.matrices()[[keys[k] for k in star.image_keys()]]
+    true_map = None
+    if reference_map is not None:
+        true_map = read_map(reference_map)[0].astype(np.float64)
+        if true_map.shape != (star.box,) * 3:
+            raise InputError(f"the map is {true_map.shape[0]} px, the particles {star.box} px", reference_map)
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images, pixel_out = _load(star, cfg.box_px, progress)
+    n = len(images)
+    has_ctf = star.has_ctf()
+    ctf_params = star.ctf_params() if has_ctf else None
+
+    def ctf_fn(idx):
+        if ctf_params is None:
+            return torch.ones(len(idx), cfg.box_px, cfg.box_px)
+        return ctf_2d(ctf_params.subset(idx), cfg.box_px, pixel_out)
+
+    net = _AbinitioNet(cfg).to(device)
+    opt = torch.optim.Adam([{"params": net.encoder.parameters(), "lr": cfg.lr},
+                            {"params": net.decoder.parameters(), "lr": cfg.lr_decoder}])
+    steps = max(1, n // cfg.batch_size)
+    total = cfg.epochs * steps
+    state = {"epoch": 0, "rows": []}
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        try:
+            saved = torch.load(ckpt, map_location=device, weights_only=True)
+        except Exception as e:
+            raise InputError(f"refused: not a plain checkpoint of tensors ({type(e).__name__}); loading it could "
+                             "run code. Delete it to start over", ckpt) from e
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        state = json.loads(saved["state"])
+    out.mkdir(parents=True, exist_ok=True)
+    kx, ky = frequency_index_2d(cfg.box_px, device=device)
+    radius = torch.sqrt(kx**2 + ky**2)
+    copies = _COPIES[cfg.loss]
+    t0 = time.perf_counter()
+    for epoch in range(state["epoch"], cfg.epochs):
+        t_epoch = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).numpy()
+        losses = []
+        bar = tqdm(range(steps), desc=f"abinitio epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for step in bar:
+            idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            t = (epoch * steps + step) / total
+            r_max = cfg.box_px / 2
+            r = r_max * min(1.0, 0.25 + 1.5 * t) if cfg.frequency_marching else r_max
+            band = (radius <= r).float()
+            loss_i, _ = _losses(net, images[idx].to(device), ctf_fn(idx).to(device), copies, band)
+            loss = loss_i.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.encoder.parameters(), 5.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t_epoch}
+        if truth is not None:
+            sub = np.arange(min(n, 1000))
+            mats, _ = _predict_poses(net, images[sub], lambda i: ctf_fn(sub[i]), device)
+            al = align_poses_globally(mats, truth[sub])
+            row.update(mse=al["mse"], medse=al["medse"], median_deg=al["median_deg"])
+        state["rows"].append(row)
+        state["epoch"] = epoch + 1
+        log.info("epoch %d: loss %.4g%s", epoch + 1, row["loss"],
+                 f", MedSE {row['medse']:.4f} (median {row['median_deg']:.1f} deg)" if "medse" in row else "")
+        tmp = out / "checkpoint.pt.part"
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                    "state": json.dumps(state)}, tmp)
+        tmp.replace(ckpt)
+        with open(out / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(state["rows"][0]))
+            w.writeheader()
+            w.writerows(state["rows"])
+        _plot(state["rows"], out / "curves.png")
+    train_s = time.perf_counter() - t0
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+              str(out / "weights.safetensors"))
+    mats, shifts = _predict_poses(net, images, ctf_fn, device)
+    result = star.copy()
+    result.set_poses(mats, shifts * pixel_out)
+    write_star(result, out / "poses.star")
+    write_map(out / "decoder_map.mrc", net.decoder.volume().cpu().numpy().astype(np.float32), pixel_out)
+    rec = reconstruct_star(result, halves=True, progress=progress)
+    write_map(out / "map.mrc", rec.full.astype(np.float32), star.pixel_size_angstrom)
+    summary = {**stamp(particles=particles, reference=reference, reference_map=reference_map, **asdict(cfg)),
+               "particles": n, "epochs_run": state["epoch"], "train_seconds": train_s,
+               "final_loss": state["rows"][-1]["loss"] if state["rows"] else None}
+    mask = soft_sphere_mask(star.box)
+    freq, curve = rec.half_fsc(mask)
+    summary["half_map_fsc_0143_angstrom"] = resolution_at(freq, curve, 0.143)
+    if truth is not None:
+        al = align_poses_globally(mats, truth)
+        summary["reference"] = {"mse": al["mse"], "medse": al["medse"], "median_deg": al["median_deg"],
+                                "mirrored": al["mirrored"], "converged": al["medse"] < CONVERGED_MEDSE}
+        if true_map is not None:
+            # the map from the aligned poses overlays the true map (right hand, same frame)
+            aligned = star.copy()
+            aligned.set_poses(al["aligned"], shifts * pixel_out)
+            rec_al = reconstruct_star(aligned, progress=False)
+            f, c = fsc(rec_al.full, true_map, star.pixel_size_angstrom, mask)
+            summary["reference"]["fsc_05_vs_map_angstrom"] = resolution_at(f, c, 0.5)
+    write_json(out / "abinitio.json", summary)
+    return summary

@@ -1,0 +1,112 @@
+"""Volume decoders for unsupervised (ab initio) reconstruction: pose -> central slice of a learned
+volume's spectrum (Fourier-slice theorem), in the centred layout of :mod:`cryoposeml.core.fourier`.
+
+``VoxelDecoder`` (cryoPoseNet): an explicit real-space voxel volume, padded 2x and transformed at
+every step, sliced by trilinear interpolation (:func:`cryoposeml.core.projection.sample_slices`),
+so its slices are exactly the projections :class:`~cryoposeml.core.projection.Projector` makes.
+Hermitian symmetry holds because the volume is real.
+
+``FourierNetDecoder`` (cryoAI): an implicit volume, a SIREN from 3D frequency to a complex value,
+``exp(s(k)) * (u(k) + i v(k))`` (the exponential spans the spectrum's dynamic range), made
+Hermitian by construction: ``f(k) = (g(k) + conj(g(-k))) / 2``.
+
+Both return ``(B, N, N)`` complex slices for poses ``A`` ``(B, 3, 3)`` and give the map they hold
+with :meth:`volume` (real space, ``(N, N, N)``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..core.fourier import fftn_centered, frequency_index_2d, ifftn_centered, trilinear_apodization
+from ..core.projection import sample_slices
+
+__all__ = ["VoxelDecoder", "FourierNetDecoder", "build_decoder", "DECODERS"]
+
+DECODERS = ("voxel", "fouriernet")
+
+
+class VoxelDecoder(nn.Module):
+    def __init__(self, box: int, pad: int = 2):
+        super().__init__()
+        self.box, self.pad = box, pad
+        # stored at O(1): a projection sums ~box/2 voxels, so voxels of ~2/box give O(1) images
+        self.voxels = nn.Parameter(torch.zeros(box, box, box))
+        self.scale = 2.0 / box
+
+    def _grid(self) -> torch.Tensor:
+        n, m = self.box, self.box * self.pad
+        lo = m // 2 - n // 2
+        padded = nn.functional.pad(self.voxels * self.scale, (lo, m - lo - n) * 3)
+        spec = fftn_centered(padded)
+        return torch.stack([spec.real, spec.imag])[None]
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        return sample_slices(self._grid(), A, self.box, self.pad)
+
+    @torch.no_grad()
+    def volume(self) -> torch.Tensor:
+        """The map whose projections the slices are: the voxels times the interpolation's
+        apodization (the projector divides a map by it before slicing)."""
+        apod = trilinear_apodization(self.box, self.box * self.pad, dtype=self.voxels.dtype,
+                                     device=self.voxels.device)
+        return self.voxels.detach() * self.scale * apod
+
+
+class _Sine(nn.Module):
+    def __init__(self, n_in: int, n_out: int, w0: float, first: bool):
+        super().__init__()
+        self.lin = nn.Linear(n_in, n_out)
+        self.w0 = w0
+        bound = 1 / n_in if first else math.sqrt(6 / n_in) / w0
+        nn.init.uniform_(self.lin.weight, -bound, bound)
+
+    def forward(self, x):
+        return torch.sin(self.w0 * self.lin(x))
+
+
+class FourierNetDecoder(nn.Module):
+    def __init__(self, box: int, hidden: int = 128, layers: int = 3, w0: float = 30.0):
+        super().__init__()
+        self.box = box
+        mods = [_Sine(3, hidden, w0, True)] + [_Sine(hidden, hidden, 1.0, False) for _ in range(layers - 1)]
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(hidden, 3)            # log-amplitude s, and (u, v)
+        nn.init.zeros_(self.out.bias)
+        nn.init.uniform_(self.out.weight, -1e-3, 1e-3)
+
+    def _g(self, k: torch.Tensor) -> torch.Tensor:
+        o = self.out(self.body(k))
+        return torch.exp(o[..., 0].clamp(max=30)) * torch.complex(o[..., 1], o[..., 2])
+
+    def evaluate(self, k_index: torch.Tensor) -> torch.Tensor:
+        """Complex values at frequencies ``(..., 3)`` in index units (Nyquist = box / 2)."""
+        k = k_index / (self.box / 2)
+        return 0.5 * (self._g(k) + torch.conj(self._g(-k)))
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        kx, ky = frequency_index_2d(self.box, A.dtype, A.device)
+        k = torch.stack([kx, ky, torch.zeros_like(kx)], -1)
+        pts = torch.einsum("bji,yxj->byxi", A, k)                          # A.T @ k
+        inside = (kx**2 + ky**2) < (self.box // 2) ** 2   # strictly: -N/2 has no +N/2 partner on the grid
+        return self.evaluate(pts) * inside
+
+    @torch.no_grad()
+    def volume(self) -> torch.Tensor:
+        n = self.box
+        k = torch.arange(n, dtype=torch.float32, device=self.out.weight.device) - n // 2
+        kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
+        pts = torch.stack([kx, ky, kz], -1)
+        spec = torch.cat([self.evaluate(pts[i:i + 8]) for i in range(0, n, 8)])
+        spec = spec * ((kx**2 + ky**2 + kz**2) < (n // 2) ** 2)
+        return ifftn_centered(spec).real
+
+
+def build_decoder(name: str, box: int) -> nn.Module:
+    if name == "voxel":
+        return VoxelDecoder(box)
+    if name == "fouriernet":
+        return FourierNetDecoder(box)
+    raise ValueError(f"unknown decoder {name!r} (available: {', '.join(DECODERS)})")
