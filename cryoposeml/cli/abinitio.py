@@ -22,20 +22,25 @@ def add_args(p):
     p.add_argument("--lr", type=float, default=d.lr, help="encoder learning rate (default: %(default)s)")
     p.add_argument("--lr-decoder", type=float, default=d.lr_decoder, help="(default: %(default)s)")
     p.add_argument("--box-px", type=int, default=d.box_px, help="working box (default: %(default)s)")
-    p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="encoder widths (default: %(default)s)")
+    p.add_argument("--widths", type=int, nargs="+", default=list(d.widths),
+                   help="encoder widths (default: %(default)s)")
     p.add_argument("--no-frequency-marching", dest="frequency_marching", action="store_false",
                    help="compare all frequencies from the start")
+    p.add_argument("--halves", action="store_true",
+                   help="gold standard: one independent run per rlnRandomSubset (or a random split); half 2 is "
+                        "brought into half 1's frame by the rotation between the two encoders' poses")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--reference", help="STAR with the true poses (metrics only)")
-    p.add_argument("--reference-map", help="the true map (final FSC; needs --reference)")
+    p.add_argument("--reference-map",
+                   help="the true map, a file or a bundled name (final FSC; needs --reference)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
 
 def main(args):
     cfg = AbinitioConfig(encoder=args.encoder, decoder=args.decoder, loss=args.loss, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, lr_decoder=args.lr_decoder, box_px=args.box_px,
-                         widths=tuple(args.widths), frequency_marching=args.frequency_marching, seed=args.seed,
+                         widths=tuple(args.widths), frequency_marching=args.frequency_marching, halves=args.halves, seed=args.seed,
                          device=args.device)
     s = abinitio(args.particles, args.out, cfg, args.reference, args.reference_map, args.resume, args.overwrite,
                  not args.quiet)

@@ -60,6 +60,8 @@ def _jsonable(x):
         return None if not np.isfinite(x) else float(x)
     if isinstance(x, np.integer):
         return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
     if isinstance(x, Path):
         return str(x)
     return x

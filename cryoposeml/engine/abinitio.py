@@ -42,6 +42,7 @@ from ..core.errors import InputError
 from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
 from ..core.inplane import D4, transform_images
 from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
+from ..data.bundled import resolve_map
 from ..data.dataset import ParticleDataset
 from ..data.mrc import read_map, write_map
 from ..data.preprocess import rescale
@@ -49,7 +50,7 @@ from ..data.star import read_star, write_star
 from ..models import PoseNetConfig, build_model
 from ..models.decoders import DECODERS, build_decoder
 from ._outputs import stamp, write_json
-from .reconstruct import reconstruct_star
+from .reconstruct import half_set_labels, reconstruct_star
 from .train import resolve_device
 
 __all__ = ["AbinitioConfig", "abinitio", "ENCODERS", "LOSSES"]
@@ -77,6 +78,7 @@ class AbinitioConfig:
     box_px: int = 64
     widths: tuple = (16, 32, 64, 128)
     frequency_marching: bool = True
+    halves: bool = False           # one independent run per half-set (gold standard)
     seed: int = 0
     device: str = "auto"
 
@@ -197,23 +199,84 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
         truth = ref.matrices()[[keys[k] for k in star.image_keys()]]
     true_map = None
     if reference_map is not None:
+        reference_map = resolve_map(reference_map)
         true_map = read_map(reference_map)[0].astype(np.float64)
         if true_map.shape != (star.box,) * 3:
             raise InputError(f"the map is {true_map.shape[0]} px, the particles {star.box} px", reference_map)
 
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     images, pixel_out = _load(star, cfg.box_px, progress)
     n = len(images)
-    has_ctf = star.has_ctf()
-    ctf_params = star.ctf_params() if has_ctf else None
+    ctf_params = star.ctf_params() if star.has_ctf() else None
 
     def ctf_fn(idx):
         if ctf_params is None:
             return torch.ones(len(idx), cfg.box_px, cfg.box_px)
         return ctf_2d(ctf_params.subset(idx), cfg.box_px, pixel_out)
 
+    summary = {**stamp(particles=particles, reference=reference, reference_map=reference_map, **asdict(cfg)),
+               "particles": n, "runs": {}}
+    if cfg.halves:
+        subset, _ = half_set_labels(star)
+        if len(set(subset.tolist())) < 2 or min((subset == 1).sum(), (subset == 2).sum()) < 2 * cfg.batch_size:
+            raise InputError("--halves needs two half-sets of at least two batches each", particles)
+        groups = {"half1": np.nonzero(subset == 1)[0], "half2": np.nonzero(subset == 2)[0]}
+    else:
+        groups = {"full": np.arange(n)}
+    out.mkdir(parents=True, exist_ok=True)
+    nets = {}
+    for name, idx in groups.items():
+        nets[name], summary["runs"][name] = _run(cfg, images[idx], lambda i, idx=idx: ctf_fn(idx[i]),
+                                                 None if truth is None else truth[idx], device,
+                                                 out / name if cfg.halves else out, resume, progress)
+    mats = np.empty((n, 3, 3))
+    shifts = np.empty((n, 2))
+    for name, idx in groups.items():
+        mats[idx], shifts[idx] = _predict_poses(nets[name], images[idx], lambda i, idx=idx: ctf_fn(idx[i]), device)
+    result = star.copy()
+    if cfg.halves:
+        # Each half lives in the frame (and hand) of its own map. Half 1's encoder also poses the
+        # half-2 particles; the rotation (and hand) between the two pose sets brings half 2 into
+        # half 1's frame. Only these 3 numbers are shared: the half-maps stay independent.
+        idx2 = groups["half2"]
+        cross, _ = _predict_poses(nets["half1"], images[idx2], lambda i: ctf_fn(idx2[i]), device)
+        al = align_poses_globally(mats[idx2], cross)
+        mats[idx2] = al["aligned"]
+        summary["half_alignment"] = {"mirrored": al["mirrored"], "median_deg_between_halves": al["median_deg"]}
+        result.particles["rlnRandomSubset"] = np.where(np.isin(np.arange(n), idx2), 2, 1)
+    result.set_poses(mats, shifts * pixel_out)
+    write_star(result, out / "poses.star")
+    for name, net in nets.items():
+        write_map(out / (f"decoder_map_{name}.mrc" if cfg.halves else "decoder_map.mrc"),
+                  net.decoder.volume().cpu().numpy().astype(np.float32), pixel_out)
+    rec = reconstruct_star(result, halves=True, progress=progress)
+    write_map(out / "map.mrc", rec.full.astype(np.float32), star.pixel_size_angstrom)
+    write_map(out / "half1.mrc", rec.half1.astype(np.float32), star.pixel_size_angstrom)
+    write_map(out / "half2.mrc", rec.half2.astype(np.float32), star.pixel_size_angstrom)
+    mask = soft_sphere_mask(star.box)
+    freq, curve = rec.half_fsc(mask)
+    summary["half_map_fsc_0143_angstrom"] = resolution_at(freq, curve, 0.143)
+    summary["half_maps_independent"] = bool(cfg.halves)
+    if truth is not None:
+        al = align_poses_globally(mats, truth)
+        summary["reference"] = {"mse": al["mse"], "medse": al["medse"], "median_deg": al["median_deg"],
+                                "mirrored": al["mirrored"], "converged": al["medse"] < CONVERGED_MEDSE}
+        if true_map is not None:
+            # the map from the aligned poses overlays the true map (right hand, same frame)
+            aligned = star.copy()
+            aligned.set_poses(al["aligned"], shifts * pixel_out)
+            rec_al = reconstruct_star(aligned, progress=False)
+            f, c = fsc(rec_al.full, true_map, star.pixel_size_angstrom, mask)
+            summary["reference"]["fsc_05_vs_map_angstrom"] = resolution_at(f, c, 0.5)
+    write_json(out / "abinitio.json", summary)
+    return summary
+
+
+def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: bool, progress: bool):
+    """One network trained on ``images``: returns it and its summary (also checkpointed in ``out``)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(images)
     net = _AbinitioNet(cfg).to(device)
     opt = torch.optim.Adam([{"params": net.encoder.parameters(), "lr": cfg.lr},
                             {"params": net.decoder.parameters(), "lr": cfg.lr_decoder}])
@@ -231,16 +294,17 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
         state = json.loads(saved["state"])
+        log.info("resuming %s at epoch %d", out, state["epoch"])
     out.mkdir(parents=True, exist_ok=True)
     kx, ky = frequency_index_2d(cfg.box_px, device=device)
     radius = torch.sqrt(kx**2 + ky**2)
     copies = _COPIES[cfg.loss]
-    t0 = time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, generator=gen).numpy()
         losses = []
-        bar = tqdm(range(steps), desc=f"abinitio epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(steps), desc=f"abinitio {out.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
         for step in bar:
             idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             t = (epoch * steps + step) / total
@@ -262,7 +326,8 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
             row.update(mse=al["mse"], medse=al["medse"], median_deg=al["median_deg"])
         state["rows"].append(row)
         state["epoch"] = epoch + 1
-        log.info("epoch %d: loss %.4g%s", epoch + 1, row["loss"],
+        log.info("%sepoch %d: loss %.4g%s", f"{out.name} " if out.name.startswith("half") else "", epoch + 1,
+                 row["loss"],
                  f", MedSE {row['medse']:.4f} (median {row['median_deg']:.1f} deg)" if "medse" in row else "")
         tmp = out / "checkpoint.pt.part"
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -273,33 +338,14 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
             w.writeheader()
             w.writerows(state["rows"])
         _plot(state["rows"], out / "curves.png")
-    train_s = time.perf_counter() - t0
-
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
               str(out / "weights.safetensors"))
-    mats, shifts = _predict_poses(net, images, ctf_fn, device)
-    result = star.copy()
-    result.set_poses(mats, shifts * pixel_out)
-    write_star(result, out / "poses.star")
-    write_map(out / "decoder_map.mrc", net.decoder.volume().cpu().numpy().astype(np.float32), pixel_out)
-    rec = reconstruct_star(result, halves=True, progress=progress)
-    write_map(out / "map.mrc", rec.full.astype(np.float32), star.pixel_size_angstrom)
-    summary = {**stamp(particles=particles, reference=reference, reference_map=reference_map, **asdict(cfg)),
-               "particles": n, "epochs_run": state["epoch"], "train_seconds": train_s,
-               "final_loss": state["rows"][-1]["loss"] if state["rows"] else None}
-    mask = soft_sphere_mask(star.box)
-    freq, curve = rec.half_fsc(mask)
-    summary["half_map_fsc_0143_angstrom"] = resolution_at(freq, curve, 0.143)
-    if truth is not None:
-        al = align_poses_globally(mats, truth)
-        summary["reference"] = {"mse": al["mse"], "medse": al["medse"], "median_deg": al["median_deg"],
-                                "mirrored": al["mirrored"], "converged": al["medse"] < CONVERGED_MEDSE}
-        if true_map is not None:
-            # the map from the aligned poses overlays the true map (right hand, same frame)
-            aligned = star.copy()
-            aligned.set_poses(al["aligned"], shifts * pixel_out)
-            rec_al = reconstruct_star(aligned, progress=False)
-            f, c = fsc(rec_al.full, true_map, star.pixel_size_angstrom, mask)
-            summary["reference"]["fsc_05_vs_map_angstrom"] = resolution_at(f, c, 0.5)
-    write_json(out / "abinitio.json", summary)
-    return summary
+    rows = state["rows"]
+    run = {"particles": n, "epochs_run": state["epoch"], "train_seconds": float(sum(r["epoch_s"] for r in rows)),
+           "final_loss": rows[-1]["loss"] if rows else None}
+    if rows and "medse" in rows[-1]:
+        conv = [r["epoch"] for r in rows if r["medse"] < CONVERGED_MEDSE]
+        run["first_converged_epoch"] = conv[0] if conv else None
+        run["seconds_to_convergence"] = (float(sum(r["epoch_s"] for r in rows if r["epoch"] <= conv[0]))
+                                         if conv else None)
+    return net, run

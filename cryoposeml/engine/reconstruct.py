@@ -35,7 +35,8 @@ class ReconstructionResult:
         return fsc(self.half1, self.half2, self.pixel_size_angstrom, mask)
 
 
-def _halves(star: ParticleStar) -> tuple[np.ndarray, bool]:
+def half_set_labels(star: ParticleStar) -> tuple[np.ndarray, bool]:
+    """rlnRandomSubset (checked to be 1 or 2), or a fixed random split; the flag says which."""
     subset = star.random_subset()
     if subset is not None:
         bad = ~np.isin(subset, (1, 2))
@@ -63,7 +64,7 @@ def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, 
         weights = star.particles["rlnParticleFigureOfMerit"].to_numpy(np.float64)
         if (weights < 0).any() or not np.isfinite(weights).all():
             raise InputError("rlnParticleFigureOfMerit must be finite and >= 0", star.path)
-    subset, made_up = _halves(star) if halves else (np.ones(len(star), np.int64), False)
+    subset, made_up = half_set_labels(star) if halves else (np.ones(len(star), np.int64), False)
     bps = {k: BackProjector(box, sym, device=device) for k in np.unique(subset)}
     bar = tqdm(total=len(star), desc="reconstruct", unit="img", disable=not progress)
     for idx, images in ds.batches(batch_size):
