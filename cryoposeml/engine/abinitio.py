@@ -25,7 +25,6 @@ FSC against the true map.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..core.ctf import ctf_2d
@@ -49,6 +48,7 @@ from ..data.preprocess import rescale
 from ..data.star import read_star, write_star
 from ..models import PoseNetConfig, build_model
 from ..models.decoders import DECODERS, build_decoder
+from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import stamp, write_json
 from .reconstruct import half_set_labels, reconstruct_star
 from .train import resolve_device
@@ -285,15 +285,7 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
     state = {"epoch": 0, "rows": []}
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
-        try:
-            saved = torch.load(ckpt, map_location=device, weights_only=True)
-        except Exception as e:
-            raise InputError(f"refused: not a plain checkpoint of tensors ({type(e).__name__}); loading it could "
-                             "run code. Delete it to start over", ckpt) from e
-        net.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["generator"])
-        state = json.loads(saved["state"])
+        state = restore(ckpt, device, net, opt, gen)
         log.info("resuming %s at epoch %d", out, state["epoch"])
     out.mkdir(parents=True, exist_ok=True)
     kx, ky = frequency_index_2d(cfg.box_px, device=device)
@@ -329,14 +321,9 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
         log.info("%sepoch %d: loss %.4g%s", f"{out.name} " if out.name.startswith("half") else "", epoch + 1,
                  row["loss"],
                  f", MedSE {row['medse']:.4f} (median {row['median_deg']:.1f} deg)" if "medse" in row else "")
-        tmp = out / "checkpoint.pt.part"
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                    "state": json.dumps(state)}, tmp)
-        tmp.replace(ckpt)
-        with open(out / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(state["rows"][0]))
-            w.writeheader()
-            w.writerows(state["rows"])
+        save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                               "state": json.dumps(state)})
+        write_rows_csv(out / "metrics.csv", state["rows"])
         _plot(state["rows"], out / "curves.png")
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
               str(out / "weights.safetensors"))

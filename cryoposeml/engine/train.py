@@ -8,7 +8,7 @@ data, and one sub-folder per trained network (``full/``, or ``half1/`` + ``half2
 """
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +30,7 @@ from ..data.star import ParticleStar, read_star
 from ..models import PoseNetConfig, build_model
 from ..models.losses import (confidence_regression_loss, grid_cross_entropy, siamese_distance_loss,
                              symmetric_quaternion_loss)
+from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import stamp, write_json
 from .calibration import auroc, expected_calibration_error, fit_calibration
 
@@ -238,16 +239,7 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
     state = {"epoch": 0, "best": float("inf"), "bad_epochs": 0, "rows": [], "micro_batch": cfg.batch_size}
     ckpt = outdir / "checkpoint.pt"
     if resume and ckpt.exists():
-        try:  # weights_only: tensors and plain containers; a pickle that would run code is refused
-            saved = torch.load(ckpt, map_location=device, weights_only=True)
-        except Exception as e:
-            raise InputError(f"refused: not a plain checkpoint of tensors ({type(e).__name__}); loading it could "
-                             "run code. Delete it to start over", ckpt) from e
-        core.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        gen.set_state(saved["generator"])
-        state = {"micro_batch": cfg.batch_size, **json.loads(saved["state"])}
+        state = {"micro_batch": cfg.batch_size, **restore(ckpt, device, core, opt, gen, sched)}
         log.info("resuming %s at epoch %d", outdir.name, state["epoch"])
     if ddp.main:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -270,22 +262,24 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
             x, a, o = images[batch], A_t[batch], o_t[batch]
             if cfg.augment:   # drawn for the whole batch on every rank: the generators stay in step
                 x, a, o = _augment(x, a, o, gen)
-            mine = ddp.shard(np.arange(len(batch)))
-            if len(mine) < 2:
+            if len(batch) < 2 * ddp.world:   # decided from the whole batch: every rank skips it together
                 continue
+            mine = ddp.shard(np.arange(len(batch)))
             beta1 = ((epoch * steps_per_epoch + step + 1) / total) ** 0.5 if cfg.siamese else 1.0
             while True:   # on CUDA out-of-memory: same batch in smaller pieces, gradients accumulated
                 try:
                     opt.zero_grad(set_to_none=True)
                     loss_sum = 0.0
-                    for c in range(0, len(mine), state["micro_batch"]):
-                        part = mine[c:c + state["micro_batch"]]
-                        if len(part) < 2:
-                            continue
-                        loss = _batch_loss(model, core, x[part].to(device), a[part].to(device),
-                                           o[part].to(device), weights_t[batch[part]].to(device), group, cfg,
-                                           net_cfg, beta1, autocast) * (len(part) / len(mine))
-                        loss.backward()
+                    # pieces of at least micro_batch particles (never a lone one: batch norm needs two);
+                    # under DDP gradients are synchronised once, at the last piece
+                    parts = np.array_split(mine, max(1, len(mine) // state["micro_batch"]))
+                    for j, part in enumerate(parts):
+                        sync = ddp.world == 1 or j == len(parts) - 1
+                        with contextlib.nullcontext() if sync else model.no_sync():
+                            loss = _batch_loss(model, core, x[part].to(device), a[part].to(device),
+                                               o[part].to(device), weights_t[batch[part]].to(device), group, cfg,
+                                               net_cfg, beta1, autocast) * (len(part) / len(mine))
+                            loss.backward()
                         loss_sum += float(loss.detach())
                     break
                 except torch.cuda.OutOfMemoryError:
@@ -322,14 +316,10 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
             if improved:
                 save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
                           str(outdir / "weights.safetensors"))
-            tmp = outdir / "checkpoint.pt.part"
-            torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": gen.get_state(), "state": json.dumps(state)}, tmp)
-            tmp.replace(ckpt)
-            with open(outdir / "metrics.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(state["rows"][0]))
-                w.writeheader()
-                w.writerows(state["rows"])
+            save_checkpoint(ckpt, {"model": core.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                   "state": json.dumps(state)})
+            write_rows_csv(outdir / "metrics.csv", state["rows"])
             _plot_curves(state["rows"], outdir / "curves.png")
         ddp.barrier()
 

@@ -1,0 +1,49 @@
+"""Checkpoints and per-epoch logs shared by the training loops (``train``, ``abinitio``)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from ..core.errors import InputError
+
+__all__ = ["load_checkpoint", "restore", "save_checkpoint", "write_rows_csv"]
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    """Load with ``weights_only``: tensors and plain containers. A pickle that would run code is
+    refused with a clear error instead of being executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise InputError(f"refused: not a plain checkpoint of tensors ({type(e).__name__}); loading it could "
+                         "run code. Delete it to start over", path) from e
+
+
+def restore(path: Path, device, model, optimizer, generator: torch.Generator, scheduler=None) -> dict:
+    """Load a checkpoint written with :func:`save_checkpoint` into the training objects; returns
+    the loop's saved ``state`` (a JSON string in the checkpoint, decoded)."""
+    import json
+
+    saved = load_checkpoint(path, device)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    generator.set_state(saved["generator"])
+    return json.loads(saved["state"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write beside, then rename: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".part")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def write_rows_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
