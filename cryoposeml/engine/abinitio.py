@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..core.ctf import ctf_2d
 from ..core.errors import InputError
 from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
-from ..core.inplane import D4, transform_images
+from ..core.inplane import D4, transform_images, transform_poses
 from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
 from ..data.bundled import resolve_map
 from ..data.dataset import ParticleDataset
@@ -117,10 +117,10 @@ def _render(net, enc_in, ctf):
     return spec, out
 
 
-def _losses(net, raw, ctf, copies, band) -> tuple[torch.Tensor, dict]:
-    """Per-particle loss: mean squared spectral difference inside ``band``, smallest over copies."""
-    per_copy = []
-    first = None
+def _copy_losses(net, raw, ctf, copies, band) -> tuple[torch.Tensor, list[dict]]:
+    """Per-copy, per-particle losses ``(len(copies), B)`` -- the mean squared spectral difference
+    inside ``band`` -- and the encoder's outputs for each copy (poses of the transformed image)."""
+    per_copy, outs = [], []
     for c in copies:
         x = raw if c == 0 else transform_images(raw, D4[c])
         cc = ctf if c == 0 else transform_images(ctf, D4[c])
@@ -129,21 +129,32 @@ def _losses(net, raw, ctf, copies, band) -> tuple[torch.Tensor, dict]:
         spec, out = _render(net, enc_in, cc)
         # divided by N^2 (Parseval): the loss is a per-pixel mean squared error of the band-passed images
         per_copy.append(((spec - Y).abs() ** 2 * band).sum((-2, -1)) / (band.sum() * Y.shape[-1] ** 2))
-        first = out if first is None else first
-    return torch.stack(per_copy).min(0).values, first
+        outs.append(out)
+    return torch.stack(per_copy), outs
 
 
 @torch.no_grad()
-def _predict_poses(net, images, ctf_fn, device, batch: int = 256):
+def _predict_poses(net, images, ctf_fn, device, copies=(0,), batch: int = 256):
+    """Poses and origins (px) of ``images``. With several copies (symmetric / mirror losses) each
+    particle takes the copy that the decoder explains best, its pose mapped back to the original
+    image (``A = T3^T A_copy``, ``origin = T^T origin_copy``), as cryoAI does at inference."""
     net.eval()
+    box = images.shape[-1]
+    band = torch.ones(box, box, device=device)
     mats, shifts = [], []
     for s in range(0, len(images), batch):
         x = images[s:s + batch].to(device)
         ctf = ctf_fn(np.arange(s, min(len(images), s + batch))).to(device)
-        enc_in = ifft2_centered(fft2_centered(x) * torch.sign(ctf)).real
-        o = net.encoder(enc_in)
-        mats.append(o["matrix"].double().cpu())
-        shifts.append(o["shift_px"].double().cpu())
+        losses, outs = _copy_losses(net, x, ctf, copies, band)
+        best = losses.argmin(0)
+        A = torch.empty(len(x), 3, 3, device=device)
+        o = torch.empty(len(x), 2, device=device)
+        for j, c in enumerate(copies):
+            sel = best == j
+            back = D4[c].T                                             # the inverse turn / mirror
+            A[sel], o[sel] = transform_poses(outs[j]["matrix"][sel], outs[j]["shift_px"][sel], back)
+        mats.append(A.double().cpu())
+        shifts.append(o.double().cpu())
     net.train()
     return torch.cat(mats).numpy(), torch.cat(shifts).numpy()
 
@@ -232,14 +243,15 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
     mats = np.empty((n, 3, 3))
     shifts = np.empty((n, 2))
     for name, idx in groups.items():
-        mats[idx], shifts[idx] = _predict_poses(nets[name], images[idx], lambda i, idx=idx: ctf_fn(idx[i]), device)
+        mats[idx], shifts[idx] = _predict_poses(nets[name], images[idx], lambda i, idx=idx: ctf_fn(idx[i]), device,
+                                                _COPIES[cfg.loss])
     result = star.copy()
     if cfg.halves:
         # Each half lives in the frame (and hand) of its own map. Half 1's encoder also poses the
         # half-2 particles; the rotation (and hand) between the two pose sets brings half 2 into
         # half 1's frame. Only these 3 numbers are shared: the half-maps stay independent.
         idx2 = groups["half2"]
-        cross, _ = _predict_poses(nets["half1"], images[idx2], lambda i: ctf_fn(idx2[i]), device)
+        cross, _ = _predict_poses(nets["half1"], images[idx2], lambda i: ctf_fn(idx2[i]), device, _COPIES[cfg.loss])
         al = align_poses_globally(mats[idx2], cross)
         mats[idx2] = al["aligned"]
         summary["half_alignment"] = {"mirrored": al["mirrored"], "median_deg_between_halves": al["median_deg"]}
@@ -303,8 +315,8 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
             r_max = cfg.box_px / 2
             r = r_max * min(1.0, 0.25 + 1.5 * t) if cfg.frequency_marching else r_max
             band = (radius <= r).float()
-            loss_i, _ = _losses(net, images[idx].to(device), ctf_fn(idx).to(device), copies, band)
-            loss = loss_i.mean()
+            per_copy, _ = _copy_losses(net, images[idx].to(device), ctf_fn(idx).to(device), copies, band)
+            loss = per_copy.min(0).values.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.encoder.parameters(), 5.0)
@@ -313,7 +325,7 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t_epoch}
         if truth is not None:
             sub = np.arange(min(n, 1000))
-            mats, _ = _predict_poses(net, images[sub], lambda i: ctf_fn(sub[i]), device)
+            mats, _ = _predict_poses(net, images[sub], lambda i: ctf_fn(sub[i]), device, copies)
             al = align_poses_globally(mats, truth[sub])
             row.update(mse=al["mse"], medse=al["medse"], median_deg=al["median_deg"])
         state["rows"].append(row)
