@@ -61,3 +61,17 @@ class ParticleDataset(torch.utils.data.Dataset):
         for s in range(0, len(indices), batch_size):
             idx = indices[s:s + batch_size]
             yield idx, self.read_batch(idx)
+
+    def read_all(self, desc: str = "reading", progress: bool = False, batch_size: int = 512) -> torch.Tensor:
+        """Every (transformed) image in one float32 tensor ``(N, n, n)``, with a progress bar."""
+        from tqdm import tqdm
+
+        out = None
+        bar = tqdm(total=len(self), desc=desc, unit="img", disable=not progress)
+        for idx, imgs in self.batches(batch_size):
+            if out is None:
+                out = torch.empty(len(self), *imgs.shape[1:])
+            out[idx] = torch.from_numpy(imgs)
+            bar.update(len(idx))
+        bar.close()
+        return out

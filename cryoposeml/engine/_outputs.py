@@ -16,7 +16,7 @@ from .. import __version__
 from ..core.errors import InputError
 from ..data._atomic import atomic_path, current_umask
 
-__all__ = ["staged_dir", "check_new_file", "stamp", "write_json"]
+__all__ = ["staged_dir", "check_new_file", "check_run_folder", "stamp", "write_json"]
 
 
 def check_new_file(path, overwrite: bool = False) -> Path:
@@ -25,6 +25,17 @@ def check_new_file(path, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise InputError("already exists; choose another output or pass --overwrite", path)
     return path
+
+
+def check_run_folder(out: Path, marker: str, what: str, resume: bool, overwrite: bool) -> None:
+    """Rules for a resumable run's folder: ``marker`` (written last) means a finished run, refused
+    unless ``--overwrite`` or ``--resume``; other content means an interrupted run, refused unless
+    ``--resume`` (or ``--overwrite``)."""
+    finished = (out / marker).exists()
+    if finished and not (overwrite or resume):
+        raise InputError(f"already holds {what}; choose another folder, --overwrite or --resume", out)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite or finished):
+        raise InputError("exists and is not empty (an interrupted run? use --resume)", out)
 
 
 @contextlib.contextmanager

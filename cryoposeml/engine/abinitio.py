@@ -49,7 +49,7 @@ from ..data.star import read_star, write_star
 from ..models import PoseNetConfig, build_model
 from ..models.decoders import DECODERS, build_decoder
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
-from ._outputs import stamp, write_json
+from ._outputs import check_run_folder, stamp, write_json
 from .reconstruct import half_set_labels, reconstruct_star
 from .train import resolve_device
 
@@ -89,12 +89,7 @@ def _load(star, box_px: int, progress: bool) -> tuple[torch.Tensor, float]:
     pixel_out = star.pixel_size_angstrom * star.box / box_px
     ds = ParticleDataset(star, transform=lambda imgs, idx: rescale(imgs, star.pixel_size_angstrom, pixel_out,
                                                                    box_px))
-    out = torch.empty(len(ds), box_px, box_px)
-    bar = tqdm(total=len(ds), desc="abinitio: reading", unit="img", disable=not progress)
-    for idx, imgs in ds.batches(512):
-        out[idx] = torch.from_numpy(imgs)
-        bar.update(len(idx))
-    bar.close()
+    out = ds.read_all("abinitio: reading", progress)
     k = torch.arange(box_px) - box_px // 2
     outside = (k[:, None] ** 2 + k[None, :] ** 2) > (box_px / 2 - 2) ** 2
     out -= out[:, outside].mean(1)[:, None, None]
@@ -190,10 +185,7 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
     for name, allowed in (("encoder", ENCODERS), ("decoder", DECODERS), ("loss", LOSSES)):
         if getattr(cfg, name) not in allowed:
             raise InputError(f"--{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
-    if (out / "abinitio.json").exists() and not (overwrite or resume):
-        raise InputError("already holds a finished run; choose another folder, --overwrite or --resume", out)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite or (out / "abinitio.json").exists()):
-        raise InputError("exists and is not empty (an interrupted run? use --resume)", out)
+    check_run_folder(out, "abinitio.json", "a finished run", resume, overwrite)
     if cfg.box_px % 2 or cfg.box_px < 16:
         raise InputError(f"--box-px must be even and >= 16 (got {cfg.box_px})")
     star = read_star(particles)

@@ -31,7 +31,7 @@ from ..models import PoseNetConfig, build_model
 from ..models.losses import (confidence_regression_loss, grid_cross_entropy, siamese_distance_loss,
                              symmetric_quaternion_loss)
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
-from ._outputs import stamp, write_json
+from ._outputs import check_run_folder, stamp, write_json
 from .calibration import auroc, expected_calibration_error, fit_calibration
 
 __all__ = ["TrainConfig", "train", "load_model", "preprocessor_for", "resolve_device"]
@@ -96,17 +96,6 @@ def label_weights(star: ParticleStar, column: str, path) -> tuple[np.ndarray, st
     if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise InputError(f"column {column} must hold finite, non-negative confidences (not all zero)", path)
     return w / w.mean(), column
-
-
-def _load_images(star: ParticleStar, prep: Preprocessor, progress: bool) -> torch.Tensor:
-    ds = ParticleDataset(star, transform=prep)
-    out = torch.empty(len(ds), prep.box_out, prep.box_out)
-    bar = tqdm(total=len(ds), desc="train: preprocessing", unit="img", disable=not progress)
-    for idx, imgs in ds.batches(512):
-        out[idx] = torch.from_numpy(imgs)
-        bar.update(len(idx))
-    bar.close()
-    return out
 
 
 def _augment(images, A, origins, gen: torch.Generator):
@@ -352,10 +341,7 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
           progress: bool = True) -> dict:
     """Train (one model, or one per half-set) and write the model folder ``out``."""
     out = Path(out)
-    if (out / "model.json").exists() and not (overwrite or resume):
-        raise InputError("already holds a trained model; choose another folder, --overwrite or --resume", out)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite or (out / "model.json").exists()):
-        raise InputError("exists and is not empty (an interrupted training? use --resume)", out)
+    check_run_folder(out, "model.json", "a trained model", resume, overwrite)
     symmetry_group(cfg.sym)
     ddp = _Distributed(resolve_device(cfg.device))
     ddp.barrier()   # every rank has checked the folder before rank 0 writes into it
@@ -371,7 +357,7 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
         raise InputError(f"only {n} particles: too few to train and validate", particles)
     pixel_out = star.pixel_size_angstrom * star.box / cfg.box_px
     prep = preprocessor_for(star, cfg.box_px, pixel_out)
-    images = _load_images(star, prep, progress)
+    images = ParticleDataset(star, transform=prep).read_all("train: preprocessing", progress)
     A = star.matrices()
     origins = star.shifts_angstrom() / pixel_out
     weights, weight_column = label_weights(star, cfg.label_confidence, particles)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..core.fourier import fftn_centered, frequency_index_2d, ifftn_centered, trilinear_apodization
-from ..core.projection import sample_slices
+from ..core.projection import sample_slices, slice_coordinates
 
 __all__ = ["VoxelDecoder", "FourierNetDecoder", "build_decoder", "DECODERS"]
 
@@ -87,9 +87,8 @@ class FourierNetDecoder(nn.Module):
         return 0.5 * (self._g(k) + torch.conj(self._g(-k)))
 
     def forward(self, A: torch.Tensor) -> torch.Tensor:
+        pts, _ = slice_coordinates(A, self.box, 1)                         # A.T @ k, index units
         kx, ky = frequency_index_2d(self.box, A.dtype, A.device)
-        k = torch.stack([kx, ky, torch.zeros_like(kx)], -1)
-        pts = torch.einsum("bji,yxj->byxi", A, k)                          # A.T @ k
         inside = (kx**2 + ky**2) < (self.box // 2) ** 2   # strictly: -N/2 has no +N/2 partner on the grid
         return self.evaluate(pts) * inside
 

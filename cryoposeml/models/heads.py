@@ -17,14 +17,18 @@ __all__ = ["BinghamHead", "ShiftHead"]
 _TRIL = torch.tril_indices(4, 4)
 
 
+def _mlp(in_features: int, hidden: int, out_features: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.PReLU(hidden), nn.Dropout(dropout),
+                         nn.Linear(hidden, out_features))
+
+
 class BinghamHead(nn.Module):
     """``(B, F)`` features -> dict with ``quaternion`` ``(B, 4)`` (x, y, z, w), ``matrix``
     ``(B, 3, 3)``, ``dispersion`` ``(B, 3)`` and ``confidence`` ``(B,)`` = log(sum of dispersions)."""
 
     def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.PReLU(hidden), nn.Dropout(dropout),
-                                 nn.Linear(hidden, 10))
+        self.mlp = _mlp(in_features, hidden, 10, dropout)
 
     def forward(self, features: torch.Tensor) -> dict:
         v = self.mlp(features)
@@ -58,8 +62,7 @@ class SixDHead(nn.Module):
 
     def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.PReLU(hidden), nn.Dropout(dropout),
-                                 nn.Linear(hidden, 7))
+        self.mlp = _mlp(in_features, hidden, 7, dropout)
 
     def forward(self, features: torch.Tensor) -> dict:
         from ..core.rotations import matrix_to_quaternion, sixd_to_matrix
