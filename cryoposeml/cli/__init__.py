@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 
-COMMANDS = ["simulate", "train", "predict", "reconstruct", "evaluate", "abinitio", "demo"]
+COMMANDS = ["simulate", "train", "predict", "cleanup", "reconstruct", "refine", "evaluate", "abinitio", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

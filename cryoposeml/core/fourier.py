@@ -10,7 +10,7 @@ import torch
 
 __all__ = ["fft2_centered", "ifft2_centered", "fftn_centered", "ifftn_centered", "frequency_index_2d",
            "frequency_grid_2d",
-           "shift_phase_2d", "trilinear_apodization"]
+           "shift_phase_2d", "trilinear_apodization", "lowpass_volume"]
 
 
 def fft2_centered(images: torch.Tensor) -> torch.Tensor:
@@ -66,3 +66,20 @@ def trilinear_apodization(box: int, padded_box: int, dtype=torch.float64, device
     x = (torch.arange(box, dtype=dtype, device=device) - box // 2) / padded_box
     s = torch.sinc(x) ** 2
     return s[:, None, None] * s[None, :, None] * s[None, None, :]
+
+
+def lowpass_volume(volume, pixel_size_angstrom: float, resolution_angstrom: float, edge_shells: float = 2.0):
+    """Low-pass a ``(N, N, N)`` volume (numpy or torch) at ``resolution_angstrom`` with a raised-cosine
+    edge ``edge_shells`` Fourier shells wide (as Relion's ``--ini_high``). Returns the same type."""
+    import numpy as np
+
+    is_np = isinstance(volume, np.ndarray)
+    v = torch.as_tensor(volume, dtype=torch.float64)
+    n = v.shape[0]
+    k = torch.arange(n, dtype=torch.float64) - n // 2
+    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    cutoff = n * pixel_size_angstrom / resolution_angstrom
+    x = ((r - cutoff) / edge_shells + 0.5).clamp(0.0, 1.0)
+    filt = 0.5 * (1.0 + torch.cos(torch.pi * x))
+    out = ifftn_centered(fftn_centered(v) * filt).real.to(torch.float32)
+    return out.numpy() if is_np else out

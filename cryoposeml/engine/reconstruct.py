@@ -18,7 +18,8 @@ from ..data.mrc import write_map
 from ..data.star import ParticleStar, read_star
 from ._outputs import check_new_file, stamp, write_json
 
-__all__ = ["ReconstructionResult", "reconstruct_star", "reconstruct", "half_map_paths"]
+__all__ = ["ReconstructionResult", "reconstruct_star", "reconstruct", "half_map_paths", "half_set_labels",
+           "nested_half_reconstructions"]
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +49,22 @@ def half_set_labels(star: ParticleStar) -> tuple[np.ndarray, bool]:
     return np.where(rng.permutation(len(star)) < len(star) / 2, 1, 2), True
 
 
-def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,
-                     use_ctf: bool = True, regularization: float = 1e-3, batch_size: int = 256,
-                     progress: bool = True, device=None) -> ReconstructionResult:
-    """Reconstruct the particles of ``star`` at their poses (CTF-corrected when it has CTFs)."""
-    angles_A = star.matrices()
-    origins = star.shifts_px()
+def _fom_weights(star: ParticleStar) -> np.ndarray:
+    star.require(["rlnParticleFigureOfMerit"], "--fom-weighting")
+    weights = star.particles["rlnParticleFigureOfMerit"].to_numpy(np.float64)
+    if (weights < 0).any() or not np.isfinite(weights).all():
+        raise InputError("rlnParticleFigureOfMerit must be finite and >= 0", star.path)
+    return weights
+
+
+def _insert_all(star: ParticleStar, bps: dict, subset: np.ndarray, order: np.ndarray, weights, use_ctf: bool,
+                batch_size: int, bar) -> None:
+    """Insert the particles ``order`` (in that order) into ``bps[subset[i]]``, updating ``bar``."""
+    angles_A, origins = star.matrices(), star.shifts_px()
     ds = ParticleDataset(star)
     box, apix = star.box, star.pixel_size_angstrom
-    use_ctf = use_ctf and star.has_ctf()
     ctf = star.ctf_params() if use_ctf else None
-    weights = None
-    if fom_weighting:
-        star.require(["rlnParticleFigureOfMerit"], "--fom-weighting")
-        weights = star.particles["rlnParticleFigureOfMerit"].to_numpy(np.float64)
-        if (weights < 0).any() or not np.isfinite(weights).all():
-            raise InputError("rlnParticleFigureOfMerit must be finite and >= 0", star.path)
-    subset, made_up = half_set_labels(star) if halves else (np.ones(len(star), np.int64), False)
-    bps = {k: BackProjector(box, sym, device=device) for k in np.unique(subset)}
-    bar = tqdm(total=len(star), desc="reconstruct", unit="img", disable=not progress)
-    for idx, images in ds.batches(batch_size):
+    for idx, images in ds.batches(batch_size, order):
         c = ctf_2d(ctf.subset(idx), box, apix, dtype=torch.float64) if use_ctf else None
         for k, bp in bps.items():
             sel = subset[idx] == k
@@ -75,7 +72,19 @@ def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, 
                 bp.insert(images[sel], angles_A[idx[sel]], origins[idx[sel]],
                           None if c is None else c[sel], None if weights is None else weights[idx[sel]])
         bar.update(len(idx))
-    bar.close()
+
+
+def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,
+                     use_ctf: bool = True, regularization: float = 1e-3, batch_size: int = 256,
+                     progress: bool = True, device=None) -> ReconstructionResult:
+    """Reconstruct the particles of ``star`` at their poses (CTF-corrected when it has CTFs)."""
+    use_ctf = use_ctf and star.has_ctf()
+    weights = _fom_weights(star) if fom_weighting else None
+    subset, made_up = half_set_labels(star) if halves else (np.ones(len(star), np.int64), False)
+    bps = {k: BackProjector(star.box, sym, device=device) for k in np.unique(subset)}
+    with tqdm(total=len(star), desc="reconstruct", unit="img", disable=not progress) as bar:
+        _insert_all(star, bps, subset, np.arange(len(star)), weights, use_ctf, batch_size, bar)
+    apix = star.pixel_size_angstrom
     info = {"particles": len(star), "sym": sym, "ctf": use_ctf, "fom_weighting": fom_weighting,
             "regularization": regularization}
     if not halves:
@@ -87,6 +96,35 @@ def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, 
     full_bp.merge(bps[2])
     info.update(halves_assigned_randomly=made_up, half_counts=[bps[1].count, bps[2].count])
     return ReconstructionResult(full_bp.reconstruct(regularization), apix, half1, half2, info)
+
+
+def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, sym: str = "C1",
+                                use_ctf: bool = True, regularization: float = 1e-3, batch_size: int = 256,
+                                progress: bool = True, device=None):
+    """Half-maps of nested particle subsets in one pass over the images: for each ``n`` in
+    ``counts`` (increasing), the first ``n`` particles of ``order``. Each half-set (rlnRandomSubset,
+    or a fixed random split) keeps its own accumulator, so the halves stay independent.
+
+    A generator: yields one :class:`ReconstructionResult` per size (``full`` is None), so only one
+    pair of half-maps is held at a time."""
+    counts = sorted(int(c) for c in counts)
+    if not counts or counts[0] < 1 or counts[-1] > len(order):
+        raise ValueError(f"subset sizes must lie in 1..{len(order)}")
+    use_ctf = use_ctf and star.has_ctf()
+    subset, made_up = half_set_labels(star)
+    bps = {k: BackProjector(star.box, sym, device=device) for k in (1, 2)}
+    start = 0
+    with tqdm(total=counts[-1], desc="reconstruct subsets", unit="img", disable=not progress) as bar:
+        for n in counts:
+            if n > start:
+                _insert_all(star, bps, subset, order[start:n], None, use_ctf, batch_size, bar)
+                start = n
+            if min(bps[1].count, bps[2].count) == 0:
+                raise InputError(f"the first {n} particles are all in one half-set; no half-map FSC", star.path)
+            yield ReconstructionResult(None, star.pixel_size_angstrom, bps[1].reconstruct(regularization),
+                                       bps[2].reconstruct(regularization),
+                                       {"particles": n, "half_counts": [bps[1].count, bps[2].count],
+                                        "halves_assigned_randomly": made_up})
 
 
 def half_map_paths(out: Path) -> tuple[Path, Path, Path]:

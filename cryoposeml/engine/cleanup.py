@@ -1,0 +1,227 @@
+"""3D cleanup: drop the particles whose predicted poses are least certain.
+
+Methods
+- ``quantile``: drop the given fraction of most uncertain particles (default 25%).
+- ``max-error``: drop particles whose expected error exceeds a bound (degrees).
+- ``auto``: sweep the fraction kept (100% down to ``min_keep`` in ``step`` steps), reconstruct the
+  two half-maps of each subset (one pass over the images; the half-sets stay independent), and keep
+  the subset with the best half-map FSC-0.143 resolution. Resolutions within ``tie_shells`` Fourier
+  shells of the best count as ties, and ties go to the larger subset.
+
+The score is ``rlnCpmlExpectedErrorDeg`` (smaller is better) unless another column is named; for
+``rlnParticleFigureOfMerit``-like columns larger is better.
+
+Outputs for ``--out KEPT.star``: ``KEPT.star`` (written last), ``KEPT_discarded.star``,
+``KEPT_cleanup.json`` (the sweep and the choice), ``KEPT_cleanup.png`` (resolution vs particles
+kept, FSC curves), and the kept set's ``KEPT_map.mrc`` with half-maps. Particles without
+``rlnRandomSubset`` get a fixed random split, written into both STAR files.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..core.metrics import fsc, resolution_at, soft_sphere_mask
+from ..data._atomic import atomic_path
+from ..data.mrc import write_map
+from ..data.star import ParticleStar, read_star, write_star
+from ._outputs import check_new_file, stamp, write_json
+from .reconstruct import half_map_paths, half_set_labels, nested_half_reconstructions, reconstruct_star
+
+__all__ = ["CleanupConfig", "cleanup", "cleanup_paths", "score_order"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLUMN = "rlnCpmlExpectedErrorDeg"
+LARGER_IS_BETTER = {"rlnParticleFigureOfMerit", "rlnMaxValueProbDistribution", "rlnCpmlPoseProbability",
+                    "rlnLogLikeliContribution"}
+METHODS = ("auto", "quantile", "max-error")
+
+
+@dataclass
+class CleanupConfig:
+    method: str = "auto"
+    quantile: float = 0.25              # quantile: fraction dropped
+    max_error_deg: float | None = None  # max-error: bound on the score
+    column: str = DEFAULT_COLUMN
+    larger_is_better: bool | None = None  # None: from the column name
+    sym: str = "C1"
+    min_keep: float = 0.5               # auto: smallest fraction tried
+    step: float = 0.05                  # auto: step of the fraction kept
+    tie_shells: float = 0.25            # auto: resolutions this close (in Fourier shells) tie
+    regularization: float = 1e-3
+    batch_size: int = 256
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown cleanup method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.method == "quantile" and not 0.0 <= self.quantile < 1.0:
+            raise InputError(f"--quantile must be in [0, 1), got {self.quantile}")
+        if self.method == "max-error" and self.max_error_deg is None:
+            raise InputError("--method max-error needs --max-error DEG")
+        if self.method == "auto":
+            if not 0.0 < self.min_keep <= 1.0:
+                raise InputError(f"--min-keep must be in (0, 1], got {self.min_keep}")
+            if not 0.0 < self.step < 1.0:
+                raise InputError(f"--step must be in (0, 1), got {self.step}")
+            if self.tie_shells < 0:
+                raise InputError(f"--tie-shells must be >= 0, got {self.tie_shells}")
+
+
+def cleanup_paths(out: Path) -> dict[str, Path]:
+    stem = out.with_suffix("")
+    base = stem.parent / stem.name
+    m = Path(f"{base}_map.mrc")
+    h1, h2, _ = half_map_paths(m)
+    return {"kept": out, "discarded": Path(f"{base}_discarded.star"), "summary": Path(f"{base}_cleanup.json"),
+            "plot": Path(f"{base}_cleanup.png"), "map": m, "half1": h1, "half2": h2}
+
+
+def score_order(star: ParticleStar, column: str, larger_is_better: bool | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(order, score, larger_is_better)``: particle indices from most to least certain."""
+    star.require([column], "cleanup (run cryoposeml predict first, or name another --column)")
+    score = star.particles[column].to_numpy(np.float64)
+    bad = ~np.isfinite(score)
+    if bad.any():
+        raise InputError(f"{column} is not a finite number in {int(bad.sum())} row(s) (first: row "
+                         f"{int(np.nonzero(bad)[0][0]) + 1})", star.path)
+    larger = column in LARGER_IS_BETTER if larger_is_better is None else larger_is_better
+    order = np.argsort(-score if larger else score, kind="stable")
+    return order, score, larger
+
+
+def _crossing_shell(freq: np.ndarray, curve: np.ndarray, threshold: float = 0.143) -> float:
+    """Where the FSC first drops below ``threshold``, in (fractional) Fourier shells."""
+    res = resolution_at(freq, curve, threshold)
+    return float(1.0 / res / freq[1])
+
+
+def _plot(path: Path, rows: list[dict], chosen: int, curves: dict, column: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    kept = np.array([r["particles_kept"] for r in rows])
+    res = np.array([r["resolution_fsc0143_angstrom"] for r in rows])
+    a1.plot(kept, res, "o-", color="tab:blue")
+    a1.plot(kept[chosen], res[chosen], "o", ms=12, mfc="none", mec="tab:red", mew=2,
+            label=f"kept {kept[chosen]} ({rows[chosen]['fraction_kept']:.0%}): {res[chosen]:.2f} A")
+    a1.set_xlabel(f"particles kept (most certain first, by {column})")
+    a1.set_ylabel("half-map FSC 0.143 resolution (A)")
+    a1.invert_yaxis()
+    a1.legend()
+    for label, (f, c) in curves.items():
+        a2.plot(f, c, label=label)
+    for t in (0.5, 0.143):
+        a2.axhline(t, color="grey", lw=0.8, ls=":")
+    a2.set_xlabel("spatial frequency (1/A)")
+    a2.set_ylabel("half-map FSC")
+    a2.set_ylim(-0.1, 1.05)
+    a2.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _sizes(cfg: CleanupConfig, n: int, score_sorted: np.ndarray, larger: bool) -> list[int]:
+    if cfg.method == "quantile":
+        return sorted({max(1, int(round(n * (1.0 - cfg.quantile)))), n})
+    if cfg.method == "max-error":
+        x = score_sorted if not larger else -score_sorted
+        bound = cfg.max_error_deg if not larger else -cfg.max_error_deg
+        k = int(np.searchsorted(x, bound, side="right"))
+        if k == 0:
+            raise InputError(f"no particle has {cfg.column} within {cfg.max_error_deg}; nothing would be kept")
+        return sorted({k, n})
+    fractions = np.arange(1.0, cfg.min_keep - 1e-9, -cfg.step)
+    return sorted({max(1, int(round(n * f))) for f in fractions})
+
+
+def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = False, progress: bool = True,
+            device=None) -> dict:
+    """``cryoposeml cleanup``. Returns the summary written to ``KEPT_cleanup.json``."""
+    cfg = cfg or CleanupConfig()
+    cfg.check()
+    out = Path(out)
+    if out.suffix != ".star":
+        raise InputError("the output must be a .star file", out)
+    paths = cleanup_paths(out)
+    for p in paths.values():
+        check_new_file(p, overwrite)
+    star = read_star(particles).copy()
+    if not star.has_poses():
+        raise InputError("the particles have no poses (rlnAngleRot/Tilt/Psi); run cryoposeml predict first",
+                         star.path)
+    subset, made_up = half_set_labels(star)
+    if made_up:
+        log.warning("%s has no rlnRandomSubset: assigning a fixed random split (written to the outputs)",
+                    star.path)
+        star.particles["rlnRandomSubset"] = subset
+    order, score, larger = score_order(star, cfg.column, cfg.larger_is_better)
+    n = len(star)
+    sizes = _sizes(cfg, n, score[order], larger)
+
+    mask = soft_sphere_mask(star.box)
+    rows, curves_all = [], {}
+    for res in nested_half_reconstructions(star, order, sizes, cfg.sym, regularization=cfg.regularization,
+                                           batch_size=cfg.batch_size, progress=progress, device=device):
+        freq, curve = fsc(res.half1, res.half2, res.pixel_size_angstrom, mask)
+        k = res.info["particles"]
+        rows.append({"particles_kept": k, "fraction_kept": k / n, "score_threshold": float(score[order[k - 1]]),
+                     "half_counts": res.info["half_counts"],
+                     "resolution_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
+                     "resolution_fsc05_angstrom": resolution_at(freq, curve, 0.5),
+                     "crossing_shell_0143": _crossing_shell(freq, curve)})
+        curves_all[k] = (freq, curve)
+
+    if cfg.method == "auto":
+        shells = np.array([r["crossing_shell_0143"] for r in rows])
+        ties = np.nonzero(shells >= shells.max() - cfg.tie_shells)[0]
+        chosen = int(ties[np.argmax([rows[i]["particles_kept"] for i in ties])])
+    else:
+        chosen = 0  # the smaller size is the kept set (the other is all particles, for comparison)
+    n_keep = rows[chosen]["particles_kept"]
+    keep = np.zeros(n, bool)
+    keep[order[:n_keep]] = True
+
+    kept_star = ParticleStar(star.particles[keep].reset_index(drop=True), star.optics, star.path,
+                             star.other_blocks)
+    rec = reconstruct_star(kept_star, cfg.sym, halves=True, regularization=cfg.regularization,
+                           batch_size=cfg.batch_size, progress=progress, device=device)
+    freq, curve = rec.half_fsc(mask)
+    everything = rows[-1]
+    summary = {
+        **stamp(particles=particles, **asdict(cfg)),
+        "column": cfg.column, "larger_is_better": larger,
+        "particles_in": n, "particles_kept": int(n_keep), "particles_discarded": int(n - n_keep),
+        "fraction_kept": n_keep / n, "score_threshold": rows[chosen]["score_threshold"],
+        "halves_assigned_randomly": made_up,
+        "resolution_all_fsc0143_angstrom": everything["resolution_fsc0143_angstrom"],
+        "resolution_kept_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
+        "resolution_kept_fsc05_angstrom": resolution_at(freq, curve, 0.5),
+        "fsc_frequency_per_angstrom": freq, "fsc_kept": curve,
+        "sweep": rows, "chosen_index": chosen,
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
+    curves = {f"all {n}": curves_all[n]}
+    if n_keep != n:
+        curves[f"kept {n_keep}"] = (freq, curve)
+    _plot(paths["plot"], rows, chosen, curves, cfg.column)
+    write_map(paths["half1"], rec.half1, rec.pixel_size_angstrom)
+    write_map(paths["half2"], rec.half2, rec.pixel_size_angstrom)
+    write_map(paths["map"], rec.full, rec.pixel_size_angstrom)
+    if n_keep < n:
+        write_star(ParticleStar(star.particles[~keep].reset_index(drop=True), star.optics, star.path,
+                                star.other_blocks), paths["discarded"])
+    else:
+        del summary["outputs"]["discarded"]
+    write_json(paths["summary"], summary)
+    write_star(kept_star, paths["kept"])
+    return summary

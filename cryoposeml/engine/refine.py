@@ -1,0 +1,289 @@
+"""The Relion handoff: a local auto-refinement started from predicted poses.
+
+What a user would do by hand, made reproducible:
+
+1. Copy the particles into ``OUT/input.star`` with the prior columns Relion centres its local
+   searches on (``rlnAngleRot/Tilt/PsiPrior``, ``rlnOriginX/YPriorAngst`` = the predicted pose).
+   With ``priors=False`` the predicted poses are only the starting point (Relion then centres each
+   iteration on the pose of the previous one).
+2. Build the starting reference: the reconstruction from the predicted poses (CTF-corrected),
+   low-passed at ``lowpass`` Angstrom (default: its own half-map FSC-0.143 resolution, and no
+   finer than 10 A), written as ``OUT/reference.mrc`` and passed with ``--ini_high``.
+3. Choose the search from the predicted errors (``rlnCpmlExpectedErrorDeg``):
+   ``sigma_ang`` = the 75th percentile of the expected geodesic error / 1.6 (a geodesic error of an
+   isotropic Gaussian rotation of per-angle s.d. s averages 1.6 s), within [0.5, 30] deg; the
+   HEALPix order is the coarsest whose step is at most ``sigma_ang`` (at least 2), used for both
+   ``--healpix_order`` and ``--auto_local_healpix_order`` so searches are local from iteration 1.
+4. Run ``mpirun -n 3 relion_refine_mpi --auto_refine --split_random_halves`` in ``OUT`` (output
+   ``OUT/relion/run*``), streaming Relion's output to the terminal and ``OUT/relion.log``.
+5. Parse Relion's final map, half-maps, resolution and poses: ``OUT/refined.star`` (Relion's
+   poses, with the input's extra columns restored if Relion dropped them), ``OUT/map.mrc``,
+   ``OUT/map_half1.mrc``, ``OUT/map_half2.mrc`` and ``OUT/refine.json`` (written last).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from ..core.errors import InputError
+from ..core.fourier import lowpass_volume
+from ..core.metrics import fsc, resolution_at, soft_sphere_mask
+from ..core.symmetry import symmetry_group
+from ..data.mrc import read_map, write_map
+from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, ParticleStar, read_star, write_star
+from ._outputs import check_run_folder, stamp, write_json
+from .reconstruct import half_set_labels, reconstruct_star
+
+__all__ = ["RefineConfig", "RelionError", "refine", "choose_search", "PRIOR_COLUMNS", "healpix_step_deg"]
+
+log = logging.getLogger(__name__)
+
+PRIOR_COLUMNS = ["rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior",
+                 "rlnOriginXPriorAngst", "rlnOriginYPriorAngst"]
+MARKER = "refine.json"
+
+
+class RelionError(InputError):
+    """Relion is missing or failed; the message carries the end of its log."""
+
+
+@dataclass
+class RefineConfig:
+    sym: str = "C1"
+    reference: str | None = None        # starting map; default: reconstructed from the poses
+    lowpass_angstrom: float | None = None   # default: half-map FSC-0.143 of the predicted poses, >= 10 A
+    sigma_ang: float | None = None      # default: from rlnCpmlExpectedErrorDeg (or 10 deg without it)
+    healpix_order: int | None = None    # default: from sigma_ang
+    offset_range_px: float = 3.0
+    offset_step_px: float = 1.0
+    particle_diameter_angstrom: float | None = None  # default: 90% of the box
+    priors: bool = True
+    mpi_ranks: int = 3
+    threads: int = 1
+    extra_args: str = ""                # appended to the relion_refine command line
+    relion_refine: str = "relion_refine_mpi"
+    mpirun: str = "mpirun"
+
+
+def healpix_step_deg(order: int) -> float:
+    """Angular step of a HEALPix order as Relion reports it (60 deg / 2^order)."""
+    return 60.0 / 2 ** order
+
+
+def choose_search(expected_error_deg: np.ndarray | None) -> dict:
+    """``sigma_ang`` and HEALPix order from the predicted expected errors (see the module doc)."""
+    if expected_error_deg is None or len(expected_error_deg) == 0:
+        sigma, basis = 10.0, "default (no rlnCpmlExpectedErrorDeg)"
+    else:
+        p75 = float(np.percentile(expected_error_deg, 75))
+        sigma, basis = float(np.clip(p75 / 1.6, 0.5, 30.0)), f"75th percentile of the expected error {p75:.2f} deg / 1.6"
+    order = 2
+    while healpix_step_deg(order) > sigma and order < 8:
+        order += 1
+    return {"sigma_ang": sigma, "healpix_order": order, "basis": basis}
+
+
+def _relion_env() -> dict:
+    env = dict(os.environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+    return env
+
+
+def _run_streaming(cmd: list[str], cwd: Path, log_path: Path, progress: bool) -> None:
+    """Run ``cmd`` in ``cwd``; its output goes to ``log_path`` (and the terminal when ``progress``).
+    A non-zero exit raises :class:`RelionError` with the last lines of the log."""
+    tail: deque[str] = deque(maxlen=25)
+    with open(log_path, "w") as logf:
+        logf.write("$ " + shlex.join(cmd) + "\n")
+        logf.flush()
+        try:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=_relion_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
+        except OSError as e:
+            raise RelionError(f"could not start {cmd[0]} ({e})") from e
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                tail.append(line.rstrip("\n"))
+                if progress:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if rc != 0:
+        raise RelionError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}... failed (exit {rc}); last lines of "
+                          f"{log_path}:\n" + "\n".join(tail))
+
+
+def _find_program(name: str, what: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise RelionError(f"{name} not found on PATH: {what} (Debian/Ubuntu: apt-get install relion openmpi-bin)")
+    return found
+
+
+def _with_priors(star: ParticleStar, priors: bool) -> ParticleStar:
+    out = star.copy()
+    p = out.particles
+    for c in SHIFT_COLUMNS:
+        if c not in p:
+            p[c] = 0.0
+    if priors:
+        for src, dst in zip(ANGLE_COLUMNS + SHIFT_COLUMNS, PRIOR_COLUMNS):
+            p[dst] = p[src].to_numpy(np.float64)
+    else:
+        out.particles = p.drop(columns=[c for c in PRIOR_COLUMNS if c in p])
+    return out
+
+
+def _restore_columns(refined: pd.DataFrame, given: pd.DataFrame, refined_path: Path, given_path: Path) -> pd.DataFrame:
+    """Relion keeps rows in input order; add back any input column it dropped."""
+    lost = [c for c in given.columns if c not in refined.columns]
+    if not lost:
+        return refined
+    if len(refined) != len(given):
+        raise RelionError(f"Relion returned {len(refined)} particles for {len(given)} given", refined_path)
+    key_r = refined["rlnImageName"].map(lambda s: s.split("@")[0].lstrip("0") + "@" + os.path.basename(s.split("@")[1]))
+    key_g = given["rlnImageName"].map(lambda s: s.split("@")[0].lstrip("0") + "@" + os.path.basename(s.split("@")[1]))
+    if not (key_r.to_numpy() == key_g.to_numpy()).all():
+        raise RelionError(f"Relion changed the particle order; cannot restore {', '.join(lost)}", refined_path)
+    return refined.assign(**{c: given[c].to_numpy() for c in lost})
+
+
+def _final_resolution(model_star: Path) -> float:
+    blocks = starfile.read(model_star, always_dict=True)
+    general = blocks.get("model_general")
+    if general is None:
+        raise RelionError("no data_model_general block", model_star)
+    row = general if isinstance(general, dict) else general.iloc[0].to_dict()
+    return float(row["rlnCurrentResolution"])
+
+
+def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = False, progress: bool = True,
+           device=None) -> dict:
+    """``cryoposeml refine``: the Relion local refinement from predicted poses. Returns the summary."""
+    cfg = cfg or RefineConfig()
+    out = Path(out)
+    symmetry_group(cfg.sym)  # a clear error for an unknown point group, before anything runs
+    check_run_folder(out, MARKER, "a finished refinement", resume=False, overwrite=overwrite)
+    mpirun = _find_program(cfg.mpirun, "the Relion handoff runs relion_refine_mpi under MPI")
+    relion = _find_program(cfg.relion_refine, "the Relion handoff needs Relion 3.1+")
+    star = read_star(particles)
+    if not star.has_poses():
+        raise InputError("the particles have no poses; run cryoposeml predict first", star.path)
+    if cfg.mpi_ranks < 3:
+        raise InputError("relion_refine_mpi auto-refine needs at least 3 MPI ranks (1 leader + 2 half-sets)")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # 1. particles with priors (and a half-set split Relion will use)
+    given = _with_priors(star, cfg.priors)
+    subset, made_up = half_set_labels(given)
+    if made_up:
+        given.particles["rlnRandomSubset"] = subset
+    input_star = write_star(given, out / "input.star")
+
+    # 2. starting reference
+    apix, box = star.pixel_size_angstrom, star.box
+    ref_info: dict = {}
+    if cfg.reference is None:
+        rec = reconstruct_star(given, cfg.sym, halves=True, progress=progress, device=device)
+        freq, curve = rec.half_fsc(soft_sphere_mask(box))
+        res_pred = resolution_at(freq, curve, 0.143)
+        lowpass = cfg.lowpass_angstrom or max(res_pred, 10.0)
+        ref_map = rec.full
+        ref_info = {"source": "reconstructed from the predicted poses",
+                    "predicted_poses_half_map_fsc0143_angstrom": res_pred}
+    else:
+        ref_map, ref_apix = read_map(cfg.reference)
+        if ref_map.shape != (box, box, box):
+            raise InputError(f"the reference is {ref_map.shape[0]} px, the particles {box} px", cfg.reference)
+        if abs(ref_apix - apix) > 0.01 * apix:
+            raise InputError(f"the reference has {ref_apix:.3f} A/px, the particles {apix:.3f} A/px", cfg.reference)
+        lowpass = cfg.lowpass_angstrom or 15.0
+        ref_info = {"source": str(cfg.reference)}
+    ref_path = write_map(out / "reference.mrc", lowpass_volume(ref_map, apix, lowpass), apix)
+
+    # 3. the search
+    if "rlnCpmlExpectedErrorDeg" in star.particles:
+        search = choose_search(star.particles["rlnCpmlExpectedErrorDeg"].to_numpy(np.float64))
+    else:
+        search = choose_search(None)
+    sigma = cfg.sigma_ang if cfg.sigma_ang is not None else search["sigma_ang"]
+    order = cfg.healpix_order if cfg.healpix_order is not None else search["healpix_order"]
+    if cfg.sigma_ang is not None and cfg.healpix_order is None:
+        order = choose_search(np.array([sigma * 1.6]))["healpix_order"]
+    diameter = cfg.particle_diameter_angstrom or 0.9 * box * apix
+
+    # 4. Relion
+    (out / "relion").mkdir(exist_ok=True)
+    cmd = [mpirun, "--oversubscribe", "-n", str(cfg.mpi_ranks), relion,
+           "--o", "relion/run", "--i", input_star.name, "--ref", ref_path.name,
+           "--auto_refine", "--split_random_halves", "--ini_high", f"{lowpass:.2f}",
+           "--particle_diameter", f"{diameter:.1f}", "--flatten_solvent", "--zero_mask", "--oversampling", "1",
+           "--healpix_order", str(order), "--auto_local_healpix_order", str(order),
+           "--sigma_ang", f"{sigma:.3f}", "--offset_range", f"{cfg.offset_range_px:g}",
+           "--offset_step", f"{cfg.offset_step_px:g}", "--sym", cfg.sym, "--low_resol_join_halves", "40",
+           "--norm", "--scale", "--pad", "2", "--j", str(cfg.threads), "--dont_combine_weights_via_disc",
+           "--pool", "3"]
+    if given.has_ctf():
+        cmd += ["--ctf", "--ctf_corrected_ref"]
+    cmd += shlex.split(cfg.extra_args)
+    t_relion = time.perf_counter()
+    _run_streaming(cmd, out, out / "relion.log", progress)
+    t_relion = time.perf_counter() - t_relion
+
+    # 5. results
+    rel = out / "relion"
+    needed = {"data": rel / "run_data.star", "model": rel / "run_model.star", "map": rel / "run_class001.mrc",
+              "half1": rel / "run_half1_class001_unfil.mrc", "half2": rel / "run_half2_class001_unfil.mrc"}
+    missing = [str(p) for p in needed.values() if not p.exists()]
+    if missing:
+        raise RelionError(f"Relion finished without its final outputs ({', '.join(missing)}); see {out / 'relion.log'}")
+    refined = read_star(needed["data"])
+    refined.particles = _restore_columns(refined.particles, given.particles, needed["data"], input_star)
+    refined_path = write_star(refined, out / "refined.star")
+    h1, h2 = read_map(needed["half1"])[0], read_map(needed["half2"])[0]
+    freq, curve = fsc(h1, h2, apix, soft_sphere_mask(box))
+    for name in ("map", "half1", "half2"):
+        shutil.copyfile(needed[name], out / {"map": "map.mrc", "half1": "map_half1.mrc", "half2": "map_half2.mrc"}[name])
+    moved = np.degrees(np.arccos(np.clip((np.trace(np.einsum("nji,njk->nik", star.matrices(), refined.matrices()),
+                                                   axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    summary = {
+        **stamp(particles=particles, **asdict(cfg)),
+        "particles": len(star), "halves_assigned_randomly": made_up, "priors": cfg.priors,
+        "reference": {**ref_info, "lowpass_angstrom": lowpass, "path": str(ref_path)},
+        "search": {"sigma_ang_deg": sigma, "healpix_order": order, "healpix_step_deg": healpix_step_deg(order),
+                   "offset_range_px": cfg.offset_range_px, "offset_step_px": cfg.offset_step_px,
+                   "chosen_from": search["basis"] if cfg.sigma_ang is None else "--sigma-ang"},
+        "relion_command": shlex.join(cmd),
+        "relion_resolution_angstrom": _final_resolution(needed["model"]),
+        "half_map_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
+        "half_map_fsc05_angstrom": resolution_at(freq, curve, 0.5),
+        "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
+        "pose_change_median_deg": float(np.median(moved)),
+        "relion_seconds": t_relion, "total_seconds": time.perf_counter() - t_start,
+        "outputs": {"particles": str(refined_path), "map": str(out / "map.mrc"),
+                    "half1": str(out / "map_half1.mrc"), "half2": str(out / "map_half2.mrc")},
+    }
+    write_json(out / MARKER, summary)
+    return summary
