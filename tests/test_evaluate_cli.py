@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from scipy.spatial.transform import Rotation
 
 from cryoposeml.core.symmetry import symmetry_group
@@ -70,20 +71,25 @@ def test_evaluate_with_map(sim_noise_free_ctf, tmp_path):
     assert m["pcc_vs_reference"] > 0.99 and m["pcc_half_maps"] > 0.99
 
 
+@pytest.mark.slow
 def test_demo_runs(tmp_path):
-    r = cli("demo", "--out", tmp_path / "demo", "--n", 400)
-    assert r.returncode == 0, r.stderr
-    report = (tmp_path / "demo" / "report.md").read_text()
-    true_row = [l for l in report.splitlines() if l.startswith("| true poses")][0]
-    assert "| 0.00 |" in true_row
-    rows = {}
-    for name in ("true", "perturbed"):
-        rows[name] = json.loads((tmp_path / "demo" / "evaluation" / f"{name}.json").read_text())
-    assert rows["perturbed"]["poses"]["median_deg"] > 2
-    assert (rows["perturbed"]["maps"]["resolution_vs_reference_fsc05_angstrom"]
-            > rows["true"]["maps"]["resolution_vs_reference_fsc05_angstrom"])
-    # a second run never silently overwrites the first
-    again = cli("demo", "--out", tmp_path / "demo", "--n", 400)
+    """The whole pipeline, tiny (a model trained for 2 epochs predicts little): every stage runs, the
+    report's numbers are the evaluations', and a second run never overwrites the first."""
+    args = ["demo", "--out", tmp_path / "demo", "--n-train", 600, "--n", 300, "--epochs", 2]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = tmp_path / "demo"
+    report = (d / "report.md").read_text()
+    for name, label in [("predicted", "predicted (all particles)"), ("cleanup", "after cleanup"),
+                        ("refined", "after Relion local refinement")]:
+        ev = json.loads((d / "evaluation" / f"{name}.json").read_text())
+        row = [l for l in report.splitlines() if l.startswith(f"| {label} |")][0].split("|")
+        assert float(row[3]) == pytest.approx(ev["poses"]["median_deg"], abs=0.006)
+        assert float(row[6]) == pytest.approx(ev["maps"]["resolution_half_maps_fsc0143_angstrom"], abs=0.006)
+    kept, gone = read_star(d / "cleanup" / "kept.star"), d / "cleanup" / "kept_discarded.star"
+    assert len(kept) + (len(read_star(gone)) if gone.exists() else 0) == 300
+    assert len(read_star(d / "refine" / "refined.star")) == len(kept)
+    again = cli(*args)
     assert again.returncode == 1 and "already exists" in again.stderr
 
 

@@ -46,7 +46,8 @@ from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, ParticleStar, read_star, w
 from ._outputs import check_run_folder, stamp, write_json
 from .reconstruct import half_set_labels, reconstruct_star
 
-__all__ = ["RefineConfig", "RelionError", "refine", "choose_search", "PRIOR_COLUMNS", "healpix_step_deg"]
+__all__ = ["RefineConfig", "RelionError", "refine", "choose_search", "autorefine_command", "run_relion",
+           "find_program", "final_resolution", "PRIOR_COLUMNS", "healpix_step_deg"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,33 @@ def _relion_env() -> dict:
     return env
 
 
-def _run_streaming(cmd: list[str], cwd: Path, log_path: Path, progress: bool) -> None:
+def autorefine_command(input_star: str, reference: str, output_root: str, sym: str, ini_high: float,
+                       particle_diameter: float, ctf: bool, healpix_order: int = 2, local_order: int = 4,
+                       sigma_ang: float | None = None, offset_range_px: float = 5.0, offset_step_px: float = 1.0,
+                       mpi_ranks: int = 3, threads: int = 1, extra_args: str = "", mpirun: str = "mpirun",
+                       relion_refine: str = "relion_refine_mpi") -> list[str]:
+    """The ``mpirun ... relion_refine_mpi --auto_refine --split_random_halves`` command line.
+
+    Global searches start at ``healpix_order`` and turn local at ``local_order`` (Relion's
+    default 4); ``local_order == healpix_order`` with ``sigma_ang`` gives local searches from the
+    first iteration. A plain (not CTF-corrupted) reference needs ``--ctf_corrected_ref``, which
+    is always the case here."""
+    cmd = [mpirun, "--oversubscribe", "-n", str(mpi_ranks), relion_refine,
+           "--o", output_root, "--i", input_star, "--ref", reference,
+           "--auto_refine", "--split_random_halves", "--ini_high", f"{ini_high:.2f}",
+           "--particle_diameter", f"{particle_diameter:.1f}", "--flatten_solvent", "--zero_mask",
+           "--oversampling", "1", "--healpix_order", str(healpix_order), "--auto_local_healpix_order", str(local_order),
+           "--offset_range", f"{offset_range_px:g}", "--offset_step", f"{offset_step_px:g}", "--sym", sym,
+           "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2", "--j", str(threads),
+           "--dont_combine_weights_via_disc", "--pool", "3"]
+    if sigma_ang is not None:
+        cmd += ["--sigma_ang", f"{sigma_ang:.3f}"]
+    if ctf:
+        cmd += ["--ctf", "--ctf_corrected_ref"]
+    return cmd + shlex.split(extra_args)
+
+
+def run_relion(cmd: list[str], cwd: Path, log_path: Path, progress: bool) -> None:
     """Run ``cmd`` in ``cwd``; its output goes to ``log_path`` (and the terminal when ``progress``).
     A non-zero exit raises :class:`RelionError` with the last lines of the log."""
     tail: deque[str] = deque(maxlen=25)
@@ -132,7 +159,7 @@ def _run_streaming(cmd: list[str], cwd: Path, log_path: Path, progress: bool) ->
                           f"{log_path}:\n" + "\n".join(tail))
 
 
-def _find_program(name: str, what: str) -> str:
+def find_program(name: str, what: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise RelionError(f"{name} not found on PATH: {what} (Debian/Ubuntu: apt-get install relion openmpi-bin)")
@@ -167,7 +194,7 @@ def _restore_columns(refined: pd.DataFrame, given: pd.DataFrame, refined_path: P
     return refined.assign(**{c: given[c].to_numpy() for c in lost})
 
 
-def _final_resolution(model_star: Path) -> float:
+def final_resolution(model_star: Path) -> float:
     blocks = starfile.read(model_star, always_dict=True)
     general = blocks.get("model_general")
     if general is None:
@@ -183,8 +210,8 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
     out = Path(out)
     symmetry_group(cfg.sym)  # a clear error for an unknown point group, before anything runs
     check_run_folder(out, MARKER, "a finished refinement", resume=False, overwrite=overwrite)
-    mpirun = _find_program(cfg.mpirun, "the Relion handoff runs relion_refine_mpi under MPI")
-    relion = _find_program(cfg.relion_refine, "the Relion handoff needs Relion 3.1+")
+    mpirun = find_program(cfg.mpirun, "the Relion handoff runs relion_refine_mpi under MPI")
+    relion = find_program(cfg.relion_refine, "the Relion handoff needs Relion 3.1+")
     star = read_star(particles)
     if not star.has_poses():
         raise InputError("the particles have no poses; run cryoposeml predict first", star.path)
@@ -236,20 +263,13 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
 
     # 4. Relion
     (out / "relion").mkdir(exist_ok=True)
-    cmd = [mpirun, "--oversubscribe", "-n", str(cfg.mpi_ranks), relion,
-           "--o", "relion/run", "--i", input_star.name, "--ref", ref_path.name,
-           "--auto_refine", "--split_random_halves", "--ini_high", f"{lowpass:.2f}",
-           "--particle_diameter", f"{diameter:.1f}", "--flatten_solvent", "--zero_mask", "--oversampling", "1",
-           "--healpix_order", str(order), "--auto_local_healpix_order", str(order),
-           "--sigma_ang", f"{sigma:.3f}", "--offset_range", f"{cfg.offset_range_px:g}",
-           "--offset_step", f"{cfg.offset_step_px:g}", "--sym", cfg.sym, "--low_resol_join_halves", "40",
-           "--norm", "--scale", "--pad", "2", "--j", str(cfg.threads), "--dont_combine_weights_via_disc",
-           "--pool", "3"]
-    if given.has_ctf():
-        cmd += ["--ctf", "--ctf_corrected_ref"]
-    cmd += shlex.split(cfg.extra_args)
+    cmd = autorefine_command(input_star.name, ref_path.name, "relion/run", cfg.sym, lowpass, diameter,
+                             given.has_ctf(), healpix_order=order, local_order=order, sigma_ang=sigma,
+                             offset_range_px=cfg.offset_range_px, offset_step_px=cfg.offset_step_px,
+                             mpi_ranks=cfg.mpi_ranks, threads=cfg.threads, extra_args=cfg.extra_args,
+                             mpirun=mpirun, relion_refine=relion)
     t_relion = time.perf_counter()
-    _run_streaming(cmd, out, out / "relion.log", progress)
+    run_relion(cmd, out, out / "relion.log", progress)
     t_relion = time.perf_counter() - t_relion
 
     # 5. results
@@ -276,7 +296,7 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
                    "offset_range_px": cfg.offset_range_px, "offset_step_px": cfg.offset_step_px,
                    "chosen_from": search["basis"] if cfg.sigma_ang is None else "--sigma-ang"},
         "relion_command": shlex.join(cmd),
-        "relion_resolution_angstrom": _final_resolution(needed["model"]),
+        "relion_resolution_angstrom": final_resolution(needed["model"]),
         "half_map_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
         "half_map_fsc05_angstrom": resolution_at(freq, curve, 0.5),
         "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
