@@ -60,6 +60,8 @@ def main():
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--junk-fraction", type=float, default=0.2)
     ap.add_argument("--skip-global", action="store_true", help="do not run (A)")
+    ap.add_argument("--no-priors-too", action="store_true",
+                    help="also run (B) with the predicted poses as the start only (no prior columns)")
     ap.add_argument("--work", help="keep intermediate files here (default: a temporary folder, removed)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -112,6 +114,18 @@ def main():
         b.update(_maps(r / "map_half1.mrc", r / "map_half2.mrc", r / "map.mrc", true_map, apix))
         result["B"] = b
         print(json.dumps({"B": b}), flush=True)
+        if args.no_priors_too:
+            # The same handoff with the predicted poses only as the start (no prior columns): Relion
+            # then centres each iteration on the previous pose instead of the network's.
+            rf = refine(work / "B" / "kept.star", work / "B" / "refine_np", RefineConfig(priors=False), progress=False)
+            r = work / "B" / "refine_np"
+            bn = {"refine_s": rf["total_seconds"], "relion_s": rf["relion_seconds"],
+                  "wall_s": b["predict_s"] + b["cleanup_s"] + rf["total_seconds"],
+                  "median_deg": _pose_error(r / "refined.star", truth),
+                  "relion_resolution_A": rf["relion_resolution_angstrom"],
+                  **_maps(r / "map_half1.mrc", r / "map_half2.mrc", r / "map.mrc", true_map, apix)}
+            result["B_no_priors"] = bn
+            print(json.dumps({"B_no_priors": bn}), flush=True)
 
         # (A) Relion global auto-refine from the true map low-passed to 30 A
         if not args.skip_global:
@@ -141,7 +155,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_refine.json").write_text(json.dumps(result, indent=2, default=float))
     print("run | wall clock (min) | half-map FSC 0.143 (A) | Relion resolution (A) | FSC 0.5 vs true (A) | median error (deg)")
-    for k in ("A", "B"):
+    for k in ("A", "B", "B_no_priors"):
         if k in result:
             r = result[k]
             print(f"{k} | {r['wall_s'] / 60:.1f} | {r['half_map_fsc0143_A']:.2f} | {r['relion_resolution_A']:.2f} | "

@@ -133,3 +133,8 @@ def test_refine_reports_a_missing_relion(perturbed, tmp_path):
     with pytest.raises(InputError, match="relion_refine_nonexistent not found"):
         refine(star, tmp_path / "r", RefineConfig(relion_refine="relion_refine_nonexistent"), progress=False)
     assert not (tmp_path / "r").exists()
+    # Relion failing: its own error message reaches the user, and no result looks complete.
+    r = cli("refine", "--particles", star, "--out", tmp_path / "bad", "--relion-args", "--particle_diameter abc")
+    assert r.returncode == 1
+    assert "relion_refine_mpi failed" in r.stderr and "textToFloat" in r.stderr
+    assert not (tmp_path / "bad" / "refine.json").exists() and not (tmp_path / "bad" / "refined.star").exists()

@@ -155,8 +155,8 @@ def run_relion(cmd: list[str], cwd: Path, log_path: Path, progress: bool) -> Non
             proc.wait()
             raise
     if rc != 0:
-        raise RelionError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}... failed (exit {rc}); last lines of "
-                          f"{log_path}:\n" + "\n".join(tail))
+        name = next((Path(c).name for c in cmd if Path(c).name.startswith("relion_")), Path(cmd[0]).name)
+        raise RelionError(f"{name} failed (exit {rc}); the last lines of {log_path}:\n" + "\n".join(tail))
 
 
 def find_program(name: str, what: str) -> str:
