@@ -117,9 +117,10 @@ def test_relion_local_refinement_improves_the_poses(perturbed):
               "rlnOriginYPriorAngst", "rlnCpmlExpectedErrorDeg"]:
         np.testing.assert_allclose(relion_data[c].to_numpy(), given[c].to_numpy(), atol=1e-3, err_msg=c)
     np.testing.assert_allclose(given["rlnAngleTiltPrior"], read_star(star).particles["rlnAngleTilt"], atol=1e-4)
-    # The search follows the predicted errors: 75th percentile of U(4, 10) = 8.5 deg -> sigma 5.3 deg.
-    assert 4.5 < s["search"]["sigma_ang_deg"] < 6.0 and s["search"]["healpix_order"] == 4
-    assert "--sigma_ang" in s["relion_command"] and "--auto_local_healpix_order 4" in s["relion_command"]
+    # The search follows the predicted errors: 75th percentile of U(4, 10) = 8.5 deg -> sigma 5.3 deg,
+    # sampled at 1.9 deg (order 5: the coarsest step under sigma / 2).
+    assert 4.5 < s["search"]["sigma_ang_deg"] < 6.0 and s["search"]["healpix_order"] == 5
+    assert "--sigma_ang" in s["relion_command"] and "--auto_local_healpix_order 5" in s["relion_command"]
     assert s["half_map_fsc0143_angstrom"] < 6.0
     for f in ("map.mrc", "map_half1.mrc", "map_half2.mrc", "reference.mrc"):
         assert (d / "refine" / f).stat().st_size > 64 ** 3 * 4

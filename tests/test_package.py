@@ -50,6 +50,26 @@ def test_protocols_conf_parses():
         assert {s["text"] for s in tree} == {"3D", "Particles"}
 
 
+def _protocols_named(node):
+    if node.get("tag") == "protocol":
+        yield node["value"]
+    for child in node.get("children", []):
+        yield from _protocols_named(child)
+
+
+def test_protocols_conf_names_existing_protocols():
+    pytest.importorskip("pwem")
+    from pwem import Domain
+
+    cp = configparser.ConfigParser()
+    cp.optionxform = str
+    cp.read(ROOT / "cryoposeml" / "protocols.conf")
+    named = {n for section in json.loads(cp["PROTOCOLS"]["Protocols SPA"]) for n in _protocols_named(section)}
+    ours = {k for k in Domain.getProtocols() if k.startswith("CryoPoseML")}
+    assert named == ours == {"CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
+                             "CryoPoseMLProtLocalRefine"}
+
+
 def test_plugin_class_in_scipion():
     pwem = pytest.importorskip("pwem")
     import cryoposeml

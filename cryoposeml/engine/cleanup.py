@@ -9,7 +9,8 @@ Methods
   shells of the best count as ties, and ties go to the larger subset.
 
 The score is ``rlnCpmlExpectedErrorDeg`` (smaller is better) unless another column is named; for
-``rlnParticleFigureOfMerit``-like columns larger is better.
+``rlnParticleFigureOfMerit``-like columns larger is better. Ties (the calibration is flat at its
+ends) are ordered by the network's raw score ``rlnCpmlConfidence`` when the STAR has it.
 
 Outputs for ``--out KEPT.star``: ``KEPT.star`` (written last), ``KEPT_discarded.star``,
 ``KEPT_cleanup.json`` (the sweep and the choice), ``KEPT_cleanup.png`` (resolution vs particles
@@ -40,6 +41,7 @@ DEFAULT_COLUMN = "rlnCpmlExpectedErrorDeg"
 LARGER_IS_BETTER = {"rlnParticleFigureOfMerit", "rlnMaxValueProbDistribution", "rlnCpmlPoseProbability",
                     "rlnLogLikeliContribution"}
 METHODS = ("auto", "quantile", "max-error")
+TIE_BREAK = "rlnCpmlConfidence"
 
 
 @dataclass
@@ -90,7 +92,11 @@ def score_order(star: ParticleStar, column: str, larger_is_better: bool | None) 
         raise InputError(f"{column} is not a finite number in {int(bad.sum())} row(s) (first: row "
                          f"{int(np.nonzero(bad)[0][0]) + 1})", star.path)
     larger = column in LARGER_IS_BETTER if larger_is_better is None else larger_is_better
-    order = np.argsort(-score if larger else score, kind="stable")
+    keys = [-score if larger else score]
+    if TIE_BREAK in star.particles and column != TIE_BREAK:
+        # The calibrated error is piecewise linear with flat ends: the raw score orders its ties.
+        keys.insert(0, -star.particles[TIE_BREAK].to_numpy(np.float64))
+    order = np.lexsort(keys)   # last key is the primary one
     return order, score, larger
 
 

@@ -156,6 +156,7 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         runs[run] = {"particles": int(sel.sum()), **(transfer_check(score[sel], calib) if sel.any() else {})}
     p["rlnParticleFigureOfMerit"] = fom
     p["rlnCpmlExpectedErrorDeg"] = expected
+    p["rlnCpmlConfidence"] = score   # the network's raw score (higher: surer); ranks ties of the above
     bad = [r for r, v in runs.items() if v.get("transfers") is False]
     if bad:
         msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "

@@ -12,7 +12,8 @@ What a user would do by hand, made reproducible:
 3. Choose the search from the predicted errors (``rlnCpmlExpectedErrorDeg``):
    ``sigma_ang`` = the 75th percentile of the expected geodesic error / 1.6 (a geodesic error of an
    isotropic Gaussian rotation of per-angle s.d. s averages 1.6 s), within [0.5, 30] deg; the
-   HEALPix order is the coarsest whose step is at most ``sigma_ang`` (at least 2), used for both
+   HEALPix order is the coarsest whose step is at most ``sigma_ang / 2`` (Relion's own pairing of a
+   local step with its prior width; at least 2), used for both
    ``--healpix_order`` and ``--auto_local_healpix_order`` so searches are local from iteration 1.
 4. Run ``mpirun -n 3 relion_refine_mpi --auto_refine --split_random_halves`` in ``OUT`` (output
    ``OUT/relion/run*``), streaming Relion's output to the terminal and ``OUT/relion.log``.
@@ -90,8 +91,8 @@ def choose_search(expected_error_deg: np.ndarray | None) -> dict:
     else:
         p75 = float(np.percentile(expected_error_deg, 75))
         sigma, basis = float(np.clip(p75 / 1.6, 0.5, 30.0)), f"75th percentile of the expected error {p75:.2f} deg / 1.6"
-    order = 2
-    while healpix_step_deg(order) > sigma and order < 8:
+    order = 2   # Relion pairs a local step s with sigma 2 s; the same here
+    while healpix_step_deg(order) > sigma / 2 and order < 8:
         order += 1
     return {"sigma_ang": sigma, "healpix_order": order, "basis": basis}
 

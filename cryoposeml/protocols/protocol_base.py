@@ -1,0 +1,52 @@
+"""What every cryoposeml protocol shares: GPU selection with a CPU fallback, running
+``cryoposeml <command>`` with runJob, and checks on the input particles."""
+import os
+
+import pyworkflow.protocol.params as params
+from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
+from pwem.protocols import EMProtocol
+
+from .. import Plugin
+
+
+class CryoPoseMLProtBase(EMProtocol):
+    """Base class: not shown in the GUI."""
+    _label = None
+
+    # -------------------------- params -------------------------------------
+    def _defineGpuParams(self, form, default=True):
+        form.addHidden(USE_GPU, params.BooleanParam, default=default, label="Use GPU?",
+                       help="Run on a GPU (CUDA). If No, the CPU is used (much slower for training).")
+        form.addHidden(GPU_LIST, params.StringParam, default="0", label="GPU ID",
+                       help="The GPU to use (one id; cryoposeml uses one GPU per run).")
+
+    # -------------------------- running -------------------------------------
+    def _device(self) -> str:
+        return "cuda" if self.usesGpu() else "cpu"
+
+    def runCryoposeml(self, command: str, args: str, cwd=None) -> None:
+        """``cryoposeml <command> <args>`` with this protocol's device (and GPU) and no progress bars."""
+        program = Plugin.getProgram(command)
+        args = f"{args} --device {self._device()}" if command in ("train", "predict") else args
+        if self.usesGpu():
+            program = f"CUDA_VISIBLE_DEVICES=%(GPU)s {program}"
+        self.runJob(program, f"{args} --quiet", env=self._environ(), cwd=cwd, numberOfMpi=1)
+
+    def _environ(self) -> dict:
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, self.numberOfThreads.get() if hasattr(self, "numberOfThreads")
+                                                   and self.numberOfThreads.get() else 1)))
+        return env
+
+    # -------------------------- validation ----------------------------------
+    @staticmethod
+    def _particleErrors(particles, needAlignment=False) -> list:
+        errors = []
+        if particles is None:
+            return ["No input particles."]
+        if particles.getXDim() and particles.getXDim() % 2:
+            errors.append(f"The particles are {particles.getXDim()} px, an odd box: cryoposeml needs an even box "
+                          "(re-extract or resize them).")
+        if needAlignment and not particles.hasAlignmentProj():
+            errors.append("The particles have no 3D alignment (projection angles).")
+        return errors

@@ -1,0 +1,112 @@
+import enum
+import json
+
+import pyworkflow.protocol.params as params
+from pyworkflow import BETA
+import pwem.objects as emobj
+from pwem.protocols import ProtProcessParticles
+
+from ..convert import fillParticles, writeParticlesStar
+from .protocol_base import CryoPoseMLProtBase
+
+METHODS = ["auto", "quantile", "max-error"]
+
+
+class CleanupOutputs(enum.Enum):
+    outputParticles = emobj.SetOfParticles
+    outputDiscarded = emobj.SetOfParticles
+    outputVolume = emobj.Volume
+
+
+class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
+    """Drop the particles whose predicted poses are least certain.
+
+    auto: sweep the fraction kept, reconstruct the two half-maps of each subset and keep the one with
+    the best half-map FSC-0.143 resolution (ties keep more particles); quantile: drop a fixed
+    fraction of the most uncertain; max-error: drop expected errors above a bound.
+    """
+    _label = "cleanup by uncertainty"
+    _devStatus = BETA
+    _possibleOutputs = CleanupOutputs
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
+                      pointerCondition="hasAlignmentProj", label="Predicted particles",
+                      help="Output of 'predict poses' (particles with _cryoposemlExpectedError).")
+        form.addParam("method", params.EnumParam, choices=METHODS, default=0, label="Method",
+                      display=params.EnumParam.DISPLAY_HLIST)
+        form.addParam("quantile", params.FloatParam, default=0.25, condition="method == 1",
+                      label="Fraction dropped", help="The most uncertain fraction of the particles is dropped.")
+        form.addParam("maxError", params.FloatParam, default=15.0, condition="method == 2",
+                      label="Largest expected error (deg)")
+        form.addParam("minKeep", params.FloatParam, default=0.5, condition="method == 0",
+                      expertLevel=params.LEVEL_ADVANCED, label="Smallest fraction kept")
+        form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry")
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep)
+        self._insertFunctionStep(self.cleanupStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    def convertInputStep(self):
+        writeParticlesStar(self.inputParticles.get(), self._getExtraPath("input.star"), self._getExtraPath())
+
+    def cleanupStep(self):
+        method = METHODS[self.method.get()]
+        args = (f"--particles {self._getExtraPath('input.star')} --out {self._getExtraPath('kept.star')} "
+                f"--method {method} --sym {self.symmetry.get()}")
+        if method == "quantile":
+            args += f" --quantile {self.quantile.get()}"
+        elif method == "max-error":
+            args += f" --max-error {self.maxError.get()}"
+        else:
+            args += f" --min-keep {self.minKeep.get()}"
+        self.runCryoposeml("cleanup", args)
+
+    def createOutputStep(self):
+        inp = self.inputParticles.get()
+        kept = self._createSetOfParticles()
+        fillParticles(kept, inp, self._getExtraPath("kept.star"))
+        outputs = {CleanupOutputs.outputParticles.name: kept}
+        import os
+
+        if os.path.exists(self._getExtraPath("kept_discarded.star")):
+            gone = self._createSetOfParticles(suffix="discarded")
+            fillParticles(gone, inp, self._getExtraPath("kept_discarded.star"))
+            outputs[CleanupOutputs.outputDiscarded.name] = gone
+        vol = emobj.Volume(location=self._getExtraPath("kept_map.mrc"))
+        vol.setSamplingRate(inp.getSamplingRate())
+        vol.setHalfMaps([self._getExtraPath("kept_map_half1.mrc"), self._getExtraPath("kept_map_half2.mrc")])
+        outputs[CleanupOutputs.outputVolume.name] = vol
+        self._defineOutputs(**outputs)
+        for out in outputs.values():
+            self._defineSourceRelation(self.inputParticles, out)
+
+    def summaryJson(self):
+        with open(self._getExtraPath("kept_cleanup.json")) as f:
+            return json.load(f)
+
+    def _validate(self):
+        errors = self._particleErrors(self.inputParticles.get(), needAlignment=True)
+        parts = self.inputParticles.get()
+        if parts is not None and not parts.getFirstItem().hasAttribute("_cryoposemlExpectedError"):
+            errors.append("The particles have no _cryoposemlExpectedError: use the output of 'predict poses'.")
+        return errors
+
+    def _summary(self):
+        try:
+            s = self.summaryJson()
+        except OSError:
+            return ["Not finished yet."]
+        return [f"Kept {s['particles_kept']} of {s['particles_in']} particles ({s['fraction_kept']:.0%}), expected "
+                f"error <= {s['score_threshold']:.2f} deg.",
+                f"Half-map FSC 0.143: {s['resolution_all_fsc0143_angstrom']:.2f} A with all particles, "
+                f"{s['resolution_kept_fsc0143_angstrom']:.2f} A with those kept."]
+
+    def _methods(self):
+        return ["Particles were cleaned up by the uncertainty of their predicted poses with cryoposeml "
+                f"(method {METHODS[self.method.get()]})."]
+
+    def _citations(self):
+        return ["Fang2025"]

@@ -1,0 +1,209 @@
+import enum
+import os
+
+import pyworkflow.protocol.params as params
+from pyworkflow import BETA
+from pyworkflow.object import Set
+from pyworkflow.protocol import ProtStreamingBase, STEPS_PARALLEL
+import pwem.objects as emobj
+from pwem.protocols import ProtRefine3D
+
+from ..convert import fillParticles, writeParticlesStar
+from ..objects import CryoPoseMLModel, readModelMetadata
+from .protocol_base import CryoPoseMLProtBase
+
+SOURCE_RUN, SOURCE_FOLDER = 0, 1
+
+
+class PredictOutputs(enum.Enum):
+    outputParticles = emobj.SetOfParticles
+    outputVolume = emobj.Volume
+
+
+class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D):
+    """Predict the pose (rotation, shift) of every particle with a trained network, with an
+    uncertainty: each output particle carries `_cryoposemlExpectedError` (calibrated expected
+    angular error, degrees), `_cryoposemlFigureOfMerit` (0..1) and `_cryoposemlConfidence`.
+
+    Streaming: while the input set is still open (particles arriving from the microscope), new
+    particles are predicted in batches as they come and appended to an open output, which is
+    closed when the input closes. At the end, a volume with half-maps is reconstructed from the
+    predicted poses.
+    """
+    _label = "predict poses"
+    _devStatus = BETA
+    _possibleOutputs = PredictOutputs
+    stepsExecutionMode = STEPS_PARALLEL
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
+                      label="Particles", help="Particles to give a pose (same box and pixel size as the training).")
+        form.addParam("modelSource", params.EnumParam, choices=["a previous training run", "a model folder"],
+                      default=SOURCE_RUN, display=params.EnumParam.DISPLAY_HLIST, label="Model from")
+        form.addParam("inputModel", params.PointerParam, pointerClass="CryoPoseMLModel", allowsNull=True,
+                      condition=f"modelSource == {SOURCE_RUN}", label="Trained model")
+        form.addParam("modelFolder", params.PathParam, condition=f"modelSource == {SOURCE_FOLDER}",
+                      label="Model folder", help="A folder written by `cryoposeml train` (with model.json).")
+        form.addParam("batchSize", params.IntParam, default=1000, label="Particles per batch",
+                      help="In streaming, particles are predicted as soon as this many new ones have arrived "
+                           "(and the rest when the input closes).")
+        form.addParam("reconstruct", params.BooleanParam, default=True, label="Reconstruct a volume?",
+                      help="At the end, reconstruct the map and half-maps from the predicted poses.")
+        form.addParam("symmetry", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Symmetry check", help="If given, the model must have been trained with this symmetry.")
+        self._defineGpuParams(form)
+        form.addParallelSection(threads=3, mpi=0)
+        self._defineStreamingParams(form)
+
+    # -------------------------- helpers ------------------------------------
+    def _modelPath(self):
+        if self.modelSource.get() == SOURCE_RUN:
+            model = self.inputModel.get()
+            return None if model is None else model.getPath()
+        return self.modelFolder.get()
+
+    def _outputSqlite(self):
+        return self._getPath("particles.sqlite")
+
+    def _loadInput(self):
+        """The input set reloaded from its database (it may have grown since the last look)."""
+        inp = self.inputParticles.get()
+        fresh = emobj.SetOfParticles(filename=inp.getFileName())
+        fresh.loadAllProperties()
+        return fresh
+
+    def _doneIds(self):
+        if not os.path.exists(self._outputSqlite()):
+            return set()
+        out = emobj.SetOfParticles(filename=self._outputSqlite())
+        ids = set(out.getIdSet())
+        out.close()
+        return ids
+
+    # -------------------------- steps --------------------------------------
+    def stepsGeneratorStep(self):
+        """Schedule one prediction step per batch of new particles until the input closes. Particles
+        already in the output (from before a kill) are not predicted again."""
+        done = self._doneIds()
+        scheduled, steps = set(), []
+        batch = max(1, self.batchSize.get())
+        while True:
+            inp = self._loadInput()
+            closed = not inp.isStreamOpen()
+            new = sorted(i for i in inp.getIdSet() if i not in done and i not in scheduled)
+            inp.close()
+            while new and (len(new) >= batch or closed):
+                chunk, new = new[:batch], new[batch:]
+                steps.append(self._insertFunctionStep(self.predictBatchStep, chunk, prerequisites=[]))
+                scheduled.update(chunk)
+            if closed:
+                break
+            self._streamingSleepOnWait()
+        self._insertFunctionStep(self.closeOutputStep, prerequisites=steps, needsGPU=False)
+
+    def predictBatchStep(self, ids):
+        tag = f"{ids[0]:08d}_{ids[-1]:08d}"
+        inp = self._loadInput()
+        subset = emobj.SetOfParticles(filename=self._getTmpPath(f"batch_{tag}.sqlite"))
+        subset.copyInfo(inp)
+        wanted = set(ids)
+        for p in inp.iterItems():
+            if p.getObjId() in wanted:
+                subset.append(p.clone())
+        subset.write()
+        star_in, star_out = self._getExtraPath(f"batch_{tag}.star"), self._getExtraPath(f"batch_{tag}_predicted.star")
+        writeParticlesStar(subset, star_in, self._getExtraPath())
+        if os.path.exists(star_out):   # a batch that finished its prediction before a kill
+            os.remove(star_out)
+            os.remove(star_out.replace(".star", ".json"))
+        args = f"--particles {star_in} --model {self._modelPath()} --out {star_out}"
+        if self.symmetry.get():
+            args += f" --sym {self.symmetry.get()}"
+        self.runCryoposeml("predict", args)
+        with self._lock:
+            done = self._doneIds()
+            out = self._openOutput(inp)
+            fresh = emobj.SetOfParticles(filename=self._getTmpPath(f"batch_{tag}_out.sqlite"))
+            fillParticles(fresh, subset, star_out)
+            for p in fresh.iterItems():
+                if p.getObjId() not in done:   # never twice, even when a batch is redone after a kill
+                    out.append(p.clone())
+            self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_OPEN)
+        inp.close()
+        subset.close()
+
+    def _openOutput(self, inp):
+        if os.path.exists(self._outputSqlite()):
+            out = emobj.SetOfParticles(filename=self._outputSqlite())
+            out.loadAllProperties()
+            out.enableAppend()
+        else:
+            out = emobj.SetOfParticles(filename=self._outputSqlite())
+            out.copyInfo(inp)
+            out.setAlignmentProj()
+        return out
+
+    def closeOutputStep(self):
+        with self._lock:
+            out = self._openOutput(self._loadInput())
+            self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_CLOSED)
+        self._defineSourceRelation(self.inputParticles, getattr(self, PredictOutputs.outputParticles.name))
+        if not self.reconstruct:
+            return
+        outSet = getattr(self, PredictOutputs.outputParticles.name)
+        star = self._getExtraPath("predicted.star")
+        writeParticlesStar(outSet, star, self._getExtraPath())
+        vol_path = self._getExtraPath("map.mrc")
+        self.runCryoposeml("reconstruct", f"--particles {star} --out {vol_path} --halves --sym "
+                                          f"{self._modelSymmetry()}")
+        vol = emobj.Volume(location=vol_path)
+        vol.setSamplingRate(outSet.getSamplingRate())
+        vol.setHalfMaps([self._getExtraPath("map_half1.mrc"), self._getExtraPath("map_half2.mrc")])
+        self._defineOutputs(**{PredictOutputs.outputVolume.name: vol})
+        self._defineSourceRelation(self.inputParticles, vol)
+
+    def _modelSymmetry(self):
+        return readModelMetadata(self._modelPath())["sym"]
+
+    # -------------------------- infos --------------------------------------
+    def _validate(self):
+        errors = []
+        self._validateThreads(errors)
+        parts = self.inputParticles.get()
+        errors += self._particleErrors(parts)
+        path = self._modelPath()
+        if not path:
+            return errors + ["Choose a trained model."]
+        try:
+            meta = readModelMetadata(path)
+        except (OSError, ValueError) as e:
+            return errors + [str(e)]
+        if parts is not None:
+            box, apix = meta["input"]["box"], meta["input"]["pixel_size_angstrom"]
+            if parts.getXDim() != box or abs(parts.getSamplingRate() - apix) > 1e-3:
+                errors.append(f"The model was trained on {box} px particles at {apix:.3f} A/px; these are "
+                              f"{parts.getXDim()} px at {parts.getSamplingRate():.3f} A/px.")
+        if self.symmetry.get() and self.symmetry.get().upper() != meta["sym"]:
+            errors.append(f"The model was trained with symmetry {meta['sym']}, not {self.symmetry.get()}.")
+        return errors
+
+    def _summary(self):
+        if not hasattr(self, PredictOutputs.outputParticles.name):
+            return ["No particles predicted yet."]
+        out = getattr(self, PredictOutputs.outputParticles.name)
+        s = [f"{out.getSize()} particles predicted" + (" (streaming, open)" if out.isStreamOpen() else "") + "."]
+        import numpy as np
+
+        err = [p._cryoposemlExpectedError.get() for p in out.iterItems() if hasattr(p, "_cryoposemlExpectedError")]
+        if err:
+            s.append(f"Expected angular error: median {np.median(err):.1f} deg (10-90%: "
+                     f"{np.percentile(err, 10):.1f}-{np.percentile(err, 90):.1f} deg).")
+        return s
+
+    def _methods(self):
+        return ["Particle poses were predicted with a cryoposeml network, each with a calibrated expected "
+                "angular error."]
+
+    def _citations(self):
+        return ["Cesped2024"]
