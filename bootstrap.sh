@@ -47,7 +47,7 @@ export SCIPION_HOME=${SCIPION_HOME:-$ROOT/scipion_home}
 export SCIPION_USER_DATA=${SCIPION_USER_DATA:-$SCIPION_HOME/data}
 export SCIPION_TESTS=${SCIPION_TESTS:-$SCIPION_HOME/tests}
 export SCIPION_PYTHON=$ROOT/.venv/bin/python
-mkdir -p "$SCIPION_USER_DATA" "$SCIPION_TESTS"
+mkdir -p "$SCIPION_USER_DATA" "$SCIPION_TESTS" "$SCIPION_HOME/config"
 
 case "$what" in
   setup) echo "[bootstrap] ready: $ROOT/.venv/bin/cryoposeml" ;;

@@ -27,3 +27,7 @@ class Plugin(pwem.Plugin):
     @classmethod
     def defineBinaries(cls, env):
         pass
+
+    def getPath(self):
+        """The package folder (the class lives in a submodule so that ``import cryoposeml`` stays light)."""
+        return os.path.dirname(os.path.abspath(__file__))

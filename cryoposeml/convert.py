@@ -20,10 +20,16 @@ ATTRIBUTES = {
 
 
 def writeParticlesStar(partSet, starFile, outputDir, alignType=None):
-    """Write ``partSet`` as a Relion 3.1 STAR (stacks linked into ``outputDir`` when needed)."""
+    """Write ``partSet`` as a Relion 3.1 STAR (stacks linked into ``outputDir`` when needed), with
+    the cryoposeml attributes as their columns."""
     from relion.convert import writeSetOfParticles
 
-    kwargs = {"outputDir": outputDir}
+    def addOurColumns(particle, row):
+        for column, attr in ATTRIBUTES.items():
+            if particle.hasAttribute(attr):
+                row[column] = getattr(particle, attr).get()
+
+    kwargs = {"outputDir": outputDir, "postprocessImageRow": addOurColumns}
     if alignType is not None:
         kwargs["alignType"] = alignType
     writeSetOfParticles(partSet, starFile, **kwargs)

@@ -24,6 +24,9 @@ class TestCryoposemlPipeline(BaseTest):
         for name, n, seed in (("train", 800, 1), ("new", 300, 2)):
             r = cli("simulate", "--n", n, "--no-noise", "--shift-sigma", 2, "--seed", seed, "--out", cls.data / name)
             assert r.returncode == 0, r.stderr
+        import pyworkflow as pw
+
+        os.makedirs(os.path.dirname(pw.Config.SCIPION_HOSTS), exist_ok=True)
         setupTestProject(cls, writeLocalConfig=True)
 
     @classmethod

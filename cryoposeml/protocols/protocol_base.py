@@ -32,8 +32,10 @@ class CryoPoseMLProtBase(EMProtocol):
             program = f"CUDA_VISIBLE_DEVICES=%(GPU)s {program}"
         self.runJob(program, f"{args} --quiet", env=self._environ(), cwd=cwd, numberOfMpi=1)
 
-    def _environ(self) -> dict:
-        env = dict(os.environ)
+    def _environ(self):
+        import pyworkflow.utils as pwutils
+
+        env = pwutils.Environ(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, self.numberOfThreads.get() if hasattr(self, "numberOfThreads")
                                                    and self.numberOfThreads.get() else 1)))
         return env
