@@ -60,6 +60,10 @@ def main():
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--junk-fraction", type=float, default=0.2)
     ap.add_argument("--skip-global", action="store_true", help="do not run (A)")
+    ap.add_argument("--global-maxsig", type=int, default=500,
+                    help="(A)'s --maxsig (0: Relion's default, no limit). Without it, Relion 3.1 spends hours "
+                         "on the junk particles of the first global iteration: their posterior is flat, so "
+                         "every pose is 'significant' (measured: no progress past them in 60 min)")
     ap.add_argument("--no-priors-too", action="store_true",
                     help="also run (B) with the predicted poses as the start only (no prior columns)")
     ap.add_argument("--work", help="keep intermediate files here (default: a temporary folder, removed)")
@@ -135,7 +139,8 @@ def main():
             write_map(a_dir / "reference.mrc", lowpass_volume(true_map, apix, 30.0), apix)
             box = true_map.shape[0]
             cmd = autorefine_command(inp.name, "reference.mrc", "relion/run", "C1", 30.0, 0.9 * box * apix, True,
-                                     healpix_order=2, local_order=4, offset_range_px=5, offset_step_px=1)
+                                     healpix_order=2, local_order=4, offset_range_px=5, offset_step_px=1,
+                                     extra_args=f"--maxsig {args.global_maxsig}" if args.global_maxsig else "")
             t = time.perf_counter()
             run_relion(cmd, a_dir, a_dir / "relion.log", progress=False)
             a = {"wall_s": time.perf_counter() - t, "command": " ".join(cmd)}

@@ -1,4 +1,3 @@
-import enum
 import json
 
 import pyworkflow.protocol.params as params
@@ -12,10 +11,9 @@ from .protocol_base import CryoPoseMLProtBase
 METHODS = ["auto", "quantile", "max-error"]
 
 
-class CleanupOutputs(enum.Enum):
-    outputParticles = emobj.SetOfParticles
-    outputDiscarded = emobj.SetOfParticles
-    outputVolume = emobj.Volume
+# A dict, not an Enum: two outputs of the same class would be aliases in an Enum.
+OUT_KEPT, OUT_DISCARDED, OUT_VOLUME = "outputParticles", "outputDiscarded", "outputVolume"
+CLEANUP_OUTPUTS = {OUT_KEPT: emobj.SetOfParticles, OUT_DISCARDED: emobj.SetOfParticles, OUT_VOLUME: emobj.Volume}
 
 
 class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
@@ -27,7 +25,7 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
     """
     _label = "cleanup by uncertainty"
     _devStatus = BETA
-    _possibleOutputs = CleanupOutputs
+    _possibleOutputs = CLEANUP_OUTPUTS
 
     def _defineParams(self, form):
         form.addSection(label="Input")
@@ -68,17 +66,17 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
         inp = self.inputParticles.get()
         kept = self._createSetOfParticles()
         fillParticles(kept, inp, self._getExtraPath("kept.star"))
-        outputs = {CleanupOutputs.outputParticles.name: kept}
+        outputs = {OUT_KEPT: kept}
         import os
 
         if os.path.exists(self._getExtraPath("kept_discarded.star")):
             gone = self._createSetOfParticles(suffix="discarded")
             fillParticles(gone, inp, self._getExtraPath("kept_discarded.star"))
-            outputs[CleanupOutputs.outputDiscarded.name] = gone
+            outputs[OUT_DISCARDED] = gone
         vol = emobj.Volume(location=self._getExtraPath("kept_map.mrc"))
         vol.setSamplingRate(inp.getSamplingRate())
         vol.setHalfMaps([self._getExtraPath("kept_map_half1.mrc"), self._getExtraPath("kept_map_half2.mrc")])
-        outputs[CleanupOutputs.outputVolume.name] = vol
+        outputs[OUT_VOLUME] = vol
         self._defineOutputs(**outputs)
         for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
