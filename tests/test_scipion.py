@@ -101,4 +101,6 @@ class TestCryoposemlPipeline(BaseTest):
         self.launchProtocol(refine)
         assert refine.outputParticles.getSize() == 240 and refine.outputVolume.hasHalfMaps()
         s = refine.summaryJson()
-        assert s["half_map_fsc0143_angstrom"] < 10
+        # A 3-epoch network gives little more than noise, so Relion has to find a consistent map on
+        # its own (in its own frame): its half-maps must beat those of the predicted poses.
+        assert s["half_map_fsc0143_angstrom"] < s["reference"]["predicted_poses_half_map_fsc0143_angstrom"] - 2, s
