@@ -27,10 +27,10 @@ import numpy as np
 
 from ..core.errors import InputError
 from ..core.metrics import fsc, resolution_at, soft_sphere_mask
-from ..data._atomic import atomic_path
 from ..data.mrc import write_map
 from ..data.star import ParticleStar, read_star, write_star
 from ._outputs import check_new_file, stamp, write_json
+from ._plots import plot_fsc_curves, pyplot, save_figure
 from .reconstruct import half_map_paths, half_set_labels, nested_half_reconstructions, reconstruct_star
 
 __all__ = ["CleanupConfig", "cleanup", "cleanup_paths", "score_order"]
@@ -107,12 +107,7 @@ def _crossing_shell(freq: np.ndarray, curve: np.ndarray, threshold: float = 0.14
 
 
 def _plot(path: Path, rows: list[dict], chosen: int, curves: dict, column: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(11, 4))
     kept = np.array([r["particles_kept"] for r in rows])
     res = np.array([r["resolution_fsc0143_angstrom"] for r in rows])
     a1.plot(kept, res, "o-", color="tab:blue")
@@ -122,18 +117,8 @@ def _plot(path: Path, rows: list[dict], chosen: int, curves: dict, column: str) 
     a1.set_ylabel("half-map FSC 0.143 resolution (A)")
     a1.invert_yaxis()
     a1.legend()
-    for label, (f, c) in curves.items():
-        a2.plot(f, c, label=label)
-    for t in (0.5, 0.143):
-        a2.axhline(t, color="grey", lw=0.8, ls=":")
-    a2.set_xlabel("spatial frequency (1/A)")
-    a2.set_ylabel("half-map FSC")
-    a2.set_ylim(-0.1, 1.05)
-    a2.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    plot_fsc_curves(a2, curves, "half-map FSC")
+    save_figure(fig, path)
 
 
 def _sizes(cfg: CleanupConfig, n: int, score_sorted: np.ndarray, larger: bool) -> list[int]:

@@ -13,10 +13,10 @@ import numpy as np
 from ..core.errors import InputError
 from ..core.metrics import angular_error_stats, fsc, pcc, resolution_at, soft_sphere_mask
 from ..core.symmetry import symmetry_group
-from ..data._atomic import atomic_path
 from ..data.mrc import read_map
 from ..data.star import read_star
 from ._outputs import check_new_file, stamp, write_json
+from ._plots import plot_fsc_curves, pyplot, save_figure
 from .reconstruct import reconstruct_star
 
 __all__ = ["evaluate", "match_particles"]
@@ -36,13 +36,8 @@ def match_particles(pred, ref) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _plots(out_png: Path, errors: np.ndarray | None, curves: dict, sym: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = (errors is not None) + bool(curves)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax_i = 0
     if errors is not None:
         ax = axes[0, ax_i]
@@ -54,19 +49,8 @@ def _plots(out_png: Path, errors: np.ndarray | None, curves: dict, sym: str) -> 
         ax.set_ylabel("particles")
         ax.legend()
     if curves:
-        ax = axes[0, ax_i]
-        for label, (freq, curve) in curves.items():
-            ax.plot(freq, curve, label=label)
-        for t in (0.5, 0.143):
-            ax.axhline(t, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("spatial frequency (1/A)")
-        ax.set_ylabel("FSC")
-        ax.set_ylim(-0.1, 1.05)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+        plot_fsc_curves(axes[0, ax_i], curves)
+    save_figure(fig, out_png)
 
 
 def evaluate(particles, reference=None, sym: str = "C1", map_path=None, out="report.json",
