@@ -76,10 +76,11 @@ class TestCryoposemlPipeline(BaseTest):
         writeSetOfParticles(out, str(exported), outputDir=str(Path(self.proj.path)))
         theirs = read_star(exported).particles.set_index("rlnImageId")
         ours = []
-        for f in Path(predict._getExtraPath()).glob("batch_*_predicted.star"):
+        for f in Path(predict._getExtraPath()).glob("batch_*/predicted.star"):
             ours.append(read_star(f).particles.set_index("rlnImageId"))
         import pandas as pd
 
+        assert len(ours) == 3   # 300 particles in batches of 120
         ours = pd.concat(ours).loc[theirs.index]
         from cryoposeml.core.rotations import euler_to_matrix, geodesic_distance_deg
 

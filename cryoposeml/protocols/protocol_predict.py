@@ -112,8 +112,11 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
             if p.getObjId() in wanted:
                 subset.append(p.clone())
         subset.write()
-        star_in, star_out = self._getExtraPath(f"batch_{tag}.star"), self._getExtraPath(f"batch_{tag}_predicted.star")
-        writeParticlesStar(subset, star_in, self._getExtraPath())
+        # One folder per batch: batches run in parallel, and the converter links stacks into it.
+        folder = self._getExtraPath(f"batch_{tag}")
+        os.makedirs(folder, exist_ok=True)
+        star_in, star_out = os.path.join(folder, "particles.star"), os.path.join(folder, "predicted.star")
+        writeParticlesStar(subset, star_in, folder)
         if os.path.exists(star_out):   # a batch that finished its prediction before a kill
             os.remove(star_out)
             os.remove(star_out.replace(".star", ".json"))
