@@ -102,6 +102,19 @@ class TestCryoposemlPipeline(BaseTest):
         self.launchProtocol(refine)
         assert refine.outputParticles.getSize() == 240 and refine.outputVolume.hasHalfMaps()
         s = refine.summaryJson()
-        # A 3-epoch network gives little more than noise, so Relion has to find a consistent map on
-        # its own (in its own frame): its half-maps must beat those of the predicted poses.
-        assert s["half_map_fsc0143_angstrom"] < s["reference"]["predicted_poses_half_map_fsc0143_angstrom"] - 2, s
+        assert s["search"]["sigma_ang_deg"] == 30.0   # a 3-epoch network: the widest prior
+        # (Whether Relion converges from such poses is not this test's business; the CLI tests check
+        # the refinement itself.) The Scipion set carries exactly Relion's poses and shifts:
+        from cryoposeml.core.rotations import scipion_matrix_to_relion
+
+        relion_rows = read_star(Path(refine._getExtraPath("refine", "refined.star"))).particles.set_index("rlnImageId")
+        parts = list(refine.outputParticles)
+        angles, shifts_px = scipion_matrix_to_relion(np.array([p.getTransform().getMatrix() for p in parts]))
+        rel = relion_rows.loc[[p.getObjId() for p in parts]]
+        d = geodesic_distance_deg(euler_to_matrix(angles), euler_to_matrix(rel[cols].to_numpy()))
+        assert np.max(d) < 0.01, np.max(d)
+        np.testing.assert_allclose(shifts_px[:, 0] * 1.5, rel["rlnOriginXAngst"].to_numpy(), atol=0.01)
+        # ... and Relion searched around the priors we wrote, which it kept.
+        np.testing.assert_allclose(rel["rlnAngleTiltPrior"].to_numpy(),
+                                   read_star(Path(refine._getExtraPath("refine", "input.star"))).particles
+                                   .set_index("rlnImageId").loc[rel.index, "rlnAngleTilt"].to_numpy(), atol=1e-3)

@@ -109,13 +109,14 @@ def autorefine_command(input_star: str, reference: str, output_root: str, sym: s
                        particle_diameter: float, ctf: bool, healpix_order: int = 2, local_order: int = 4,
                        sigma_ang: float | None = None, offset_range_px: float = 5.0, offset_step_px: float = 1.0,
                        mpi_ranks: int = 3, threads: int = 1, extra_args: str = "", mpirun: str = "mpirun",
-                       relion_refine: str = "relion_refine_mpi") -> list[str]:
+                       relion_refine: str = "relion_refine_mpi", random_seed: int = 0) -> list[str]:
     """The ``mpirun ... relion_refine_mpi --auto_refine --split_random_halves`` command line.
 
     Global searches start at ``healpix_order`` and turn local at ``local_order`` (Relion's
     default 4); ``local_order == healpix_order`` with ``sigma_ang`` gives local searches from the
     first iteration. A plain (not CTF-corrupted) reference needs ``--ctf_corrected_ref``, which
-    is always the case here."""
+    is always the case here. ``random_seed`` is fixed (Relion's default seeds from the clock), so a
+    run can be repeated."""
     cmd = [mpirun, "--oversubscribe", "-n", str(mpi_ranks), relion_refine,
            "--o", output_root, "--i", input_star, "--ref", reference,
            "--auto_refine", "--split_random_halves", "--ini_high", f"{ini_high:.2f}",
@@ -123,7 +124,7 @@ def autorefine_command(input_star: str, reference: str, output_root: str, sym: s
            "--oversampling", "1", "--healpix_order", str(healpix_order), "--auto_local_healpix_order", str(local_order),
            "--offset_range", f"{offset_range_px:g}", "--offset_step", f"{offset_step_px:g}", "--sym", sym,
            "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2", "--j", str(threads),
-           "--dont_combine_weights_via_disc", "--pool", "3"]
+           "--dont_combine_weights_via_disc", "--pool", "3", "--random_seed", str(random_seed)]
     if sigma_ang is not None:
         cmd += ["--sigma_ang", f"{sigma_ang:.3f}"]
     if ctf:
