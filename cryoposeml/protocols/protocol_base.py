@@ -40,6 +40,22 @@ class CryoPoseMLProtBase(EMProtocol):
                                                    and self.numberOfThreads.get() else 1)))
         return env
 
+    # -------------------------- outputs -------------------------------------
+    @staticmethod
+    def _halfMapVolume(mapPath: str, samplingRate: float):
+        """A Volume for ``MAP.mrc`` with the half-maps the CLI writes beside it (``MAP_half1/2.mrc``)."""
+        from pathlib import Path
+
+        import pwem.objects as emobj
+
+        from ..engine.reconstruct import half_map_paths   # the owner of that naming
+
+        half1, half2, _ = half_map_paths(Path(mapPath))
+        vol = emobj.Volume(location=str(mapPath))
+        vol.setSamplingRate(samplingRate)
+        vol.setHalfMaps([str(half1), str(half2)])
+        return vol
+
     # -------------------------- validation ----------------------------------
     @staticmethod
     def _particleErrors(particles, needAlignment=False) -> list:

@@ -73,9 +73,7 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
             gone = self._createSetOfParticles(suffix="discarded")
             fillParticles(gone, inp, self._getExtraPath("kept_discarded.star"))
             outputs[OUT_DISCARDED] = gone
-        vol = emobj.Volume(location=self._getExtraPath("kept_map.mrc"))
-        vol.setSamplingRate(inp.getSamplingRate())
-        vol.setHalfMaps([self._getExtraPath("kept_map_half1.mrc"), self._getExtraPath("kept_map_half2.mrc")])
+        vol = self._halfMapVolume(self._getExtraPath("kept_map.mrc"), inp.getSamplingRate())
         outputs[OUT_VOLUME] = vol
         self._defineOutputs(**outputs)
         for out in outputs.values():

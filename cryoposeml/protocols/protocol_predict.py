@@ -9,7 +9,7 @@ import pwem.objects as emobj
 from pwem.protocols import ProtRefine3D
 
 from ..convert import fillParticles, writeParticlesStar
-from ..objects import CryoPoseMLModel, readModelMetadata
+from ..objects import readModelMetadata
 from .protocol_base import CryoPoseMLProtBase
 
 SOURCE_RUN, SOURCE_FOLDER = 0, 1
@@ -160,9 +160,7 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         vol_path = self._getExtraPath("map.mrc")
         self.runCryoposeml("reconstruct", f"--particles {star} --out {vol_path} --halves --sym "
                                           f"{self._modelSymmetry()}")
-        vol = emobj.Volume(location=vol_path)
-        vol.setSamplingRate(outSet.getSamplingRate())
-        vol.setHalfMaps([self._getExtraPath("map_half1.mrc"), self._getExtraPath("map_half2.mrc")])
+        vol = self._halfMapVolume(vol_path, outSet.getSamplingRate())
         self._defineOutputs(**{PredictOutputs.outputVolume.name: vol})
         self._defineSourceRelation(self.inputParticles, vol)
 
