@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from cryoposeml.core.fourier import lowpass_volume
 from cryoposeml.core.metrics import angular_error_stats, fsc, resolution_at, soft_sphere_mask
