@@ -28,6 +28,10 @@ class Plugin(pwem.Plugin):
     def defineBinaries(cls, env):
         pass
 
+    def getName(self):
+        """The plugin's name, as Scipion shows it (the class lives in ``cryoposeml._plugin``)."""
+        return "cryoposeml"
+
     def getPath(self):
         """The package folder (the class lives in a submodule so that ``import cryoposeml`` stays light)."""
         return os.path.dirname(os.path.abspath(__file__))

@@ -47,7 +47,7 @@ def test_protocols_conf_parses():
         cp.optionxform = str
         cp.read(path)
         tree = json.loads(cp["PROTOCOLS"]["Protocols SPA"])
-        assert {s["text"] for s in tree} == {"3D", "Particles"}
+        assert {s["text"] for s in tree} == {"Imports", "3D", "Particles"}
 
 
 def _protocols_named(node):
@@ -66,7 +66,7 @@ def test_protocols_conf_names_existing_protocols():
     cp.read(ROOT / "cryoposeml" / "protocols.conf")
     named = {n for section in json.loads(cp["PROTOCOLS"]["Protocols SPA"]) for n in _protocols_named(section)}
     ours = {k for k in Domain.getProtocols() if k.startswith("CryoPoseML")}
-    assert named == ours == {"CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
+    assert named == ours == {"CryoPoseMLProtImportParticles", "CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
                              "CryoPoseMLProtLocalRefine"}
 
 

@@ -1,11 +1,15 @@
-"""The Scipion plugin in a real headless pyworkflow project: import -> train -> predict -> cleanup
--> Relion local refine, and what a real client (scipion-em-relion's writer) reads from our output."""
+"""The Scipion plugin in real headless pyworkflow projects, driven by its two workflow templates:
+(1) import -> train -> predict -> cleanup -> Relion local refine, and (2) streaming: STAR files
+arriving in three batches -> predict in streaming -> cleanup. Also what a real client
+(scipion-em-relion's writer) reads from our output."""
+import json
 import os
-import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("pwem")
@@ -13,10 +17,46 @@ pytest.importorskip("relion")   # scipion-em-relion (installed by bootstrap.sh)
 
 from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
 
-from conftest import cli  # noqa: E402
+from conftest import ROOT, cli  # noqa: E402
+
+TEMPLATES = ROOT / "cryoposeml" / "templates"
+TRAIN_ARGS = "--widths 16 32 64"   # a small network: the test checks the plumbing, not the accuracy
 
 
-class TestCryoposemlPipeline(BaseTest):
+def load_template(project, name, **values):
+    """Fill a template's fields (by alias) the way `scipion template` does and load its protocols
+    into ``project``; returns them in the template's order."""
+    from pyworkflow.template import LocalTemplate
+
+    t = LocalTemplate("cryoposeml", str(TEMPLATES / f"{name}.json.template"))
+    t.replaceEnvVariables()
+    t.parseContent()
+    aliases = {p.getAlias() for p in t.getParams().values()}
+    assert set(values) <= aliases, set(values) - aliases
+    for alias, value in values.items():
+        assert t.setParamValue(alias, str(value)) >= 1
+    path = t.createTemplateFile()
+    try:
+        protocols = project.loadProtocols(path)
+    finally:
+        os.remove(path)
+    return [project.getProtocol(p.getObjId()) for p in sorted(protocols.values(), key=lambda p: p.getObjId())]
+
+
+def split_star(star, n_parts, out_dir):
+    """``star`` cut into ``n_parts`` STAR files in a temporary folder (written later into the watched one)."""
+    from cryoposeml.data.star import read_star, write_star
+
+    full = read_star(star)
+    parts = []
+    for i, rows in enumerate(np.array_split(np.arange(len(full.particles)), n_parts)):
+        part = full.copy()
+        part.particles = full.particles.iloc[rows].reset_index(drop=True)
+        parts.append(write_star(part, Path(out_dir) / f"batch_{i + 1}.star"))
+    return parts
+
+
+class TestCryoposemlTemplates(BaseTest):
     @classmethod
     def setUpClass(cls):
         cls._cwd = os.getcwd()
@@ -33,33 +73,53 @@ class TestCryoposemlPipeline(BaseTest):
     def tearDownClass(cls):
         os.chdir(cls._cwd)
 
-    def _import(self, star, label):
-        from pwem.protocols import ProtImportParticles
+    def test_templates_load(self):
+        """Every template parses, names only existing protocols, and wires outputs that exist."""
+        from pwem import Domain
 
-        prot = self.newProtocol(ProtImportParticles, objLabel=label, importFrom=ProtImportParticles.IMPORT_FROM_RELION,
-                                starFile=str(star), samplingRate=1.5, magnification=10000,
-                                haveDataBeenPhaseFlipped=False)
-        self.launchProtocol(prot)
-        return prot.outputParticles
+        protocols = Domain.getProtocols()
+        from pyworkflow.template import LocalTemplate
 
-    def test_pipeline(self):
-        from cryoposeml.protocols import (CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPoseMLProtPredict,
-                                          CryoPoseMLProtTrain)
+        paths = sorted(TEMPLATES.glob("*.json.template"))
+        assert [p.name for p in paths] == ["cryoposeml_pipeline.json.template", "cryoposeml_streaming.json.template"]
+        for path in paths:
+            t = LocalTemplate("cryoposeml", str(path))
+            assert t.description and t.description != "Not provided", path
+            t.replaceEnvVariables()
+            t.parseContent()
+            for p in t.getParams().values():
+                assert p.getAlias(), (path, p.getTitle())
+            content = json.loads("".join(t.content[i] if i % 2 == 0 else t.params[t.content[i].split("|")[0]]
+                                         .getValue() for i in range(len(t.content))))
+            ids = {d["object.id"]: d["object.className"] for d in content}
+            for d in content:
+                assert d["object.className"] in protocols, d["object.className"]
+                for key, value in d.items():
+                    if isinstance(value, str) and value.split(".")[0] in ids and "." in value:
+                        src, out = value.split(".", 1)
+                        possible = getattr(protocols[ids[src]], "_possibleOutputs", None) or {}
+                        names = possible.__members__ if hasattr(possible, "__members__") else possible
+                        assert out in names, (path, key, value)
+
+    def test_pipeline_template(self):
         from cryoposeml.data.star import read_star
 
-        train_parts = self._import(self.data / "train" / "ground_truth.star", "training particles")
+        imp_train, train, imp_new, predict, cleanup, refine = load_template(
+            self.proj, "cryoposeml_pipeline", train_star=self.data / "train" / "ground_truth.star",
+            new_star=self.data / "new" / "particles.star", epochs=3, box=32, train_args=TRAIN_ARGS, gpu="false",
+            batch=120, sym="C1")
+        for prot in (imp_train, train, imp_new, predict, cleanup, refine):
+            prot = self.launchProtocol(prot)
+        imp_train, train, imp_new, predict, cleanup, refine = (self.proj.getProtocol(p.getObjId()) for p in
+                                                                (imp_train, train, imp_new, predict, cleanup, refine))
+        train_parts = imp_train.outputParticles
         assert train_parts.hasAlignmentProj() and train_parts.getSize() == 800
-        new_parts = self._import(self.data / "new" / "particles.star", "new particles")
-
-        train = self.newProtocol(CryoPoseMLProtTrain, inputParticles=train_parts, epochs=3, boxPx=32, useGpu=False,
-                                 extraParams="--widths 16 32 64")
-        self.launchProtocol(train)
+        assert abs(train_parts.getSamplingRate() - 1.5) < 1e-6 and train_parts.hasCTF()
+        new_parts = imp_new.outputParticles
+        assert new_parts.getSize() == 300 and not new_parts.hasAlignment()
         model = train.outputModel
         assert model.getBox() == 64 and model.getSymmetry() == "C1" and os.path.isdir(model.getPath())
 
-        predict = self.newProtocol(CryoPoseMLProtPredict, inputParticles=new_parts, inputModel=model, useGpu=False,
-                                   batchSize=120, numberOfThreads=3, streamingSleepOnWait=0)
-        self.launchProtocol(predict)
         out = predict.outputParticles
         assert out.getSize() == 300 and not out.isStreamOpen() and out.hasAlignmentProj()
         ids = sorted(p.getObjId() for p in out)
@@ -78,8 +138,6 @@ class TestCryoposemlPipeline(BaseTest):
         ours = []
         for f in Path(predict._getExtraPath()).glob("batch_*/predicted.star"):
             ours.append(read_star(f).particles.set_index("rlnImageId"))
-        import pandas as pd
-
         assert len(ours) == 3   # 300 particles in batches of 120
         ours = pd.concat(ours).loc[theirs.index]
         from cryoposeml.core.rotations import euler_to_matrix, geodesic_distance_deg
@@ -90,17 +148,17 @@ class TestCryoposemlPipeline(BaseTest):
         for c in ("rlnOriginXAngst", "rlnOriginYAngst"):
             np.testing.assert_allclose(theirs[c].to_numpy(), ours[c].to_numpy(), atol=0.01)
 
-        cleanup = self.newProtocol(CryoPoseMLProtCleanup, inputParticles=out, method=1, quantile=0.2)
-        self.launchProtocol(cleanup)
-        kept = cleanup.outputParticles
-        assert kept.getSize() == 240 and cleanup.outputDiscarded.getSize() == 60
-        worst_kept = max(p._cryoposemlExpectedError.get() for p in kept)
-        best_gone = min(p._cryoposemlExpectedError.get() for p in cleanup.outputDiscarded)
-        assert worst_kept <= best_gone
+        kept, gone = cleanup.outputParticles, getattr(cleanup, "outputDiscarded", None)
+        n_gone = gone.getSize() if gone is not None else 0
+        assert kept.getSize() + n_gone == 300 and kept.getSize() >= 150   # auto keeps >= 50%
+        if n_gone:
+            worst_kept = max(p._cryoposemlExpectedError.get() for p in kept)
+            best_gone = min(p._cryoposemlExpectedError.get() for p in gone)
+            assert worst_kept <= best_gone
+        assert os.path.exists(cleanup._getExtraPath("kept_cleanup.png"))
+        assert cleanup.summaryJson()["particles_in"] == 300
 
-        refine = self.newProtocol(CryoPoseMLProtLocalRefine, inputParticles=kept, numberOfMpi=3)
-        self.launchProtocol(refine)
-        assert refine.outputParticles.getSize() == 240 and refine.outputVolume.hasHalfMaps()
+        assert refine.outputParticles.getSize() == kept.getSize() and refine.outputVolume.hasHalfMaps()
         s = refine.summaryJson()
         assert s["search"]["sigma_ang_deg"] == 30.0   # a 3-epoch network: the widest prior
         # (Whether Relion converges from such poses is not this test's business; the CLI tests check
@@ -118,3 +176,73 @@ class TestCryoposemlPipeline(BaseTest):
         np.testing.assert_allclose(rel["rlnAngleTiltPrior"].to_numpy(),
                                    read_star(Path(refine._getExtraPath("refine", "input.star"))).particles
                                    .set_index("rlnImageId").loc[rel.index, "rlnAngleTilt"].to_numpy(), atol=1e-3)
+
+    def _waitFinished(self, protocols, timeout=900, until=None):
+        """Poll scheduled protocols until all finish (or ``until()`` is true); fail on a failure."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            fresh = [self.proj.getProtocol(p.getObjId()) for p in protocols]
+            for p in fresh:
+                self.proj._updateProtocol(p)
+            fresh = [self.proj.getProtocol(p.getObjId()) for p in protocols]
+            for p in fresh:
+                if p.isFailed() or p.isAborted():
+                    self.printLastLogLines(p)
+                    raise AssertionError(f"{p.getRunName()} failed: {p.getErrorMessage()}")
+            if until is not None and until():
+                return fresh
+            if until is None and all(p.isFinished() for p in fresh):
+                return fresh
+            time.sleep(3)
+        for p in protocols:
+            self.printLastLogLines(p)
+        raise AssertionError(f"timed out after {timeout} s")
+
+    def test_streaming_template(self):
+        """Three STAR files arrive one after another; predict works on each while the input is still
+        open; every particle appears exactly once; outputs close; cleanup runs at the end."""
+        import pwem.objects as emobj
+
+        model = self.data / "model"
+        r = cli("train", "--particles", self.data / "train" / "ground_truth.star", "--out", model, "--epochs", 2,
+                "--box-px", 32, *TRAIN_ARGS.split(), "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        staging, watched = self.data / "staging", self.data / "incoming"
+        staging.mkdir(), watched.mkdir()
+        parts = split_star(self.data / "new" / "particles.star", 3, staging)
+        imp, predict, cleanup = load_template(
+            self.proj, "cryoposeml_streaming", pattern=watched / "*.star", file_timeout=1, timeout=600,
+            end_marker=watched / "DONE", sleep=2, model=model, batch=100, gpu="false", sym="C1")
+        for prot in (imp, predict, cleanup):
+            self.proj.scheduleProtocol(prot)
+
+        predicted = Path(self.proj.getProtocol(predict.getObjId())._getPath("particles.sqlite"))
+
+        def n_predicted():
+            if not predicted.exists():
+                return 0
+            out = emobj.SetOfParticles(filename=str(predicted))
+            try:
+                return out.getSize()
+            finally:
+                out.close()
+
+        for k, star in enumerate(parts):
+            # Written into the watched folder only now (same folder as the stacks' STAR: paths stay valid).
+            os.replace(star, watched / star.name)
+            if k < len(parts) - 1:   # predicted while the import is still open
+                self._waitFinished([imp, predict, cleanup], timeout=600, until=lambda: n_predicted() >= 100 * (k + 1))
+                fresh_imp = self.proj.getProtocol(imp.getObjId())
+                assert fresh_imp.outputParticles.isStreamOpen()
+        (watched / "DONE").touch()
+        imp, predict, cleanup = self._waitFinished([imp, predict, cleanup], timeout=900)
+
+        assert imp.outputParticles.getSize() == 300 and not imp.outputParticles.isStreamOpen()
+        out = predict.outputParticles
+        assert not out.isStreamOpen()
+        ids = [p.getObjId() for p in out]
+        assert len(ids) == len(set(ids)) == 300 and set(ids) == set(imp.outputParticles.getIdSet())
+        assert len(list(Path(predict._getExtraPath()).glob("batch_*/predicted.star"))) == 3   # one per arrival
+        sources = imp.outputParticles.getUniqueValues("_cryoposemlSourceStar")
+        assert sorted(Path(s).name for s in sources) == ["batch_1.star", "batch_2.star", "batch_3.star"]
+        assert cleanup.summaryJson()["particles_in"] == 300

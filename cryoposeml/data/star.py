@@ -173,7 +173,7 @@ class ParticleStar:
             if slices[i] < 0:
                 raise InputError(f"row {i + 1}: image number in {name!r} must be >= 1", self._where())
             stack_of[i] = unique.setdefault(stack, len(unique))
-        return [self._resolve(s) for s in unique], stack_of, slices
+        return [self.resolve_image_path(s) for s in unique], stack_of, slices
 
     def image_keys(self) -> list[str]:
         """One key per particle, ``"slice@/resolved/stack.mrcs"``, equal for the same image whatever
@@ -182,7 +182,8 @@ class ParticleStar:
         names = [str(s.resolve()) for s in stacks]
         return [f"{i}@{names[k]}" for k, i in zip(stack_of, slices)]
 
-    def _resolve(self, name: str) -> Path:
+    def resolve_image_path(self, name: str) -> Path:
+        """An image stack named in the STAR, as an existing path (see the module docstring)."""
         p = Path(name)
         if p.is_absolute():
             candidates = [p]

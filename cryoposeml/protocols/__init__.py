@@ -1,4 +1,5 @@
 """The cryoposeml protocols (Scipion skin): thin wrappers that run ``cryoposeml <command>``."""
+from .protocol_import import CryoPoseMLProtImportParticles
 from .protocol_train import CryoPoseMLProtTrain
 from .protocol_predict import CryoPoseMLProtPredict
 from .protocol_cleanup import CryoPoseMLProtCleanup
