@@ -80,6 +80,12 @@ class TestCryoposemlTemplates(BaseTest):
         protocols = Domain.getProtocols()
         from pyworkflow.template import LocalTemplate
 
+        from pyworkflow.viewer import DESKTOP_TKINTER
+
+        for prot in ("CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
+                     "CryoPoseMLProtLocalRefine"):
+            found = Domain.findViewers(prot, DESKTOP_TKINTER)
+            assert any(v.__module__ == "cryoposeml.viewers" for v in found), (prot, found)
         paths = sorted(TEMPLATES.glob("*.json.template"))
         assert [p.name for p in paths] == ["cryoposeml_pipeline.json.template", "cryoposeml_streaming.json.template"]
         for path in paths:
@@ -177,6 +183,36 @@ class TestCryoposemlTemplates(BaseTest):
                                    read_star(Path(refine._getExtraPath("refine", "input.star"))).particles
                                    .set_index("rlnImageId").loc[rel.index, "rlnAngleTilt"].to_numpy(), atol=1e-3)
 
+        # The viewers draw each protocol's results from its files and output sets.
+        from cryoposeml.viewers import (CryoPoseMLViewerCleanup, CryoPoseMLViewerPredict, CryoPoseMLViewerRefine,
+                                        CryoPoseMLViewerTrain)
+
+        def figure(viewer_class, prot):
+            viewer = viewer_class(project=self.proj, protocol=prot)
+            (name,) = viewer_class._figures
+            return viewer.figure(name)
+
+        fig = figure(CryoPoseMLViewerTrain, train)
+        assert [len(line.get_xdata()) for line in fig.axes[1].lines] == [3, 3]        # 3 epochs: median, mean
+        fig = figure(CryoPoseMLViewerPredict, predict)
+        assert fig.axes[0].collections[0].get_array().sum() == 300                   # every particle's direction
+        assert sum(p.get_height() for p in fig.axes[2].patches) == 300               # expected-error histogram
+        fig = figure(CryoPoseMLViewerCleanup, cleanup)
+        assert len(fig.axes[0].lines[0].get_xdata()) == len(cleanup.summaryJson()["sweep"])
+        fig = figure(CryoPoseMLViewerRefine, refine)
+        assert len(fig.axes[1].collections[0].get_offsets()) == kept.getSize()        # pose change per particle
+        assert np.all(rel["rlnCpmlPoseChangeDeg"].to_numpy() >= 0)
+
+    @classmethod
+    def _model(cls):
+        """A small model folder trained with the CLI (once per class)."""
+        model = cls.data / "model"
+        if not (model / "model.json").exists():
+            r = cli("train", "--particles", cls.data / "train" / "ground_truth.star", "--out", model, "--epochs", 2,
+                    "--box-px", 32, *TRAIN_ARGS.split(), "--device", "cpu")
+            assert r.returncode == 0, r.stderr
+        return model
+
     def _waitFinished(self, protocols, timeout=900, until=None):
         """Poll scheduled protocols until all finish (or ``until()`` is true); fail on a failure."""
         t0 = time.time()
@@ -203,10 +239,7 @@ class TestCryoposemlTemplates(BaseTest):
         open; every particle appears exactly once; outputs close; cleanup runs at the end."""
         import pwem.objects as emobj
 
-        model = self.data / "model"
-        r = cli("train", "--particles", self.data / "train" / "ground_truth.star", "--out", model, "--epochs", 2,
-                "--box-px", 32, *TRAIN_ARGS.split(), "--device", "cpu")
-        assert r.returncode == 0, r.stderr
+        model = self._model()
         staging, watched = self.data / "staging", self.data / "incoming"
         staging.mkdir(), watched.mkdir()
         parts = split_star(self.data / "new" / "particles.star", 3, staging)
@@ -246,3 +279,53 @@ class TestCryoposemlTemplates(BaseTest):
         sources = imp.outputParticles.getUniqueValues("_cryoposemlSourceStar")
         assert sorted(Path(s).name for s in sources) == ["batch_1.star", "batch_2.star", "batch_3.star"]
         assert cleanup.summaryJson()["particles_in"] == 300
+
+    def test_streaming_kill_and_resume(self):
+        """Import and predict are killed mid-stream (after the first of three STAR files), more files
+        arrive, both are resumed: every particle is imported and predicted exactly once."""
+        import pwem.objects as emobj
+        from pyworkflow.protocol.constants import MODE_RESUME
+
+        staging, watched = self.data / "staging_kill", self.data / "incoming_kill"
+        staging.mkdir(), watched.mkdir()
+        parts = split_star(self.data / "new" / "particles.star", 3, staging)
+        imp, predict, _ = load_template(
+            self.proj, "cryoposeml_streaming", pattern=watched / "*.star", file_timeout=1, timeout=600,
+            end_marker=watched / "DONE", sleep=2, model=self._model(), batch=100, gpu="false", sym="C1")
+        predicted = Path(predict._getPath("particles.sqlite"))
+
+        def n_predicted():
+            if not predicted.exists():
+                return 0
+            out = emobj.SetOfParticles(filename=str(predicted))
+            try:
+                return out.getSize()
+            finally:
+                out.close()
+
+        os.replace(parts[0], watched / parts[0].name)
+        for prot in (imp, predict):
+            self.proj.scheduleProtocol(prot)
+        self._waitFinished([imp, predict], timeout=600, until=lambda: n_predicted() >= 100)
+        for prot in (predict, imp):
+            self.proj.stopProtocol(self.proj.getProtocol(prot.getObjId()))
+        assert n_predicted() == 100
+        for star in parts[1:]:
+            os.replace(star, watched / star.name)
+        (watched / "DONE").touch()
+
+        for prot in (imp, predict):   # Continue, as the GUI does: the import first, so predict sees it close
+            prot = self.proj.getProtocol(prot.getObjId())
+            prot.runMode.set(MODE_RESUME)
+            self.proj.launchProtocol(prot, wait=True)
+            prot = self.proj.getProtocol(prot.getObjId())
+            assert prot.isFinished(), (prot.getRunName(), prot.getStatus(), prot.getErrorMessage())
+        imp, predict = (self.proj.getProtocol(p.getObjId()) for p in (imp, predict))
+        imported = [p.getObjId() for p in imp.outputParticles]
+        assert len(imported) == len(set(imported)) == 300 and not imp.outputParticles.isStreamOpen()
+        sources = [p._cryoposemlSourceStar.get() for p in imp.outputParticles]
+        assert sorted(Path(s).name for s in set(sources)) == ["batch_1.star", "batch_2.star", "batch_3.star"]
+        assert all(sources.count(s) == 100 for s in set(sources))
+        out = [p.getObjId() for p in predict.outputParticles]
+        assert len(out) == len(set(out)) == 300 and set(out) == set(imported)
+        assert not predict.outputParticles.isStreamOpen()

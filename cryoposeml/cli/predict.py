@@ -1,7 +1,8 @@
 """Predict poses, shifts and calibrated uncertainties for particles with a trained model.
 
 Writes OUT.star (input columns kept; poses replaced; rlnParticleFigureOfMerit and
-rlnCpmlExpectedErrorDeg added) and OUT.json (summary, transferability check). With --strict, a
+rlnCpmlExpectedErrorDeg added), OUT.json (summary, transferability check) and OUT.png
+(angular distribution, expected-error histogram, held-out error vs confidence). With --strict, a
 model that does not transfer to these particles is an error instead of a warning.
 """
 from ..engine.predict import predict

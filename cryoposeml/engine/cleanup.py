@@ -30,7 +30,7 @@ from ..core.metrics import fsc, resolution_at, soft_sphere_mask
 from ..data.mrc import write_map
 from ..data.star import ParticleStar, read_star, write_star
 from ._outputs import check_new_file, stamp, write_json
-from ._plots import plot_fsc_curves, pyplot, save_figure
+from .plots import cleanup_figure, save_figure
 from .reconstruct import half_map_paths, half_set_labels, nested_half_reconstructions, reconstruct_star
 
 __all__ = ["CleanupConfig", "cleanup", "cleanup_paths", "score_order"]
@@ -104,21 +104,6 @@ def _crossing_shell(freq: np.ndarray, curve: np.ndarray, threshold: float = 0.14
     """Where the FSC first drops below ``threshold``, in (fractional) Fourier shells."""
     res = resolution_at(freq, curve, threshold)
     return float(1.0 / res / freq[1])
-
-
-def _plot(path: Path, rows: list[dict], chosen: int, curves: dict, column: str) -> None:
-    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(11, 4))
-    kept = np.array([r["particles_kept"] for r in rows])
-    res = np.array([r["resolution_fsc0143_angstrom"] for r in rows])
-    a1.plot(kept, res, "o-", color="tab:blue")
-    a1.plot(kept[chosen], res[chosen], "o", ms=12, mfc="none", mec="tab:red", mew=2,
-            label=f"kept {kept[chosen]} ({rows[chosen]['fraction_kept']:.0%}): {res[chosen]:.2f} A")
-    a1.set_xlabel(f"particles kept (most certain first, by {column})")
-    a1.set_ylabel("half-map FSC 0.143 resolution (A)")
-    a1.invert_yaxis()
-    a1.legend()
-    plot_fsc_curves(a2, curves, "half-map FSC")
-    save_figure(fig, path)
 
 
 def _sizes(cfg: CleanupConfig, n: int, score_sorted: np.ndarray, larger: bool) -> list[int]:
@@ -197,14 +182,14 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
         "resolution_all_fsc0143_angstrom": everything["resolution_fsc0143_angstrom"],
         "resolution_kept_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
         "resolution_kept_fsc05_angstrom": resolution_at(freq, curve, 0.5),
-        "fsc_frequency_per_angstrom": freq, "fsc_kept": curve,
+        "fsc_frequency_per_angstrom": freq, "fsc_kept": curve, "fsc_all": curves_all[n][1],
         "sweep": rows, "chosen_index": chosen,
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     curves = {f"all {n}": curves_all[n]}
     if n_keep != n:
         curves[f"kept {n_keep}"] = (freq, curve)
-    _plot(paths["plot"], rows, chosen, curves, cfg.column)
+    save_figure(cleanup_figure(rows, chosen, curves, cfg.column), paths["plot"])
     write_map(paths["half1"], rec.half1, rec.pixel_size_angstrom)
     write_map(paths["half2"], rec.half2, rec.pixel_size_angstrom)
     write_map(paths["map"], rec.full, rec.pixel_size_angstrom)

@@ -16,7 +16,7 @@ from ..core.symmetry import symmetry_group
 from ..data.mrc import read_map
 from ..data.star import read_star
 from ._outputs import check_new_file, stamp, write_json
-from ._plots import plot_fsc_curves, pyplot, save_figure
+from .plots import plot_fsc_curves, pyplot, save_figure
 from .reconstruct import reconstruct_star
 
 __all__ = ["evaluate", "match_particles"]

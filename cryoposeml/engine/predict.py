@@ -10,6 +10,8 @@ Written columns: the poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst; the input's
 the error is under 10 deg, from the held-out calibration) and ``rlnCpmlExpectedErrorDeg``.
 ``top_k`` (distribution models) also writes ``OUT_topK.star``: K rows per particle, the K most
 probable distinct poses with ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``.
+``OUT.png``: projection directions, expected-error histogram, and the model's held-out error vs
+confidence with these particles' confidences beside it.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..data.dataset import ParticleDataset
 from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, read_star, write_star
 from ._outputs import check_new_file, stamp, write_json
 from .calibration import Calibration
+from .plots import pose_figure, save_figure
 from .train import load_model, preprocessor_for, resolve_device
 
 __all__ = ["predict", "transfer_check"]
@@ -68,6 +71,8 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
     check_new_file(out, overwrite)
     summary_path = out.with_suffix(".json")
     check_new_file(summary_path, overwrite)
+    plot_path = out.with_suffix(".png")
+    check_new_file(plot_path, overwrite)
     topk_path = out.with_name(f"{out.stem}_top{top_k}.star")
     if top_k:
         if top_k < 2:
@@ -173,6 +178,10 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
                             "median_probability_by_rank": np.median(top_prob, axis=0).tolist()}
         write_star(_top_k_star(result, top_mats, top_prob, shifts * pre["pixel_size_angstrom"] if predicts_shifts
                                else None), topk_path)
+    main_run = max(runs, key=lambda r: runs[r]["particles"])
+    save_figure(pose_figure(result.angles_deg(), expected, Calibration(**meta["runs"][main_run]["calibration"]),
+                            score[which == main_run]), plot_path)
+    summary["plot"] = str(plot_path)
     write_star(result, out)
     write_json(summary_path, summary)
     return summary

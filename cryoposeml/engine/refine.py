@@ -18,8 +18,10 @@ What a user would do by hand, made reproducible:
 4. Run ``mpirun -n 3 relion_refine_mpi --auto_refine --split_random_halves`` in ``OUT`` (output
    ``OUT/relion/run*``), streaming Relion's output to the terminal and ``OUT/relion.log``.
 5. Parse Relion's final map, half-maps, resolution and poses: ``OUT/refined.star`` (Relion's
-   poses, with the input's extra columns restored if Relion dropped them), ``OUT/map.mrc``,
-   ``OUT/map_half1.mrc``, ``OUT/map_half2.mrc`` and ``OUT/refine.json`` (written last).
+   poses, with the input's extra columns restored if Relion dropped them, and
+   ``rlnCpmlPoseChangeDeg``: how far Relion moved each particle from the predicted pose, modulo
+   symmetry), ``OUT/map.mrc``, ``OUT/map_half1.mrc``, ``OUT/map_half2.mrc``, ``OUT/refine.png``
+   (half-map FSC; pose change vs expected error) and ``OUT/refine.json`` (written last).
 """
 from __future__ import annotations
 
@@ -37,14 +39,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import starfile
+from scipy.stats import spearmanr
 
 from ..core.errors import InputError
 from ..core.fourier import lowpass_volume
 from ..core.metrics import fsc, resolution_at, soft_sphere_mask
-from ..core.symmetry import symmetry_group
+from ..core.symmetry import symmetric_distance_deg, symmetry_group
 from ..data.mrc import read_map, write_map
 from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, ParticleStar, read_star, write_star
 from ._outputs import check_run_folder, stamp, write_json
+from .plots import refine_figure, save_figure
 from .reconstruct import half_set_labels, reconstruct_star
 
 __all__ = ["RefineConfig", "RelionError", "refine", "choose_search", "autorefine_command", "run_relion",
@@ -283,13 +287,18 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
         raise RelionError(f"Relion finished without its final outputs ({', '.join(missing)}); see {out / 'relion.log'}")
     refined = read_star(needed["data"])
     refined.particles = _restore_columns(refined.particles, given.particles, needed["data"], input_star)
+    if len(refined) != len(star):
+        raise RelionError(f"Relion returned {len(refined)} particles for {len(star)} given", needed["data"])
+    moved = symmetric_distance_deg(star.matrices(), refined.matrices(), cfg.sym)   # rows in input order
+    refined.particles["rlnCpmlPoseChangeDeg"] = moved
     refined_path = write_star(refined, out / "refined.star")
     h1, h2 = read_map(needed["half1"])[0], read_map(needed["half2"])[0]
     freq, curve = fsc(h1, h2, apix, soft_sphere_mask(box))
     for name in ("map", "half1", "half2"):
         shutil.copyfile(needed[name], out / {"map": "map.mrc", "half1": "map_half1.mrc", "half2": "map_half2.mrc"}[name])
-    moved = np.degrees(np.arccos(np.clip((np.trace(np.einsum("nji,njk->nik", star.matrices(), refined.matrices()),
-                                                   axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    expected = (star.particles["rlnCpmlExpectedErrorDeg"].to_numpy(np.float64)
+                if "rlnCpmlExpectedErrorDeg" in star.particles else None)
+    save_figure(refine_figure(freq, curve, expected, moved), out / "refine.png")
     summary = {
         **stamp(particles=particles, **asdict(cfg)),
         "particles": len(star), "halves_assigned_randomly": made_up, "priors": cfg.priors,
@@ -303,8 +312,10 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
         "half_map_fsc05_angstrom": resolution_at(freq, curve, 0.5),
         "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
         "pose_change_median_deg": float(np.median(moved)),
+        "pose_change_vs_expected_error_spearman": (float(spearmanr(expected, moved)[0]) if expected is not None
+                                                   and len(moved) > 2 else None),
         "relion_seconds": t_relion, "total_seconds": time.perf_counter() - t_start,
-        "outputs": {"particles": str(refined_path), "map": str(out / "map.mrc"),
+        "outputs": {"particles": str(refined_path), "map": str(out / "map.mrc"), "plot": str(out / "refine.png"),
                     "half1": str(out / "map_half1.mrc"), "half2": str(out / "map_half2.mrc")},
     }
     write_json(out / MARKER, summary)

@@ -33,6 +33,7 @@ from ..models.losses import (confidence_regression_loss, grid_cross_entropy, sia
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
 from .calibration import auroc, expected_calibration_error, fit_calibration
+from .plots import save_figure, training_figure
 
 __all__ = ["TrainConfig", "train", "load_model", "preprocessor_for", "resolve_device"]
 
@@ -118,28 +119,6 @@ def _predict(model, images: torch.Tensor, device, batch_size: int = 256) -> dict
         for k in outs:
             outs[k].append(o[k].float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}
-
-
-def _plot_curves(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax[0].plot(ep, [r["train_loss"] for r in rows], label="train loss")
-    ax[0].set_xlabel("epoch")
-    ax[0].set_yscale("log")
-    ax[0].legend()
-    ax[1].plot(ep, [r["val_median_deg"] for r in rows], label="validation median error")
-    ax[1].plot(ep, [r["val_mean_deg"] for r in rows], label="validation mean error")
-    ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("degrees")
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 class _Distributed:
@@ -309,7 +288,7 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
                                    "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                    "state": json.dumps(state)})
             write_rows_csv(outdir / "metrics.csv", state["rows"])
-            _plot_curves(state["rows"], outdir / "curves.png")
+            save_figure(training_figure({outdir.name: state["rows"]}), outdir / "curves.png")
         ddp.barrier()
 
     # Calibrate the best model on the validation particles (the final map is fitted on all of them).

@@ -90,6 +90,13 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
             errors.append("The particles have no _cryoposemlExpectedError: use the output of 'predict poses'.")
         return errors
 
+    def _warnings(self):
+        parts = self.inputParticles.get()
+        if parts is not None and self.method.get() == 0 and parts.getSize() < 500:
+            return [f"Only {parts.getSize()} particles: the half-map FSC of small subsets is noisy, so the fraction "
+                    "chosen by 'auto' may not be stable. Consider 'quantile'."]
+        return []
+
     def _summary(self):
         try:
             s = self.summaryJson()

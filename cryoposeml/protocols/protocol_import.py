@@ -199,6 +199,12 @@ class CryoPoseMLProtImportParticles(ProtImport):
             return [f"No file matches {pattern}."]
         return []
 
+    def _warnings(self):
+        if self.dataStreaming and not (self.endMarker.get() or "").strip() and self.timeout.get() >= 3600:
+            return [f"Without an end-marker file the output stays open until no new STAR has come for "
+                    f"{self.timeout.get() / 3600:.1f} h; protocols that need a closed set (cleanup) wait until then."]
+        return []
+
     def _summary(self):
         if not hasattr(self, ImportOutputs.outputParticles.name):
             return ["No particles imported yet."]

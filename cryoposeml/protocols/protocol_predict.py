@@ -189,6 +189,23 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
             errors.append(f"The model was trained with symmetry {meta['sym']}, not {self.symmetry.get()}.")
         return errors
 
+    def _warnings(self):
+        warnings = []
+        path = self._modelPath()
+        try:
+            meta = readModelMetadata(path) if path else None
+        except (OSError, ValueError):
+            meta = None
+        medians = [r["validation"]["median_deg"] for r in (meta or {}).get("runs", {}).values() if "validation" in r]
+        if medians and min(medians) > 15:
+            warnings.append(f"This model's held-out median error is {min(medians):.0f} deg: its poses are a coarse "
+                            "start. Follow with cleanup and a Relion local refinement.")
+        parts = self.inputParticles.get()
+        if parts is not None and not self.usesGpu() and parts.getSize() > 50000:
+            warnings.append(f"{parts.getSize()} particles on the CPU: expect roughly {parts.getSize() / 300 / 60:.0f} "
+                            "min (about 300 particles/s on 2 cores at 32 px). Use a GPU if you can.")
+        return warnings
+
     def _summary(self):
         if not hasattr(self, PredictOutputs.outputParticles.name):
             return ["No particles predicted yet."]

@@ -97,6 +97,18 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
             errors.append(f"The starting map is {ref.getXDim()} px, the particles {parts.getXDim()} px.")
         return errors
 
+    def _warnings(self):
+        warnings = []
+        parts = self.inputParticles.get()
+        if (parts is not None and self.sigmaAng.get() <= 0
+                and not parts.getFirstItem().hasAttribute("_cryoposemlExpectedError")):
+            warnings.append("The particles have no predicted expected error (_cryoposemlExpectedError): the prior "
+                            "width falls back to 30 deg, a wide and slow search. Set 'Prior width' if you know better.")
+        if parts is not None and parts.getSize() < 1000:
+            warnings.append(f"Only {parts.getSize()} particles: Relion's resolution estimate and its convergence "
+                            "from a low-passed reference are fragile with so few.")
+        return warnings
+
     def _summary(self):
         try:
             s = self.summaryJson()

@@ -1,0 +1,148 @@
+"""Scipion viewers: the plots of each cryoposeml protocol, opened from the protocol (Analyze Results).
+
+Each viewer reads what its protocol wrote (metrics CSV, JSON summaries, STAR files, the output set)
+and draws it with the figure builders of :mod:`cryoposeml.engine.plots`, the same figures the CLI
+writes as PNG files. ``figure(name)`` returns the matplotlib Figure (used headless by the tests);
+the GUI shows it in a window.
+"""
+import csv
+from pathlib import Path
+
+import numpy as np
+
+import pyworkflow.protocol.params as params
+from pyworkflow.viewer import DESKTOP_TKINTER, WEB_DJANGO
+from pwem.viewers import EmProtocolViewer
+
+from .protocols import CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPoseMLProtPredict, CryoPoseMLProtTrain
+
+
+class _FigureViewer(EmProtocolViewer):
+    """A form with one button per figure; ``_figures`` maps a LabelParam name to (label, builder)."""
+    _environments = [DESKTOP_TKINTER, WEB_DJANGO]
+    _figures: dict = {}
+
+    def _defineParams(self, form):
+        form.addSection(label="Plots")
+        for name, (label, _) in self._figures.items():
+            form.addParam(name, params.LabelParam, label=label)
+
+    def _getVisualizeDict(self):
+        return {name: (lambda _param=None, n=name: self._show(n)) for name in self._figures}
+
+    def figure(self, name):
+        """The matplotlib Figure for ``name`` (one of ``_figures``)."""
+        return getattr(self, self._figures[name][1])()
+
+    def _show(self, name):
+        from pyworkflow.gui.plotter import Plotter
+
+        try:
+            fig = self.figure(name)
+        except (OSError, KeyError, ValueError) as e:
+            return [self.errorMessage(f"Nothing to plot yet: {e}", title="cryoposeml")]
+        return [Plotter(figure=fig)]
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _particle_arrays(particles):
+    """Relion angles (deg), and the expected error / confidence attributes, of a Scipion set."""
+    from .core.rotations import scipion_matrix_to_relion
+
+    mats, expected, confidence = [], [], []
+    for p in particles.iterItems():
+        mats.append(p.getTransform().getMatrix())
+        expected.append(p._cryoposemlExpectedError.get() if hasattr(p, "_cryoposemlExpectedError") else np.nan)
+        confidence.append(p._cryoposemlConfidence.get() if hasattr(p, "_cryoposemlConfidence") else np.nan)
+    if not mats:
+        raise ValueError("the output has no particles")
+    angles, _ = scipion_matrix_to_relion(np.array(mats))
+    expected, confidence = np.array(expected), np.array(confidence)
+    return (angles, None if np.isnan(expected).all() else expected,
+            None if np.isnan(confidence).all() else confidence)
+
+
+class CryoPoseMLViewerTrain(_FigureViewer):
+    """Training curves: loss and validation angular error per epoch (per half-set)."""
+    _label = "cryoposeml training viewer"
+    _targets = [CryoPoseMLProtTrain]
+    _figures = {"showCurves": ("Training curves (loss, validation error)", "_trainingFigure")}
+
+    def _trainingFigure(self):
+        from .engine.plots import training_figure
+
+        model = Path(self.protocol._getExtraPath("model"))
+        runs = {run: _read_csv(model / run / "metrics.csv") for run in ("full", "half1", "half2")
+                if (model / run / "metrics.csv").exists()}
+        if not runs:
+            raise OSError(f"no metrics.csv under {model}")
+        return training_figure(runs)
+
+
+class CryoPoseMLViewerPredict(_FigureViewer):
+    """Predicted poses: angular distribution, expected-error histogram, and the model's held-out
+    error vs confidence with these particles' confidences (works while streaming)."""
+    _label = "cryoposeml prediction viewer"
+    _targets = [CryoPoseMLProtPredict]
+    _figures = {"showPoses": ("Angular distribution, uncertainty and calibration", "_poseFigure")}
+
+    def _poseFigure(self):
+        from .engine.calibration import Calibration
+        from .engine.plots import pose_figure
+        from .objects import readModelMetadata
+
+        out = getattr(self.protocol, "outputParticles", None)
+        if out is None:
+            raise ValueError("no particles predicted yet")
+        angles, expected, confidence = _particle_arrays(out)
+        meta = readModelMetadata(self.protocol._modelPath())
+        run = "full" if "full" in meta["runs"] else sorted(meta["runs"])[0]
+        calib = Calibration(**meta["runs"][run]["calibration"])
+        return pose_figure(angles, expected, calib, confidence)
+
+
+class CryoPoseMLViewerCleanup(_FigureViewer):
+    """Cleanup: half-map resolution vs particles kept (the choice circled) and the FSC curves."""
+    _label = "cryoposeml cleanup viewer"
+    _targets = [CryoPoseMLProtCleanup]
+    _figures = {"showSweep": ("Resolution vs particles kept, FSC", "_cleanupFigure")}
+
+    def _cleanupFigure(self):
+        from .engine.plots import cleanup_figure
+
+        s = self.protocol.summaryJson()
+        freq = np.asarray(s["fsc_frequency_per_angstrom"])
+        curves = {}
+        if "fsc_all" in s:
+            curves[f"all {s['particles_in']}"] = (freq, np.asarray(s["fsc_all"]))
+        if s["particles_kept"] != s["particles_in"] or not curves:
+            curves[f"kept {s['particles_kept']}"] = (freq, np.asarray(s["fsc_kept"]))
+        return cleanup_figure(s["sweep"], s["chosen_index"], curves, s.get("column", "rlnCpmlExpectedErrorDeg"))
+
+
+class CryoPoseMLViewerRefine(_FigureViewer):
+    """Relion local refinement: half-map FSC, and how far Relion moved each particle from its
+    predicted pose against the predicted expected error."""
+    _label = "cryoposeml local-refine viewer"
+    _targets = [CryoPoseMLProtLocalRefine]
+    _figures = {"showRefine": ("FSC; pose change vs expected error", "_refineFigure")}
+
+    def _refineFigure(self):
+        from .data.star import read_star
+        from .engine.plots import refine_figure
+
+        s = self.protocol.summaryJson()
+        refined = read_star(self.protocol._getExtraPath("refine", "refined.star")).particles
+        if "rlnCpmlPoseChangeDeg" not in refined:
+            raise KeyError("refined.star has no rlnCpmlPoseChangeDeg (made by an older cryoposeml)")
+        expected = (refined["rlnCpmlExpectedErrorDeg"].to_numpy(float) if "rlnCpmlExpectedErrorDeg" in refined
+                    else None)
+        return refine_figure(np.asarray(s["fsc_frequency_per_angstrom"]), np.asarray(s["fsc_half_maps"]), expected,
+                             refined["rlnCpmlPoseChangeDeg"].to_numpy(float))
+
+
+__all__ = ["CryoPoseMLViewerTrain", "CryoPoseMLViewerPredict", "CryoPoseMLViewerCleanup", "CryoPoseMLViewerRefine"]
