@@ -110,10 +110,11 @@ starting point: cleanup drops the particles it is least sure of (the threshold c
 half-map FSC, see `cleanup/kept_cleanup.png`), and Relion's local refinement, searching around them
 (`refine/relion.log`), brings the errors down to what the data allow.
 
-Plots: ![cleanup](cleanup/kept_cleanup.png) ![training](model/full/curves.png)
-![predicted](evaluation/predicted.png) ![refined](evaluation/refined.png)
+Plots: ![training](model/full/curves.png) ![poses and uncertainty](predicted.png)
+![cleanup](cleanup/kept_cleanup.png) ![Relion's pose change vs expected error](refine/refine.png)
+![predicted vs truth](evaluation/predicted.png) ![refined vs truth](evaluation/refined.png)
 
-Files: `simulated/`, `model/`, `predicted.star` (+ `.json`), `cleanup/`, `refine/` (Relion's run in
+Files: `simulated/`, `model/`, `predicted.star` (+ `.json`, `.png`), `cleanup/`, `refine/` (Relion's run in
 `refine/relion/`), `evaluation/*.json`.
 """
         (tmp / "report.md").write_text(text)
