@@ -107,6 +107,18 @@ class TestCryoposemlTemplates(BaseTest):
                         names = possible.__members__ if hasattr(possible, "__members__") else possible
                         assert out in names, (path, key, value)
 
+    def test_import_refuses_bad_star(self):
+        """A STAR without poses imported as aligned particles fails with the file named, and leaves no output."""
+        from cryoposeml.protocols import CryoPoseMLProtImportParticles
+
+        star = self.data / "new" / "particles.star"
+        prot = self.newProtocol(CryoPoseMLProtImportParticles, filesPattern=str(star), importAlignment=True)
+        with pytest.raises(Exception):
+            self.launchProtocol(prot)
+        prot = self.proj.getProtocol(prot.getObjId())
+        assert prot.isFailed() and str(star) in prot.getErrorMessage() and "no poses" in prot.getErrorMessage()
+        assert not prot.hasAttribute("outputParticles")
+
     def test_pipeline_template(self):
         from cryoposeml.data.star import read_star
 

@@ -80,13 +80,19 @@ class CryoPoseMLProtImportParticles(ProtImport):
             out.close()
         return set(values)
 
+    def _matches(self):
+        """Absolute paths of the files matching the pattern (never the end marker)."""
+        marker = (self.endMarker.get() or "").strip()
+        marker = os.path.abspath(os.path.expanduser(marker)) if marker else None
+        found = (os.path.abspath(f) for f in glob.glob(os.path.expanduser(self.filesPattern.get())))
+        return [f for f in found if f != marker and os.path.isfile(f)]
+
     def _readyFiles(self, done):
         """Matching STAR files not yet imported, oldest first; in streaming only those unchanged for fileTimeout."""
         now = time.time()
         files = []
-        for f in glob.glob(os.path.expanduser(self.filesPattern.get())):
-            f = os.path.abspath(f)
-            if f in done or not os.path.isfile(f):
+        for f in self._matches():
+            if f in done:
                 continue
             mtime = os.path.getmtime(f)
             if self.dataStreaming and now - mtime < self.fileTimeout.get():
@@ -120,7 +126,7 @@ class CryoPoseMLProtImportParticles(ProtImport):
 
     def _pendingFiles(self, done):
         """Matching files not imported yet, ready or not."""
-        return [f for f in glob.glob(os.path.expanduser(self.filesPattern.get())) if os.path.abspath(f) not in done]
+        return [f for f in self._matches() if f not in done]
 
     def _openOutput(self, like=None):
         """The output set, reopened for appending, or a new one with the properties of ``like``."""
