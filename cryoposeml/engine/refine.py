@@ -29,8 +29,10 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -51,7 +53,7 @@ from ._outputs import check_run_folder, stamp, write_json
 from .plots import refine_figure, save_figure
 from .reconstruct import half_set_labels, reconstruct_star
 
-__all__ = ["RefineConfig", "RelionError", "refine", "choose_search", "autorefine_command", "run_relion",
+__all__ = ["RefineConfig", "RelionError", "RelionTimeout", "refine", "choose_search", "autorefine_command", "run_relion",
            "find_program", "final_resolution", "PRIOR_COLUMNS", "healpix_step_deg"]
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,10 @@ MARKER = "refine.json"
 
 class RelionError(InputError):
     """Relion is missing or failed; the message carries the end of its log."""
+
+
+class RelionTimeout(RelionError):
+    """Relion ran past the time it was given and was stopped."""
 
 
 @dataclass
@@ -136,18 +142,44 @@ def autorefine_command(input_star: str, reference: str, output_root: str, sym: s
     return cmd + shlex.split(extra_args)
 
 
-def run_relion(cmd: list[str], cwd: Path, log_path: Path, progress: bool) -> None:
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop mpirun and every Relion process it started (they share its process group)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_relion(cmd: list[str], cwd: Path, log_path: Path, progress: bool, timeout_s: float | None = None) -> None:
     """Run ``cmd`` in ``cwd``; its output goes to ``log_path`` (and the terminal when ``progress``).
-    A non-zero exit raises :class:`RelionError` with the last lines of the log."""
+    A non-zero exit raises :class:`RelionError` with the last lines of the log; past ``timeout_s``
+    seconds, Relion is stopped and :class:`RelionTimeout` raised."""
     tail: deque[str] = deque(maxlen=25)
+    timed_out = threading.Event()
     with open(log_path, "w") as logf:
         logf.write("$ " + shlex.join(cmd) + "\n")
         logf.flush()
         try:
             proc = subprocess.Popen(cmd, cwd=cwd, env=_relion_env(), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
+                                    start_new_session=True)
         except OSError as e:
             raise RelionError(f"could not start {cmd[0]} ({e})") from e
+
+        def on_timeout():
+            timed_out.set()
+            _stop(proc)
+
+        timer = threading.Timer(timeout_s, on_timeout) if timeout_s else None
+        if timer:
+            timer.daemon = True
+            timer.start()
         try:
             for line in proc.stdout:
                 logf.write(line)
@@ -157,11 +189,15 @@ def run_relion(cmd: list[str], cwd: Path, log_path: Path, progress: bool) -> Non
                     sys.stdout.flush()
             rc = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             raise
+        finally:
+            if timer:
+                timer.cancel()
+    name = next((Path(c).name for c in cmd if Path(c).name.startswith("relion_")), Path(cmd[0]).name)
+    if timed_out.is_set():
+        raise RelionTimeout(f"{name} did not finish within {timeout_s:.0f} s and was stopped; see {log_path}")
     if rc != 0:
-        name = next((Path(c).name for c in cmd if Path(c).name.startswith("relion_")), Path(cmd[0]).name)
         raise RelionError(f"{name} failed (exit {rc}); the last lines of {log_path}:\n" + "\n".join(tail))
 
 
