@@ -123,7 +123,7 @@ def main():
         n_junk = int((truth.particles["rlnCpmlJunk"] != 0).sum())
         n_good = len(truth) - n_junk
         b["cleanup"] = {"kept": cl["particles_kept"], "fraction_kept": cl["fraction_kept"],
-                        "junk_removed_pct": 100 * (1 - (kept != 0).sum() / max(n_junk, 1)),
+                        "junk_removed_pct": 100 * (1 - (kept != 0).sum() / n_junk) if n_junk else None,
                         "good_lost_pct": 100 * (1 - (kept == 0).sum() / n_good),
                         "resolution_all_A": cl["resolution_all_fsc0143_angstrom"],
                         "resolution_kept_A": cl["resolution_kept_fsc0143_angstrom"]}
@@ -197,7 +197,8 @@ def main():
             print(f"{k} | {r['wall_s'] / 60:.1f}{note} | {r['half_map_fsc0143_A']:.2f} | {r['relion_resolution_A']:.2f} | "
                   f"{r['vs_true_fsc05_A']:.2f} | {r['median_deg']:.2f}")
     c = result["B"]["cleanup"]
-    print(f"cleanup: kept {c['kept']} ({c['fraction_kept']:.0%}); junk removed {c['junk_removed_pct']:.1f}%, "
+    junk = "no junk" if c["junk_removed_pct"] is None else f"junk removed {c['junk_removed_pct']:.1f}%"
+    print(f"cleanup: kept {c['kept']} ({c['fraction_kept']:.0%}); {junk}, "
           f"good lost {c['good_lost_pct']:.1f}%; predicted median {result['B']['predicted_median_deg']:.2f} deg")
     if "speedup_A_over_B" in result:
         bound = "" if result["A"]["finished"] else "at least "

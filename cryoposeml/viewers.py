@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import pyworkflow.protocol.params as params
-from pyworkflow.viewer import DESKTOP_TKINTER, WEB_DJANGO
+from pyworkflow.viewer import DESKTOP_TKINTER
 from pwem.viewers import EmProtocolViewer
 
 from .protocols import CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPoseMLProtPredict, CryoPoseMLProtTrain
@@ -19,7 +19,7 @@ from .protocols import CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPos
 
 class _FigureViewer(EmProtocolViewer):
     """A form with one button per figure; ``_figures`` maps a LabelParam name to (label, builder)."""
-    _environments = [DESKTOP_TKINTER, WEB_DJANGO]
+    _environments = [DESKTOP_TKINTER]
     _figures: dict = {}
 
     def _defineParams(self, form):

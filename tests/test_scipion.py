@@ -56,6 +56,19 @@ def split_star(star, n_parts, out_dir):
     return parts
 
 
+def set_size(sqlite: Path) -> int:
+    """How many particles a protocol's output set holds now (0 before it exists)."""
+    import pwem.objects as emobj
+
+    if not sqlite.exists():
+        return 0
+    out = emobj.SetOfParticles(filename=str(sqlite))
+    try:
+        return out.getSize()
+    finally:
+        out.close()
+
+
 class TestCryoposemlTemplates(BaseTest):
     @classmethod
     def setUpClass(cls):
@@ -249,8 +262,6 @@ class TestCryoposemlTemplates(BaseTest):
     def test_streaming_template(self):
         """Three STAR files arrive one after another; predict works on each while the input is still
         open; every particle appears exactly once; outputs close; cleanup runs at the end."""
-        import pwem.objects as emobj
-
         model = self._model()
         staging, watched = self.data / "staging", self.data / "incoming"
         staging.mkdir(), watched.mkdir()
@@ -264,13 +275,7 @@ class TestCryoposemlTemplates(BaseTest):
         predicted = Path(self.proj.getProtocol(predict.getObjId())._getPath("particles.sqlite"))
 
         def n_predicted():
-            if not predicted.exists():
-                return 0
-            out = emobj.SetOfParticles(filename=str(predicted))
-            try:
-                return out.getSize()
-            finally:
-                out.close()
+            return set_size(predicted)
 
         for k, star in enumerate(parts):
             # Written into the watched folder only now (same folder as the stacks' STAR: paths stay valid).
@@ -295,7 +300,6 @@ class TestCryoposemlTemplates(BaseTest):
     def test_streaming_kill_and_resume(self):
         """Import and predict are killed mid-stream (after the first of three STAR files), more files
         arrive, both are resumed: every particle is imported and predicted exactly once."""
-        import pwem.objects as emobj
         from pyworkflow.protocol.constants import MODE_RESUME
 
         staging, watched = self.data / "staging_kill", self.data / "incoming_kill"
@@ -307,13 +311,7 @@ class TestCryoposemlTemplates(BaseTest):
         predicted = Path(predict._getPath("particles.sqlite"))
 
         def n_predicted():
-            if not predicted.exists():
-                return 0
-            out = emobj.SetOfParticles(filename=str(predicted))
-            try:
-                return out.getSize()
-            finally:
-                out.close()
+            return set_size(predicted)
 
         os.replace(parts[0], watched / parts[0].name)
         for prot in (imp, predict):
