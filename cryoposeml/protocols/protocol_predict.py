@@ -117,9 +117,9 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         os.makedirs(folder, exist_ok=True)
         star_in, star_out = os.path.join(folder, "particles.star"), os.path.join(folder, "predicted.star")
         writeParticlesStar(subset, star_in, folder)
-        if os.path.exists(star_out):   # a batch that finished its prediction before a kill
-            os.remove(star_out)
-            os.remove(star_out.replace(".star", ".json"))
+        for old in (star_out, star_out.replace(".star", ".json"), star_out.replace(".star", ".png")):
+            if os.path.exists(old):   # left by a run of this batch that was killed
+                os.remove(old)
         args = f"--particles {star_in} --model {self._modelPath()} --out {star_out}"
         if self.symmetry.get():
             args += f" --sym {self.symmetry.get()}"
