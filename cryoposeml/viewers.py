@@ -114,14 +114,7 @@ class CryoPoseMLViewerCleanup(_FigureViewer):
     def _cleanupFigure(self):
         from .engine.plots import cleanup_figure
 
-        s = self.protocol.summaryJson()
-        freq = np.asarray(s["fsc_frequency_per_angstrom"])
-        curves = {}
-        if "fsc_all" in s:
-            curves[f"all {s['particles_in']}"] = (freq, np.asarray(s["fsc_all"]))
-        if s["particles_kept"] != s["particles_in"] or not curves:
-            curves[f"kept {s['particles_kept']}"] = (freq, np.asarray(s["fsc_kept"]))
-        return cleanup_figure(s["sweep"], s["chosen_index"], curves, s.get("column", "rlnCpmlExpectedErrorDeg"))
+        return cleanup_figure(self.protocol.summaryJson())
 
 
 class CryoPoseMLViewerRefine(_FigureViewer):

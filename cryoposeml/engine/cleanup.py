@@ -145,7 +145,7 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
     sizes = _sizes(cfg, n, score[order], larger)
 
     mask = soft_sphere_mask(star.box)
-    rows, curves_all = [], {}
+    rows, fsc_all = [], None
     for res in nested_half_reconstructions(star, order, sizes, cfg.sym, regularization=cfg.regularization,
                                            batch_size=cfg.batch_size, progress=progress, device=device):
         freq, curve = fsc(res.half1, res.half2, res.pixel_size_angstrom, mask)
@@ -155,7 +155,8 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
                      "resolution_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
                      "resolution_fsc05_angstrom": resolution_at(freq, curve, 0.5),
                      "crossing_shell_0143": _crossing_shell(freq, curve)})
-        curves_all[k] = (freq, curve)
+        if k == n:
+            fsc_all = curve
 
     if cfg.method == "auto":
         shells = np.array([r["crossing_shell_0143"] for r in rows])
@@ -182,14 +183,11 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
         "resolution_all_fsc0143_angstrom": everything["resolution_fsc0143_angstrom"],
         "resolution_kept_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
         "resolution_kept_fsc05_angstrom": resolution_at(freq, curve, 0.5),
-        "fsc_frequency_per_angstrom": freq, "fsc_kept": curve, "fsc_all": curves_all[n][1],
+        "fsc_frequency_per_angstrom": freq, "fsc_kept": curve, "fsc_all": fsc_all,
         "sweep": rows, "chosen_index": chosen,
         "outputs": {k: str(v) for k, v in paths.items()},
     }
-    curves = {f"all {n}": curves_all[n]}
-    if n_keep != n:
-        curves[f"kept {n_keep}"] = (freq, curve)
-    save_figure(cleanup_figure(rows, chosen, curves, cfg.column), paths["plot"])
+    save_figure(cleanup_figure(summary), paths["plot"])
     write_map(paths["half1"], rec.half1, rec.pixel_size_angstrom)
     write_map(paths["half2"], rec.half2, rec.pixel_size_angstrom)
     write_map(paths["map"], rec.full, rec.pixel_size_angstrom)

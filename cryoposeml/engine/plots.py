@@ -117,8 +117,16 @@ def pose_figure(angles_deg: np.ndarray, expected_error_deg: np.ndarray | None, c
     return fig
 
 
-def cleanup_figure(rows: list[dict], chosen: int, curves: dict, column: str):
-    """Resolution vs particles kept (the sweep, the choice circled) and the FSC curves."""
+def cleanup_figure(summary: dict):
+    """From cleanup's summary (``KEPT_cleanup.json``): resolution vs particles kept (the sweep, the
+    choice circled) and the half-map FSC curves of all particles and of those kept."""
+    rows, chosen, column = summary["sweep"], summary["chosen_index"], summary["column"]
+    freq = np.asarray(summary["fsc_frequency_per_angstrom"])
+    curves = {}
+    if "fsc_all" in summary:   # (absent from summaries written before it was recorded)
+        curves[f"all {summary['particles_in']}"] = (freq, np.asarray(summary["fsc_all"]))
+    if summary["particles_kept"] != summary["particles_in"] or not curves:
+        curves[f"kept {summary['particles_kept']}"] = (freq, np.asarray(summary["fsc_kept"]))
     fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(11, 4))
     kept = np.array([r["particles_kept"] for r in rows])
     res = np.array([r["resolution_fsc0143_angstrom"] for r in rows])
