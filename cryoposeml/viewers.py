@@ -14,7 +14,8 @@ import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER
 from pwem.viewers import EmProtocolViewer
 
-from .protocols import CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPoseMLProtPredict, CryoPoseMLProtTrain
+from .protocols import (CryoPoseMLProtAbinitio, CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPoseMLProtPredict,
+                        CryoPoseMLProtTrain)
 
 
 class _FigureViewer(EmProtocolViewer):
@@ -139,3 +140,23 @@ class CryoPoseMLViewerRefine(_FigureViewer):
 
 
 __all__ = ["CryoPoseMLViewerTrain", "CryoPoseMLViewerPredict", "CryoPoseMLViewerCleanup", "CryoPoseMLViewerRefine"]
+
+class CryoPoseMLViewerAbinitio(_FigureViewer):
+    """Ab initio curves: the loss per epoch (first half-set, or the single run), with the pose-search
+    epochs shaded, and the pose error when the run had a reference."""
+    _label = "cryoposeml ab initio viewer"
+    _targets = [CryoPoseMLProtAbinitio]
+    _figures = {"showCurves": ("Loss (and pose error) per epoch", "_abinitioFigure")}
+
+    def _abinitioFigure(self):
+        from .engine.abinitio import CONVERGED_MEDSE
+        from .engine.plots import abinitio_figure
+
+        out = Path(self.protocol._getExtraPath("abinitio"))
+        path = out / "half1" / "metrics.csv"
+        if not path.exists():
+            path = out / "metrics.csv"
+        rows = [{k: v if k == "phase" else float(v) for k, v in r.items() if v != ""} for r in _read_csv(path)]
+        if not rows:
+            raise ValueError("no epoch finished yet")
+        return abinitio_figure(rows, CONVERGED_MEDSE)

@@ -3,7 +3,7 @@ finds the frame and the hand."""
 import numpy as np
 import torch
 
-from cryoposeml.core.fourier import ifft2_centered, trilinear_apodization
+from cryoposeml.core.fourier import ifft2_centered
 from cryoposeml.core.metrics import align_poses_globally
 from cryoposeml.core.projection import Projector
 from cryoposeml.core.rotations import random_rotations
@@ -14,9 +14,8 @@ def test_voxel_decoder_slices_equal_the_projector(adk_map):
     vol, _ = adk_map
     n = vol.shape[0]
     dec = VoxelDecoder(n)
-    with torch.no_grad():
-        corrected = torch.as_tensor(vol, dtype=torch.float64) / trilinear_apodization(n, 2 * n)
-        dec.voxels.copy_((corrected / dec.scale).float())
+    dec.set_radial_profile(torch.linspace(5.0, 0.1, n))      # the preconditioner does not change the map
+    dec.load_map(vol)
     A = torch.as_tensor(random_rotations(5, 0), dtype=torch.float32)
     got = ifft2_centered(dec(A)).real
     expected = Projector(vol).project(A)
@@ -70,9 +69,7 @@ def test_the_rendering_explains_the_particles_at_their_true_poses(sim_noise_free
     images, pixel = _load(star, box, False)
     vol, _ = read_map(MAPS / "adk_open.mrc")
     dec = VoxelDecoder(box)
-    with torch.no_grad():
-        corrected = torch.as_tensor(vol, dtype=torch.float64) / trilinear_apodization(box, 2 * box)
-        dec.voxels.copy_((corrected / dec.scale).float())
+    dec.load_map(vol)
     idx = np.arange(min(len(star), 48))
     A = torch.as_tensor(star.matrices()[idx], dtype=torch.float32)
     origins = torch.as_tensor(star.shifts_px()[idx], dtype=torch.float32)
@@ -103,7 +100,7 @@ def test_abinitio_runs_with_independent_halves(sim_noise_free_ctf, tmp_path):
             "--reference-map", "adk_open"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
-    for f in ("poses.star", "map.mrc", "half1.mrc", "half2.mrc", "decoder_map_half1.mrc", "half1/metrics.csv",
+    for f in ("poses.star", "map.mrc", "map_half1.mrc", "map_half2.mrc", "decoder_map_half1.mrc", "half1/metrics.csv",
               "half2/curves.png", "half2/checkpoint.pt", "abinitio.json"):
         assert (out / f).exists(), f
     s = json.loads((out / "abinitio.json").read_text())
@@ -111,3 +108,29 @@ def test_abinitio_runs_with_independent_halves(sim_noise_free_ctf, tmp_path):
     assert 0 <= s["reference"]["medse"] <= 8 and s["reference"]["median_deg"] >= 0
     r = cli(*args)
     assert r.returncode == 1 and "already holds" in r.stderr
+
+
+def test_abinitio_converges_on_a_tiny_noise_free_set(sim_noise_free_ctf, tmp_path):
+    """600 noise-free particles (CTF, shifts), 24 px, D4 encoder with L2, about a minute on 2 cores:
+    the pose search finds the map and the poses from random initialisation, the local refinement
+    sharpens them. Measured: median 1.1 deg (MedSE 0.0007), FSC 0.5 vs the true map 5.7 A, the
+    encoder alone 28 deg (it keeps learning; random poses give about 120)."""
+    import csv
+    import json
+
+    from conftest import cli
+
+    d = sim_noise_free_ctf
+    out = tmp_path / "ab"
+    r = cli("abinitio", "--particles", d / "particles.star", "--out", out, "--box-px", 24, "--epochs", 12,
+            "--search-epochs", 8, "--encoder", "equivariant", "--loss", "l2", "--widths", 8, 16, 32,
+            "--batch-size", 16, "--reference", d / "ground_truth.star", "--reference-map", "adk_open")
+    assert r.returncode == 0, r.stderr
+    ref = json.loads((out / "abinitio.json").read_text())["reference"]
+    assert ref["converged"] and ref["medse"] < 0.01 and ref["median_deg"] < 5, ref
+    assert ref["fsc_05_vs_map_angstrom"] < 8, ref
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["phase"] for r in rows] == ["search"] * 8 + ["refine"] * 4
+    assert float(rows[0]["median_deg"]) > 60                        # it really started from nothing
+    assert float(rows[-1]["encoder_median_deg"]) < 45, rows[-1]      # the amortized encoder learned the poses

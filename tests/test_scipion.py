@@ -96,7 +96,7 @@ class TestCryoposemlTemplates(BaseTest):
         from pyworkflow.viewer import DESKTOP_TKINTER
 
         for prot in ("CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
-                     "CryoPoseMLProtLocalRefine"):
+                     "CryoPoseMLProtLocalRefine", "CryoPoseMLProtAbinitio"):
             found = Domain.findViewers(prot, DESKTOP_TKINTER)
             assert any(v.__module__ == "cryoposeml.viewers" for v in found), (prot, found)
         paths = sorted(TEMPLATES.glob("*.json.template"))
@@ -227,6 +227,36 @@ class TestCryoposemlTemplates(BaseTest):
         fig = figure(CryoPoseMLViewerRefine, refine)
         assert len(fig.axes[1].collections[0].get_offsets()) == kept.getSize()        # pose change per particle
         assert np.all(rel["rlnCpmlPoseChangeDeg"].to_numpy() >= 0)
+
+    def test_abinitio_protocol(self):
+        """Ab initio in Scipion: particles without poses -> a volume with its half-maps and aligned
+        particles; a second run continues the first from its checkpoints; the viewer draws the curves.
+        (Plumbing only: 2 epochs at 16 px. Convergence is tested in test_abinitio.py.)"""
+        from cryoposeml.protocols import CryoPoseMLProtAbinitio, CryoPoseMLProtImportParticles
+        from cryoposeml.viewers import CryoPoseMLViewerAbinitio
+
+        imp = self.newProtocol(CryoPoseMLProtImportParticles, filesPattern=str(self.data / "new" / "particles.star"),
+                               importAlignment=False)
+        imp = self.launchProtocol(imp)
+        assert not imp.outputParticles.hasAlignmentProj()
+        kwargs = dict(inputParticles=imp.outputParticles, encoder=1, loss=1, epochs=2, searchEpochs=1, boxPx=16,
+                      batchSize=32, extraParams="--widths 8 16", useGpu=False)
+        ab = self.launchProtocol(self.newProtocol(CryoPoseMLProtAbinitio, **kwargs))
+        vol, parts = ab.outputVolume, ab.outputParticles
+        assert vol.getDim() == (64, 64, 64) and vol.getSamplingRate() == pytest.approx(1.5)
+        assert all(os.path.exists(h) for h in vol.getHalfMaps().split(","))
+        assert parts.getSize() == 300 and parts.hasAlignmentProj()
+        ids = sorted(p.getObjId() for p in parts)
+        assert ids == sorted(p.getObjId() for p in imp.outputParticles)
+        s = ab.summaryJson()
+        assert s["half_maps_independent"] and set(s["runs"]) == {"half1", "half2"}
+        assert any("Gold-standard half-map FSC" in line for line in ab.summary())
+        # continue: the copy resumes from the checkpoints, so no epoch is trained again
+        more = self.launchProtocol(self.newProtocol(CryoPoseMLProtAbinitio, continueRun=ab, **kwargs))
+        assert more.summaryJson()["runs"]["half1"]["epochs_run"] == 2
+        assert "resuming" in open(more.getLogPaths()[0]).read() + open(more.getLogPaths()[1]).read()
+        fig = CryoPoseMLViewerAbinitio(project=self.proj, protocol=ab).figure("showCurves")
+        assert len(fig.axes[0].lines[0].get_xdata()) == 2
 
     @classmethod
     def _model(cls):

@@ -26,6 +26,16 @@ def add_args(p):
                    help="encoder widths (default: %(default)s)")
     p.add_argument("--no-frequency-marching", dest="frequency_marching", action="store_false",
                    help="compare all frequencies from the start")
+    p.add_argument("--search-epochs", type=int, default=None,
+                   help="epochs of global pose search at the start: the decoder learns from poses drawn from "
+                        "each particle's posterior over a HEALPix grid, the encoder learns to predict the best "
+                        "ones; then the encoder alone (amortized). 0: amortized from the start, as cryoAI "
+                        "(default: half of --epochs)")
+    p.add_argument("--search-order", type=int, default=d.search_order,
+                   help="HEALPix order of the search grid: 1 (576 rotations, 30 deg), 2 (4,608, 15 deg) "
+                        "(default: %(default)s)")
+    p.add_argument("--search-shift-px", type=int, default=d.search_shift_px,
+                   help="search origins up to this many pixels of the working box (default: %(default)s)")
     p.add_argument("--halves", action="store_true",
                    help="gold standard: one independent run per rlnRandomSubset (or a random split); half 2 is "
                         "brought into half 1's frame by the rotation between the two encoders' poses")
@@ -40,7 +50,9 @@ def add_args(p):
 def main(args):
     cfg = AbinitioConfig(encoder=args.encoder, decoder=args.decoder, loss=args.loss, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, lr_decoder=args.lr_decoder, box_px=args.box_px,
-                         widths=tuple(args.widths), frequency_marching=args.frequency_marching, halves=args.halves, seed=args.seed,
+                         widths=tuple(args.widths), frequency_marching=args.frequency_marching,
+                         search_epochs=args.search_epochs, search_order=args.search_order,
+                         search_shift_px=args.search_shift_px, halves=args.halves, seed=args.seed,
                          device=args.device)
     s = abinitio(args.particles, args.out, cfg, args.reference, args.reference_map, args.resume, args.overwrite,
                  not args.quiet)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ..core.ctf import ctf_2d
 from ..core.errors import InputError
+from ..core.grids import grid_spacing_deg, healpix_so3_grid
 from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
 from ..core.inplane import D4, transform_images, transform_poses
 from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
@@ -50,7 +51,8 @@ from ..models import PoseNetConfig, build_model
 from ..models.decoders import DECODERS, build_decoder
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
-from .reconstruct import half_set_labels, reconstruct_star
+from .plots import abinitio_figure, save_figure
+from .reconstruct import half_map_paths, half_set_labels, reconstruct_star
 from .train import resolve_device
 
 __all__ = ["AbinitioConfig", "abinitio", "ENCODERS", "LOSSES"]
@@ -74,13 +76,20 @@ class AbinitioConfig:
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3               # encoder
-    lr_decoder: float = 1e-2
+    lr_decoder: float = 5e-2
     box_px: int = 64
     widths: tuple = (16, 32, 64, 128)
     frequency_marching: bool = True
+    search_epochs: int | None = None   # global pose search during the first epochs (None: half of them)
+    search_order: int = 2              # HEALPix order of the search grid (4,608 rotations, ~15 degrees)
+    search_shift_px: int = 1           # search origins on a (2k+1)^2 grid of whole pixels
+    search_temperature: float = 30.0   # posterior temperature at the start, annealed to 1
     halves: bool = False           # one independent run per half-set (gold standard)
     seed: int = 0
     device: str = "auto"
+
+    def n_search_epochs(self) -> int:
+        return self.epochs // 2 if self.search_epochs is None else min(self.search_epochs, self.epochs)
 
 
 def _load(star, box_px: int, progress: bool) -> tuple[torch.Tensor, float]:
@@ -104,12 +113,85 @@ class _AbinitioNet(torch.nn.Module):
         self.encoder = build_model(PoseNetConfig(family=family, box=cfg.box_px, widths=tuple(cfg.widths),
                                                  dropout=0.0))
         self.decoder = build_decoder(cfg.decoder, cfg.box_px)
+        self.bank = None
+
+    def add_bank(self, n: int) -> None:
+        self.bank = _PoseBank(n)
+
+
+class _PoseBank(torch.nn.Module):
+    """Each particle's current best pose ``(n, 3, 3)`` and origin ``(n, 2)`` (px): set by the global
+    search, then improved by local searches; buffers, so checkpoints carry them."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.register_buffer("matrix", torch.eye(3).repeat(n, 1, 1))
+        self.register_buffer("origin", torch.zeros(n, 2))
+
+    @torch.no_grad()
+    def set(self, idx, A, origin) -> None:
+        idx = torch.as_tensor(idx, device=self.matrix.device)
+        self.matrix[idx] = A.to(self.matrix.dtype)
+        self.origin[idx] = origin.to(self.origin.dtype)
+
+    def forward(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, device=self.matrix.device)
+        return self.matrix[idx], self.origin[idx]
+
+
+def _local_moves(delta_deg: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small moves for a local search: the identity and turns by ``delta`` about +-x, +-y, +-z
+    ``(7, 3, 3)``; origin steps of ``delta / 15`` px (0 and +-x, +-y) ``(5, 2)``."""
+    from scipy.spatial.transform import Rotation
+
+    vecs = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)]) * np.radians(delta_deg)
+    turns = torch.as_tensor(Rotation.from_rotvec(vecs).as_matrix(), dtype=torch.float32, device=device)
+    step = min(1.0, delta_deg / 15.0)
+    moves = torch.tensor([[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]], dtype=torch.float32, device=device) * step
+    return turns, moves
+
+
+@torch.no_grad()
+def _local_search(decoder, A, o, Y, ctf, band, delta_deg: float):
+    """Each particle's best of its pose and origin moved by :func:`_local_moves` -> ``(A, o)``."""
+    turns, moves = _local_moves(delta_deg, A.device)
+    B, box = len(A), Y.shape[-1]
+    cand = (A[:, None] @ turns[None]).reshape(-1, 3, 3)                              # (B*7, 3, 3)
+    S = decoder(cand).reshape(B, len(turns), box, box) * ctf[:, None]
+    origins = o[:, None] + moves[None]                                               # (B, 5, 2)
+    ph = shift_phase_2d(-origins.reshape(-1, 2), box).reshape(B, len(moves), 1, box, box)
+    loss = ((S[:, None] * ph - Y[:, None, None]).abs() ** 2 * band).sum((-2, -1))   # (B, 5, 7)
+    best = loss.reshape(B, -1).argmin(1)
+    bo, bt = best // len(turns), best % len(turns)
+    ar = torch.arange(B, device=A.device)
+    return cand.reshape(B, len(turns), 3, 3)[ar, bt], origins[ar, bo]
+
+
+def _radial_profile(images, ctf_fn, box: int, n: int = 1024) -> torch.Tensor:
+    """Expected spectral amplitude of the map per shell: ``sqrt(<|Y|^2> / <CTF^2>)`` over (up to)
+    ``n`` particles -- the decoder's preconditioner (central slices carry the map's amplitudes)."""
+    idx = np.arange(min(len(images), n))
+    kx, ky = frequency_index_2d(box)
+    shell = torch.sqrt(kx**2 + ky**2).round().long().flatten()
+    power = (fft2_centered(images[idx]).abs() ** 2).mean(0).flatten()
+    ctf2 = (ctf_fn(idx) ** 2).mean(0).flatten()
+    count = torch.bincount(shell).clamp(min=1)
+    p = torch.zeros(len(count)).index_add_(0, shell, power) / count
+    c = torch.zeros(len(count)).index_add_(0, shell, ctf2) / count
+    # CTF zeros: a shell where the CTF is small everywhere says little; do not blow it up
+    return torch.sqrt(p / c.clamp(min=0.05))
 
 
 def _render(net, enc_in, ctf):
     out = net.encoder(enc_in)
     spec = net.decoder(out["matrix"]) * ctf * shift_phase_2d(-out["shift_px"], enc_in.shape[-1])
     return spec, out
+
+
+def _image_loss(spec, Y, band) -> torch.Tensor:
+    """Per-particle mean squared spectral difference inside ``band`` (divided by N^2, Parseval: a
+    per-pixel mean squared error of the band-passed images)."""
+    return ((spec - Y).abs() ** 2 * band).sum((-2, -1)) / (band.sum() * Y.shape[-1] ** 2)
 
 
 def _copy_losses(net, raw, ctf, copies, band) -> tuple[torch.Tensor, list[dict]]:
@@ -122,17 +204,60 @@ def _copy_losses(net, raw, ctf, copies, band) -> tuple[torch.Tensor, list[dict]]
         Y = fft2_centered(x)
         enc_in = ifft2_centered(Y * torch.sign(cc)).real          # the encoder sees phase-flipped images
         spec, out = _render(net, enc_in, cc)
-        # divided by N^2 (Parseval): the loss is a per-pixel mean squared error of the band-passed images
-        per_copy.append(((spec - Y).abs() ** 2 * band).sum((-2, -1)) / (band.sum() * Y.shape[-1] ** 2))
+        per_copy.append(_image_loss(spec, Y, band))
         outs.append(out)
     return torch.stack(per_copy), outs
 
 
+class _PoseSearch:
+    """Global search over a HEALPix SO(3) grid x whole-pixel origins against the decoder's current
+    map: the posterior of each particle's pose, with the noise level taken from the best match
+    (``2 sigma^2 = 2 min loss / M`` per pixel, times an annealed temperature)."""
+
+    def __init__(self, cfg: AbinitioConfig, device):
+        self.grid = torch.as_tensor(healpix_so3_grid(cfg.search_order), dtype=torch.float32, device=device)
+        k = torch.arange(-cfg.search_shift_px, cfg.search_shift_px + 1, dtype=torch.float32, device=device)
+        self.origins = torch.stack(torch.meshgrid(k, k, indexing="xy"), -1).reshape(-1, 2)
+        self.box = cfg.box_px
+
+    @torch.no_grad()
+    def sample(self, decoder, Y, ctf, band, temperature: float, generator) -> tuple:
+        """``Y`` ``(B, N, N)`` spectra, ``ctf`` ``(B, N, N)``, ``band`` ``(N, N)`` bool -> a pose
+        ``(B, 3, 3)`` and origin ``(B, 2)`` drawn from each posterior, and the best ones."""
+        S = torch.cat([decoder(self.grid[i:i + 512])[:, band] for i in range(0, len(self.grid), 512)])   # (P, M)
+        c = ctf[:, band]                                                                              # (B, M)
+        power = (c**2) @ (S.abs() ** 2).T                                                            # (B, P)
+        Yo = Y[:, None] * shift_phase_2d(self.origins, self.box)[None]          # |Y - c S ph(-o)| = |Y ph(o) - c S|
+        Yo = Yo[..., band]                                                                            # (B, O, M)
+        cross = ((Yo.conj() * c[:, None]) @ S.T).real                                                 # (B, O, P)
+        loss = (Yo.abs() ** 2).sum(-1, keepdim=True) + power[:, None] - 2 * cross
+        B = len(Y)
+        loss = loss.reshape(B, -1)
+        lmin = loss.min(1, keepdim=True).values
+        tau = temperature * 2 * lmin.clamp(min=1e-12) / band.sum()
+        pick = torch.multinomial(torch.softmax(-(loss - lmin) / tau, 1), 1, generator=generator)[:, 0]
+        best = loss.argmin(1)
+        n_pose = len(self.grid)
+        return (self.grid[pick % n_pose], self.origins[pick // n_pose],
+                self.grid[best % n_pose], self.origins[best // n_pose])
+
+
+def _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_target, o_target) -> torch.Tensor:
+    """The decoder's image loss at poses ``(A, o)`` plus the encoder's distance to ``(A_target,
+    o_target)`` (squared Frobenius of the rotations + squared origin error in px)."""
+    dec_loss = _image_loss(net.decoder(A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band).mean()
+    enc = net.encoder(ifft2_centered(Y * torch.sign(ctf)).real)
+    enc_loss = ((enc["matrix"] - A_target) ** 2).sum((-2, -1)).mean() + ((enc["shift_px"] - o_target) ** 2).sum(-1).mean()
+    return dec_loss + enc_loss
+
+
 @torch.no_grad()
-def _predict_poses(net, images, ctf_fn, device, copies=(0,), batch: int = 256):
+def _predict_poses(net, images, ctf_fn, device, copies=(0,), batch: int = 256, bank: bool = False):
     """Poses and origins (px) of ``images``. With several copies (symmetric / mirror losses) each
     particle takes the copy that the decoder explains best, its pose mapped back to the original
-    image (``A = T3^T A_copy``, ``origin = T^T origin_copy``), as cryoAI does at inference."""
+    image (``A = T3^T A_copy``, ``origin = T^T origin_copy``), as cryoAI does at inference. With
+    ``bank`` (``images`` are the run's own particles, in order), a particle whose refined pose from
+    the bank explains it better takes that one instead."""
     net.eval()
     box = images.shape[-1]
     band = torch.ones(box, box, device=device)
@@ -148,35 +273,15 @@ def _predict_poses(net, images, ctf_fn, device, copies=(0,), batch: int = 256):
             sel = best == j
             back = D4[c].T                                             # the inverse turn / mirror
             A[sel], o[sel] = transform_poses(outs[j]["matrix"][sel], outs[j]["shift_px"][sel], back)
+        if bank and net.bank is not None:
+            Ab, ob = net.bank(torch.arange(s, s + len(x), device=device))
+            lb = _image_loss(net.decoder(Ab) * ctf * shift_phase_2d(-ob, box), fft2_centered(x), band)
+            take = lb < losses.min(0).values
+            A[take], o[take] = Ab[take], ob[take]
         mats.append(A.double().cpu())
         shifts.append(o.double().cpu())
     net.train()
     return torch.cat(mats).numpy(), torch.cat(shifts).numpy()
-
-
-def _plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(1, 2 if "medse" in rows[0] else 1, figsize=(10, 3.8), squeeze=False)
-    ax[0, 0].plot(ep, [r["loss"] for r in rows])
-    ax[0, 0].set_yscale("log")
-    ax[0, 0].set_xlabel("epoch")
-    ax[0, 0].set_ylabel("loss")
-    if "medse" in rows[0]:
-        ax[0, 1].plot(ep, [r["medse"] for r in rows], label="MedSE")
-        ax[0, 1].plot(ep, [r["mse"] for r in rows], label="MSE")
-        ax[0, 1].axhline(CONVERGED_MEDSE, ls=":", c="k", label="converged (10 deg)")
-        ax[0, 1].set_yscale("log")
-        ax[0, 1].set_xlabel("epoch")
-        ax[0, 1].set_ylabel("||R - R_true||_F^2 after alignment")
-        ax[0, 1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=None, resume: bool = False,
@@ -236,7 +341,7 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
     shifts = np.empty((n, 2))
     for name, idx in groups.items():
         mats[idx], shifts[idx] = _predict_poses(nets[name], images[idx], lambda i, idx=idx: ctf_fn(idx[i]), device,
-                                                _COPIES[cfg.loss])
+                                                _COPIES[cfg.loss], bank=True)
     result = star.copy()
     if cfg.halves:
         # Each half lives in the frame (and hand) of its own map. Half 1's encoder also poses the
@@ -254,9 +359,10 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
         write_map(out / (f"decoder_map_{name}.mrc" if cfg.halves else "decoder_map.mrc"),
                   net.decoder.volume().cpu().numpy().astype(np.float32), pixel_out)
     rec = reconstruct_star(result, halves=True, progress=progress)
+    half1_path, half2_path, _ = half_map_paths(out / "map.mrc")
     write_map(out / "map.mrc", rec.full.astype(np.float32), star.pixel_size_angstrom)
-    write_map(out / "half1.mrc", rec.half1.astype(np.float32), star.pixel_size_angstrom)
-    write_map(out / "half2.mrc", rec.half2.astype(np.float32), star.pixel_size_angstrom)
+    write_map(half1_path, rec.half1.astype(np.float32), star.pixel_size_angstrom)
+    write_map(half2_path, rec.half2.astype(np.float32), star.pixel_size_angstrom)
     mask = soft_sphere_mask(star.box)
     freq, curve = rec.half_fsc(mask)
     summary["half_map_fsc_0143_angstrom"] = resolution_at(freq, curve, 0.143)
@@ -281,11 +387,17 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(images)
-    net = _AbinitioNet(cfg).to(device)
+    n_search = cfg.n_search_epochs()
+    net = _AbinitioNet(cfg)
+    if n_search:
+        net.add_bank(n)
+    net = net.to(device)
+    if hasattr(net.decoder, "set_radial_profile"):
+        net.decoder.set_radial_profile(_radial_profile(images, ctf_fn, cfg.box_px).to(device))
     opt = torch.optim.Adam([{"params": net.encoder.parameters(), "lr": cfg.lr},
                             {"params": net.decoder.parameters(), "lr": cfg.lr_decoder}])
     steps = max(1, n // cfg.batch_size)
-    total = cfg.epochs * steps
+    gen_device = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     state = {"epoch": 0, "rows": []}
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
@@ -295,41 +407,77 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
     kx, ky = frequency_index_2d(cfg.box_px, device=device)
     radius = torch.sqrt(kx**2 + ky**2)
     copies = _COPIES[cfg.loss]
+    search = _PoseSearch(cfg, device) if n_search else None
+    r_max = cfg.box_px / 2
     for epoch in range(state["epoch"], cfg.epochs):
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, generator=gen).numpy()
         losses = []
-        bar = tqdm(range(steps), desc=f"abinitio {out.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
+        searching = epoch < n_search
+        bar = tqdm(range(steps), desc=f"abinitio {out.name} epoch {epoch + 1}/{cfg.epochs}"
+                   f"{' (pose search)' if searching else ''}", disable=not progress, leave=False)
         for step in bar:
             idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            t = (epoch * steps + step) / total
-            r_max = cfg.box_px / 2
-            r = r_max * min(1.0, 0.25 + 1.5 * t) if cfg.frequency_marching else r_max
-            band = (radius <= r).float()
-            per_copy, _ = _copy_losses(net, images[idx].to(device), ctf_fn(idx).to(device), copies, band)
-            loss = per_copy.min(0).values.mean()
+            raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
+            if searching:
+                # the decoder learns from poses drawn from the search's posterior; the encoder
+                # learns to predict the best ones; the band and the temperature anneal with t
+                t = (epoch * steps + step) / (n_search * steps)
+                r = r_max * min(1.0, 0.2 + 0.8 * t) if cfg.frequency_marching else r_max
+                band = radius <= r
+                Y = fft2_centered(raw)
+                A, o, A_best, o_best = search.sample(net.decoder, Y, ctf, band,
+                                                     cfg.search_temperature ** (1 - t), gen_device)
+                net.bank.set(idx, A_best, o_best)
+                loss = _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_best, o_best)
+                losses.append(float(loss.detach()))
+            elif net.bank is not None:
+                # semi-amortized refinement: local searches around each particle's pose (the step
+                # halves every epoch from half the grid spacing), the map learns from the refined
+                # poses, the encoder keeps learning to predict them
+                delta = grid_spacing_deg(cfg.search_order) / 2 * 0.6 ** (epoch - n_search)
+                Y = fft2_centered(raw)
+                band = radius <= r_max
+                A, o = net.bank(idx)
+                for _ in range(2):
+                    A, o = _local_search(net.decoder, A, o, Y, ctf, band, delta)
+                net.bank.set(idx, A, o)
+                loss = _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A, o)
+                losses.append(float(loss.detach()))
+            else:
+                t = ((epoch - n_search) * steps + step) / max(1, (cfg.epochs - n_search) * steps)
+                r = r_max * min(1.0, 0.25 + 1.5 * t) if cfg.frequency_marching and not n_search else r_max
+                band = (radius <= r).float()
+                per_copy, _ = _copy_losses(net, raw, ctf, copies, band)
+                loss = per_copy.min(0).values.mean()
+                losses.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.encoder.parameters(), 5.0)
             opt.step()
-            losses.append(float(loss.detach()))
-        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t_epoch}
+        row = {"epoch": epoch + 1, "phase": "search" if searching else ("refine" if net.bank is not None else "amortized"), "loss": float(np.mean(losses)),
+               "epoch_s": time.perf_counter() - t_epoch}
         if truth is not None:
+            # the run's poses (the bank's where they explain a particle better) and the encoder's alone
             sub = np.arange(min(n, 1000))
-            mats, _ = _predict_poses(net, images[sub], lambda i: ctf_fn(sub[i]), device, copies)
+            mats, _ = _predict_poses(net, images[sub], lambda i: ctf_fn(sub[i]), device, copies, bank=True)
             al = align_poses_globally(mats, truth[sub])
             row.update(mse=al["mse"], medse=al["medse"], median_deg=al["median_deg"])
+            if net.bank is not None:
+                mats, _ = _predict_poses(net, images[sub], lambda i: ctf_fn(sub[i]), device, copies)
+                al = align_poses_globally(mats, truth[sub])
+                row.update(encoder_medse=al["medse"], encoder_median_deg=al["median_deg"])
         state["rows"].append(row)
         state["epoch"] = epoch + 1
-        log.info("%sepoch %d: loss %.4g%s", f"{out.name} " if out.name.startswith("half") else "", epoch + 1,
+        log.info("%sepoch %d: loss %.4g%s%s", f"{out.name} " if out.name.startswith("half") else "", epoch + 1,
                  row["loss"],
-                 f", MedSE {row['medse']:.4f} (median {row['median_deg']:.1f} deg)" if "medse" in row else "")
+                 f", MedSE {row['medse']:.4f} (median {row['median_deg']:.1f} deg)" if "medse" in row else "",
+                 f", encoder alone {row['encoder_median_deg']:.1f} deg" if "encoder_median_deg" in row else "")
         save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                                "state": json.dumps(state)})
         write_rows_csv(out / "metrics.csv", state["rows"])
-        _plot(state["rows"], out / "curves.png")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+        save_figure(abinitio_figure(state["rows"], CONVERGED_MEDSE), out / "curves.png")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items() if not k.startswith("bank.")},
               str(out / "weights.safetensors"))
     rows = state["rows"]
     run = {"particles": n, "epochs_run": state["epoch"], "train_seconds": float(sum(r["epoch_s"] for r in rows)),

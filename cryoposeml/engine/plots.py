@@ -8,7 +8,7 @@ import numpy as np
 
 from ..data._atomic import atomic_path
 
-__all__ = ["pyplot", "plot_fsc_curves", "save_figure", "training_figure", "angular_distribution", "pose_figure",
+__all__ = ["pyplot", "plot_fsc_curves", "save_figure", "training_figure", "angular_distribution", "pose_figure", "abinitio_figure",
            "cleanup_figure", "refine_figure"]
 
 
@@ -166,4 +166,33 @@ def refine_figure(freq: np.ndarray, fsc_half: np.ndarray, expected_error_deg: np
     a2.set_xlabel("predicted expected error (deg)")
     a2.set_ylabel("pose change by Relion (deg)")
     a2.legend(fontsize=8)
+    return fig
+
+
+def abinitio_figure(rows: list[dict], converged_medse: float):
+    """Ab initio curves per epoch (``metrics.csv`` rows): the loss, and with a reference the pose
+    error after the best global alignment (MedSE / MSE of ``||R - R_true||_F^2``)."""
+    plt = pyplot()
+    ep = [r["epoch"] for r in rows]
+    with_truth = "medse" in rows[0]
+    fig, ax = plt.subplots(1, 2 if with_truth else 1, figsize=(10, 3.8), squeeze=False)
+    ax[0, 0].plot(ep, [r["loss"] for r in rows])
+    ax[0, 0].set_yscale("log")
+    ax[0, 0].set_xlabel("epoch")
+    ax[0, 0].set_ylabel("loss")
+    searched = [r["epoch"] for r in rows if r.get("phase") == "search"]
+    if searched:
+        for a in ax[0]:
+            a.axvspan(0.5, max(searched) + 0.5, color="0.9", zorder=0, label="pose search")
+    if with_truth:
+        a = ax[0, 1]
+        a.plot(ep, [r["medse"] for r in rows], label="MedSE")
+        a.plot(ep, [r["mse"] for r in rows], label="MSE")
+        if "encoder_medse" in rows[0]:
+            a.plot(ep, [r["encoder_medse"] for r in rows], "--", label="MedSE, encoder alone")
+        a.axhline(converged_medse, ls=":", c="k", label="converged (10 deg)")
+        a.set_yscale("log")
+        a.set_xlabel("epoch")
+        a.set_ylabel("||R - R_true||_F^2 after alignment")
+        a.legend(fontsize=8)
     return fig

@@ -4,3 +4,4 @@ from .protocol_train import CryoPoseMLProtTrain
 from .protocol_predict import CryoPoseMLProtPredict
 from .protocol_cleanup import CryoPoseMLProtCleanup
 from .protocol_refine import CryoPoseMLProtLocalRefine
+from .protocol_abinitio import CryoPoseMLProtAbinitio
