@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--search-epochs", type=int, default=None, help="default: half of --epochs")
     ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -65,7 +66,7 @@ def main():
                         out = work / f"{ds}_{mode}_{name}_{seed}"
                         cfg = AbinitioConfig(encoder=encoder, loss=loss, epochs=args.epochs, box_px=args.box_px,
                                              widths=tuple(args.widths), search_epochs=search_epochs,
-                                             batch_size=64, lr_decoder=0.05, seed=seed, device=args.device)
+                                             batch_size=args.batch_size, seed=seed, device=args.device)
                         t = time.perf_counter()
                         s = abinitio(data / "particles.star", out, cfg, reference=data / "ground_truth.star",
                                      reference_map="adk_open", progress=False)
