@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _results import write_results
 from cryoposeml.engine.abinitio import CONVERGED_MEDSE, AbinitioConfig, abinitio
 from cryoposeml.engine.simulate import SimulationConfig, simulate
 
@@ -121,11 +121,7 @@ def _table(rows):
 
 
 def _write(args, rows) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_abinitio.json"
-    path.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "rows": rows}, indent=2))
-    return path
+    return write_results(args.out, "bench_abinitio", args, rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from cryoposeml.core.metrics import fsc, resolution_at
 from cryoposeml.data.bundled import resolve_map

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _results import write_results
 from cryoposeml.core.symmetry import symmetric_distance_deg
 from cryoposeml.data.star import read_star
 from cryoposeml.engine.calibration import auroc, expected_calibration_error
@@ -96,11 +96,7 @@ def main():
 
 
 def _write(args, rows) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_supervised.json"
-    path.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "rows": rows}, indent=2))
-    return path
+    return write_results(args.out, "bench_supervised", args, rows)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,6 @@ def test_dataset_bounds_open_stacks(tmp_path):
 def test_rescale_normalize_phase_flip(adk_map):
     from cryoposeml.core.projection import Projector
     from cryoposeml.core.rotations import random_rotations
-    from cryoposeml.data.star import read_star  # noqa: F401
 
     vol, apix = adk_map
     A = torch.as_tensor(random_rotations(4, 0), dtype=torch.float32)
