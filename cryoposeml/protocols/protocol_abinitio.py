@@ -142,8 +142,9 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
             s = self.summaryJson()
         except OSError:
             return ["Not finished yet."]
-        lines = [f"{s['particles']} particles, encoder {s['encoder']}, loss {s['loss']}, {s['epochs']} epochs "
-                 f"({s['box_px']} px working box)."]
+        p = s["parameters"]
+        lines = [f"{s['particles']} particles, encoder {p['encoder']}, loss {p['loss']}, {p['epochs']} epochs "
+                 f"({p['box_px']} px working box)."]
         if s.get("half_maps_independent"):
             lines.append(f"Gold-standard half-map FSC 0.143: {s['half_map_fsc_0143_angstrom']:.1f} A "
                          f"(median {s['half_alignment']['median_deg_between_halves']:.1f} deg between the "
