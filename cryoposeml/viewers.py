@@ -139,7 +139,8 @@ class CryoPoseMLViewerRefine(_FigureViewer):
                              refined["rlnCpmlPoseChangeDeg"].to_numpy(float))
 
 
-__all__ = ["CryoPoseMLViewerTrain", "CryoPoseMLViewerPredict", "CryoPoseMLViewerCleanup", "CryoPoseMLViewerRefine"]
+__all__ = ["CryoPoseMLViewerTrain", "CryoPoseMLViewerPredict", "CryoPoseMLViewerCleanup", "CryoPoseMLViewerRefine",
+           "CryoPoseMLViewerAbinitio"]
 
 class CryoPoseMLViewerAbinitio(_FigureViewer):
     """Ab initio curves: the loss per epoch (first half-set, or the single run), with the pose-search

@@ -29,7 +29,8 @@ def add_args(p):
     p.add_argument("--search-epochs", type=int, default=None,
                    help="epochs of global pose search at the start: the decoder learns from poses drawn from "
                         "each particle's posterior over a HEALPix grid, the encoder learns to predict the best "
-                        "ones; then the encoder alone (amortized). 0: amortized from the start, as cryoAI "
+                        "ones; then local refinement of each particle's pose, the encoder still learning them. 0: "
+                        "amortized from the start (the image loss alone), as cryoAI "
                         "(default: half of --epochs)")
     p.add_argument("--search-order", type=int, default=d.search_order,
                    help="HEALPix order of the search grid: 1 (576 rotations, 30 deg), 2 (4,608, 15 deg) "

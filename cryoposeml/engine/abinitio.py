@@ -13,7 +13,7 @@ Training runs in two phases (``--search-epochs``, default half of the epochs):
    and the decoder learns from the drawn poses, while the compared band grows from 1/5 of Nyquist
    to Nyquist (frequency marching). The encoder learns to predict each particle's best pose.
 2. **Refinement.** Each particle's pose (kept per particle) is improved by local searches whose
-   step halves every epoch; the decoder learns from the refined poses; the encoder keeps learning
+   step shrinks by 0.6 every epoch; the decoder learns from the refined poses; the encoder keeps learning
    to predict them. A particle's output pose is the encoder's or the refined one, whichever the
    map explains better.
 
@@ -178,7 +178,7 @@ def _local_search(decoder, A, o, Y, ctf, band, delta_deg: float):
     S = decoder(cand).reshape(B, len(turns), box, box) * ctf[:, None]
     origins = o[:, None] + moves[None]                                               # (B, 5, 2)
     ph = shift_phase_2d(-origins.reshape(-1, 2), box).reshape(B, len(moves), 1, box, box)
-    loss = ((S[:, None] * ph - Y[:, None, None]).abs() ** 2 * band).sum((-2, -1))   # (B, 5, 7)
+    loss = _image_loss(S[:, None] * ph, Y[:, None, None], band)                      # (B, 5, 7)
     best = loss.reshape(B, -1).argmin(1)
     bo, bt = best // len(turns), best % len(turns)
     ar = torch.arange(B, device=A.device)
@@ -448,10 +448,9 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
                                                      cfg.search_temperature ** (1 - t), gen_device)
                 net.bank.set(idx, A_best, o_best)
                 loss = _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_best, o_best)
-                losses.append(float(loss.detach()))
             elif net.bank is not None:
                 # semi-amortized refinement: local searches around each particle's pose (the step
-                # halves every epoch from half the grid spacing), the map learns from the refined
+                # starts at half the grid spacing and shrinks by 0.6 every epoch), the map learns from the refined
                 # poses, the encoder keeps learning to predict them
                 delta = grid_spacing_deg(cfg.search_order) / 2 * 0.6 ** (epoch - n_search)
                 Y = fft2_centered(raw)
@@ -461,14 +460,14 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
                     A, o = _local_search(net.decoder, A, o, Y, ctf, band, delta)
                 net.bank.set(idx, A, o)
                 loss = _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A, o)
-                losses.append(float(loss.detach()))
             else:
-                t = ((epoch - n_search) * steps + step) / max(1, (cfg.epochs - n_search) * steps)
-                r = r_max * min(1.0, 0.25 + 1.5 * t) if cfg.frequency_marching and not n_search else r_max
+                # amortized from the start (no search, no bank): the band grows over the first half
+                t = (epoch * steps + step) / (cfg.epochs * steps)
+                r = r_max * min(1.0, 0.25 + 1.5 * t) if cfg.frequency_marching else r_max
                 band = (radius <= r).float()
                 per_copy, _ = _copy_losses(net, raw, ctf, copies, band)
                 loss = per_copy.min(0).values.mean()
-                losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.encoder.parameters(), 5.0)
