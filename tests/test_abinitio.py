@@ -134,3 +134,20 @@ def test_abinitio_converges_on_a_tiny_noise_free_set(sim_noise_free_ctf, tmp_pat
     assert [r["phase"] for r in rows] == ["search"] * 8 + ["refine"] * 4
     assert float(rows[0]["median_deg"]) > 60                        # it really started from nothing
     assert float(rows[-1]["encoder_median_deg"]) < 45, rows[-1]      # the amortized encoder learned the poses
+
+
+def test_the_search_goes_on_while_the_poses_move():
+    """The search lasts its planned epochs, then goes on while more than ``search_until_stable`` of
+    the best poses moved in the last epoch, leaving 4 epochs to refine; ``--search-epochs 0`` never
+    searches. The decision reads only the logged rows, so a resumed run decides the same."""
+    from cryoposeml.engine.abinitio import AbinitioConfig, _searching
+
+    cfg = AbinitioConfig(epochs=12, search_epochs=4, search_until_stable=0.1)
+    search = lambda moved: {"phase": "search", "moved": moved}  # noqa: E731
+    assert _searching(cfg, 3, [search(1.0)] * 3)
+    assert not _searching(cfg, 4, [search(0.9)] * 3 + [search(0.05)])         # settled: refine
+    assert _searching(cfg, 4, [search(0.9)] * 4)                               # still moving
+    assert _searching(cfg, 7, [search(0.9)] * 7)
+    assert not _searching(cfg, 8, [search(0.9)] * 8)                           # 4 epochs left to refine
+    assert not _searching(cfg, 6, [search(0.9)] * 4 + [{"phase": "refine"}] * 2)  # no search after refining
+    assert not _searching(AbinitioConfig(epochs=12, search_epochs=0), 0, [])

@@ -29,9 +29,17 @@ def add_args(p):
     p.add_argument("--search-epochs", type=int, default=None,
                    help="epochs of global pose search at the start: the decoder learns from poses drawn from "
                         "each particle's posterior over a HEALPix grid, the encoder learns to predict the best "
-                        "ones; then local refinement of each particle's pose, the encoder still learning them. 0: "
+                        "ones; the search goes on while the poses still move (--search-until-stable); then local "
+                        "refinement of each particle's pose, the encoder still learning them. 0: "
                         "amortized from the start (the image loss alone), as cryoAI "
                         "(default: half of --epochs)")
+    p.add_argument("--search-until-stable", type=float, default=d.search_until_stable,
+                   help="after --search-epochs, keep searching while more than this fraction of the particles' "
+                        "best poses moved by over a grid step in the last epoch, leaving 4 epochs to refine "
+                        "(0: search until then; 1: never extend) (default: %(default)s)")
+    p.add_argument("--search-temperature", type=float, default=d.search_temperature,
+                   help="posterior temperature at the start of the search, annealed to 1 over --search-epochs; "
+                        "higher explores longer (default: %(default)s)")
     p.add_argument("--search-order", type=int, default=d.search_order,
                    help="HEALPix order of the search grid: 1 (576 rotations, 30 deg), 2 (4,608, 15 deg) "
                         "(default: %(default)s)")
@@ -53,7 +61,8 @@ def main(args):
                          batch_size=args.batch_size, lr=args.lr, lr_decoder=args.lr_decoder, box_px=args.box_px,
                          widths=tuple(args.widths), frequency_marching=args.frequency_marching,
                          search_epochs=args.search_epochs, search_order=args.search_order,
-                         search_shift_px=args.search_shift_px, halves=args.halves, seed=args.seed,
+                         search_shift_px=args.search_shift_px, search_until_stable=args.search_until_stable,
+                         search_temperature=args.search_temperature, halves=args.halves, seed=args.seed,
                          device=args.device)
     s = abinitio(args.particles, args.out, cfg, args.reference, args.reference_map, args.resume, args.overwrite,
                  not args.quiet)

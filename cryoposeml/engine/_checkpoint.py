@@ -43,7 +43,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def write_rows_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))   # every row's columns, first seen first
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)

@@ -9,9 +9,12 @@ Training runs in two phases (``--search-epochs``, default half of the epochs):
 
 1. **Pose search.** Each batch is compared with the decoder's slices at every rotation of a
    HEALPix grid (order 2: 4,608 rotations) and whole-pixel origins; each particle's pose is drawn
-   from its posterior (noise level from the best match, times a temperature annealed from 30 to 1)
+   from its posterior (noise level from the best match, times a temperature annealed from 10 to 1)
    and the decoder learns from the drawn poses, while the compared band grows from 1/5 of Nyquist
-   to Nyquist (frequency marching). The encoder learns to predict each particle's best pose.
+   to Nyquist (frequency marching). The encoder learns to predict each particle's best pose. After
+   ``search_epochs`` the search goes on while the poses still move: while more than
+   ``search_until_stable`` (10%) of the particles' best poses moved by over a grid step in the last
+   epoch, leaving 4 epochs for the refinement.
 2. **Refinement.** Each particle's pose (kept per particle) is improved by local searches whose
    step shrinks by 0.6 every epoch; the decoder learns from the refined poses; the encoder keeps learning
    to predict them. A particle's output pose is the encoder's or the refined one, whichever the
@@ -101,7 +104,10 @@ class AbinitioConfig:
     search_epochs: int | None = None   # global pose search during the first epochs (None: half of them)
     search_order: int = 2              # HEALPix order of the search grid (4,608 rotations, ~15 degrees)
     search_shift_px: int = 1           # search origins on a (2k+1)^2 grid of whole pixels
-    search_temperature: float = 30.0   # posterior temperature at the start, annealed to 1
+    search_temperature: float = 10.0   # posterior temperature at the start, annealed to 1
+    search_until_stable: float = 0.1   # after search_epochs, go on searching while more than this
+                                       # fraction of best poses moved by over a grid step in an epoch
+    search_refresh_steps: int = 4      # render the search grid's slices every this many batches
     halves: bool = False           # one independent run per half-set (gold standard)
     seed: int = 0
     device: str = "auto"
@@ -237,12 +243,20 @@ class _PoseSearch:
         k = torch.arange(-cfg.search_shift_px, cfg.search_shift_px + 1, dtype=torch.float32, device=device)
         self.origins = torch.stack(torch.meshgrid(k, k, indexing="xy"), -1).reshape(-1, 2)
         self.box = cfg.box_px
+        self.spacing_deg = grid_spacing_deg(cfg.search_order)
+        self.refresh_steps = max(1, cfg.search_refresh_steps)
+        self._slices, self._calls = None, 0
 
     @torch.no_grad()
     def sample(self, decoder, Y, ctf, band, temperature: float, generator) -> tuple:
         """``Y`` ``(B, N, N)`` spectra, ``ctf`` ``(B, N, N)``, ``band`` ``(N, N)`` bool -> a pose
-        ``(B, 3, 3)`` and origin ``(B, 2)`` drawn from each posterior, and the best ones."""
-        S = torch.cat([decoder(self.grid[i:i + 512])[:, band] for i in range(0, len(self.grid), 512)])   # (P, M)
+        ``(B, 3, 3)`` and origin ``(B, 2)`` drawn from each posterior, and the best ones. The grid's
+        slices are rendered again every ``search_refresh_steps`` calls (rendering is most of the
+        cost; the map moves little in a few steps -- an EM iteration keeps it for a whole pass)."""
+        if self._slices is None or self._calls % self.refresh_steps == 0:
+            self._slices = decoder.render_many(self.grid)                                          # (P, N, N)
+        self._calls += 1
+        S = self._slices[:, band]                                                                     # (P, M)
         c = ctf[:, band]                                                                              # (B, M)
         power = (c**2) @ (S.abs() ** 2).T                                                            # (B, P)
         Yo = Y[:, None] * shift_phase_2d(self.origins, self.box)[None]          # |Y - c S ph(-o)| = |Y ph(o) - c S|
@@ -258,6 +272,12 @@ class _PoseSearch:
         n_pose = len(self.grid)
         return (self.grid[pick % n_pose], self.origins[pick // n_pose],
                 self.grid[best % n_pose], self.origins[best // n_pose])
+
+
+def _angle_deg(A, B) -> torch.Tensor:
+    """Geodesic angle between rotation matrices ``(..., 3, 3)``, degrees."""
+    cos = ((A.transpose(-1, -2) @ B).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
 
 
 def _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_target, o_target) -> torch.Tensor:
@@ -400,6 +420,21 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
     return summary
 
 
+_MIN_REFINE_EPOCHS = 4
+
+
+def _searching(cfg: AbinitioConfig, epoch: int, rows: list[dict]) -> bool:
+    """Whether ``epoch`` (0-based) searches: the first ``search_epochs`` do, and then the search goes
+    on while the last epoch moved more than ``search_until_stable`` of the best poses (the map is
+    still finding itself), as long as ``_MIN_REFINE_EPOCHS`` remain for the refinement."""
+    n_search = cfg.n_search_epochs()
+    if epoch < n_search:
+        return True
+    if n_search == 0 or not rows or rows[-1]["phase"] != "search":
+        return False
+    return rows[-1].get("moved", 0.0) > cfg.search_until_stable and epoch < cfg.epochs - _MIN_REFINE_EPOCHS
+
+
 def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: bool, progress: bool):
     """One network trained on ``images``: returns it and its summary (also checkpointed in ``out``)."""
     torch.manual_seed(cfg.seed)
@@ -430,8 +465,9 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
     for epoch in range(state["epoch"], cfg.epochs):
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, generator=gen).numpy()
-        losses = []
-        searching = epoch < n_search
+        losses, moved = [], []
+        searching = _searching(cfg, epoch, state["rows"])
+        n_searched = sum(r["phase"] == "search" for r in state["rows"])   # the refinement starts after them
         bar = tqdm(range(steps), desc=f"abinitio {out.name} epoch {epoch + 1}/{cfg.epochs}"
                    f"{' (pose search)' if searching else ''}", disable=not progress, leave=False)
         for step in bar:
@@ -439,20 +475,22 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
             raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
             if searching:
                 # the decoder learns from poses drawn from the search's posterior; the encoder
-                # learns to predict the best ones; the band and the temperature anneal with t
-                t = (epoch * steps + step) / (n_search * steps)
+                # learns to predict the best ones; the band and the temperature anneal over the
+                # first search_epochs (later search epochs run at full band and temperature 1)
+                t = min(1.0, (epoch * steps + step) / (n_search * steps))
                 r = r_max * min(1.0, 0.2 + 0.8 * t) if cfg.frequency_marching else r_max
                 band = radius <= r
                 Y = fft2_centered(raw)
                 A, o, A_best, o_best = search.sample(net.decoder, Y, ctf, band,
                                                      cfg.search_temperature ** (1 - t), gen_device)
+                moved.append(_angle_deg(net.bank(idx)[0], A_best) > search.spacing_deg)
                 net.bank.set(idx, A_best, o_best)
                 loss = _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_best, o_best)
             elif net.bank is not None:
                 # semi-amortized refinement: local searches around each particle's pose (the step
-                # starts at half the grid spacing and shrinks by 0.6 every epoch), the map learns from the refined
-                # poses, the encoder keeps learning to predict them
-                delta = grid_spacing_deg(cfg.search_order) / 2 * 0.6 ** (epoch - n_search)
+                # starts at half the grid spacing and shrinks by 0.6 every epoch), the map learns
+                # from the refined poses, the encoder keeps learning to predict them
+                delta = grid_spacing_deg(cfg.search_order) / 2 * 0.6 ** (epoch - n_searched)
                 Y = fft2_centered(raw)
                 band = radius <= r_max
                 A, o = net.bank(idx)
@@ -472,8 +510,12 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.encoder.parameters(), 5.0)
             opt.step()
-        row = {"epoch": epoch + 1, "phase": "search" if searching else ("refine" if net.bank is not None else "amortized"), "loss": float(np.mean(losses)),
-               "epoch_s": time.perf_counter() - t_epoch}
+        row = {"epoch": epoch + 1, "phase": "search" if searching else ("refine" if net.bank is not None else "amortized"),
+               "loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - t_epoch}
+        if moved:
+            # the fraction of particles whose best pose moved by more than a grid step since their
+            # last visit (the whole set in the first epoch): the search's own convergence measure
+            row["moved"] = float(torch.cat(moved).float().mean())
         if truth is not None:
             # the run's poses (the bank's where they explain a particle better) and the encoder's alone
             sub = np.arange(min(n, 1000))
@@ -486,8 +528,9 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
                 row.update(encoder_medse=al["medse"], encoder_median_deg=al["median_deg"])
         state["rows"].append(row)
         state["epoch"] = epoch + 1
-        log.info("%sepoch %d: loss %.4g%s%s", f"{out.name} " if out.name.startswith("half") else "", epoch + 1,
-                 row["loss"],
+        log.info("%sepoch %d (%s): loss %.4g%s%s%s", f"{out.name} " if out.name.startswith("half") else "", epoch + 1,
+                 row["phase"], row["loss"],
+                 f", {100 * row['moved']:.0f}% of best poses moved" if "moved" in row else "",
                  f", MedSE {row['medse']:.4f} (median {row['median_deg']:.1f} deg)" if "medse" in row else "",
                  f", encoder alone {row['encoder_median_deg']:.1f} deg" if "encoder_median_deg" in row else "")
         save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),

@@ -10,8 +10,9 @@ Hermitian symmetry holds because the volume is real.
 ``exp(s(k)) * (u(k) + i v(k))`` (the exponential spans the spectrum's dynamic range), made
 Hermitian by construction: ``f(k) = (g(k) + conj(g(-k))) / 2``.
 
-Both return ``(B, N, N)`` complex slices for poses ``A`` ``(B, 3, 3)`` and give the map they hold
-with :meth:`volume` (real space, ``(N, N, N)``).
+Both return ``(B, N, N)`` complex slices for poses ``A`` ``(B, 3, 3)`` (and without gradients,
+for many poses at once, with :meth:`render_many`) and give the map they hold with :meth:`volume`
+(real space, ``(N, N, N)``).
 """
 from __future__ import annotations
 
@@ -80,6 +81,13 @@ class VoxelDecoder(nn.Module):
     def forward(self, A: torch.Tensor) -> torch.Tensor:
         return sample_slices(self._grid(), A, self.box, self.pad)
 
+    @torch.no_grad()
+    def render_many(self, A: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """The slices at many poses (e.g. a search grid) without gradients, the padded spectrum
+        computed once: ``(P, N, N)`` complex."""
+        grid = self._grid()
+        return torch.cat([sample_slices(grid, A[i:i + chunk], self.box, self.pad) for i in range(0, len(A), chunk)])
+
     def _apodization(self) -> torch.Tensor:
         return trilinear_apodization(self.box, self.box * self.pad, dtype=self.coeffs.dtype, device=self.coeffs.device)
 
@@ -133,6 +141,11 @@ class FourierNetDecoder(nn.Module):
         kx, ky = frequency_index_2d(self.box, A.dtype, A.device)
         inside = (kx**2 + ky**2) < (self.box // 2) ** 2   # strictly: -N/2 has no +N/2 partner on the grid
         return self.evaluate(pts) * inside
+
+    @torch.no_grad()
+    def render_many(self, A: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """The slices at many poses without gradients, in chunks: ``(P, N, N)`` complex."""
+        return torch.cat([self(A[i:i + chunk]) for i in range(0, len(A), chunk)])
 
     @torch.no_grad()
     def volume(self) -> torch.Tensor:
