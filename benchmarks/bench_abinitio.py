@@ -48,6 +48,7 @@ def main():
                     help="also run without the pose search (--search-epochs 0) on the first dataset")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="bench_abinitio", help="the results file: <out>/<name>.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cpml_bench_ab_"))
     rows = []
@@ -121,7 +122,7 @@ def _table(rows):
 
 
 def _write(args, rows) -> Path:
-    return write_results(args.out, "bench_abinitio", args, rows)
+    return write_results(args.out, args.name, args, rows)
 
 
 if __name__ == "__main__":

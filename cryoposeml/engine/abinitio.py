@@ -63,6 +63,7 @@ from ..core.grids import grid_spacing_deg, healpix_so3_grid
 from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
 from ..core.inplane import D4, transform_images, transform_poses
 from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
+from ..core.rotations import geodesic_distance_deg
 from ..data.bundled import resolve_map
 from ..data.dataset import ParticleDataset
 from ..data.mrc import read_map, write_map
@@ -274,12 +275,6 @@ class _PoseSearch:
                 self.grid[best % n_pose], self.origins[best // n_pose])
 
 
-def _angle_deg(A, B) -> torch.Tensor:
-    """Geodesic angle between rotation matrices ``(..., 3, 3)``, degrees."""
-    cos = ((A.transpose(-1, -2) @ B).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
-
-
 def _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_target, o_target) -> torch.Tensor:
     """The decoder's image loss at poses ``(A, o)`` plus the encoder's distance to ``(A_target,
     o_target)`` (squared Frobenius of the rotations + squared origin error in px)."""
@@ -483,7 +478,7 @@ def _run(cfg: AbinitioConfig, images, ctf_fn, truth, device, out: Path, resume: 
                 Y = fft2_centered(raw)
                 A, o, A_best, o_best = search.sample(net.decoder, Y, ctf, band,
                                                      cfg.search_temperature ** (1 - t), gen_device)
-                moved.append(_angle_deg(net.bank(idx)[0], A_best) > search.spacing_deg)
+                moved.append(geodesic_distance_deg(net.bank(idx)[0], A_best) > search.spacing_deg)
                 net.bank.set(idx, A_best, o_best)
                 loss = _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_best, o_best)
             elif net.bank is not None:

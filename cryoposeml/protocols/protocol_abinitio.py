@@ -52,7 +52,9 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
         form.addParam("epochs", params.IntParam, default=20, label="Epochs")
         form.addParam("searchEpochs", params.IntParam, default=-1, label="Pose-search epochs",
                       help="Epochs of global pose search at the start; -1: half of the epochs; 0: amortized "
-                           "from the start (cryoAI as published; converges far less often).")
+                           "from the start (cryoAI as published; converges far less often). The search goes on "
+                           "past them while over 10% of the particles' best poses still move in an epoch "
+                           "(leaving 4 epochs to refine).")
         form.addParam("boxPx", params.IntParam, default=32, label="Working box (px)",
                       help="Particles are Fourier-rescaled to this box (same field of view); ab initio needs "
                            "only low resolution.")
