@@ -102,3 +102,47 @@ def test_streaming_memory_is_flat(tmp_path):
         total += float(imgs[:, 0, 0].sum())
         peak = max(peak, proc.memory_info().rss)
     assert (peak - base) / 2**20 < 24, f"resident memory grew by {(peak - base) / 2**20:.0f} MiB"
+
+
+def test_simulate_two_states_images_each_particle_from_its_own_map(tmp_path):
+    """``simulate --map A B``: every particle is the projection of the map of its recorded state
+    (rlnCpmlState, 1-based) at its true pose, the shares follow --state-weights, junk is state 0,
+    and maps of different sizes are refused."""
+    import json
+
+    from conftest import cli
+    from cryoposeml.core.projection import Projector
+    from cryoposeml.data.bundled import resolve_map
+    from cryoposeml.data.mrc import read_map
+
+    out = tmp_path / "two"
+    r = cli("simulate", "--map", "adk_closed", "adk_open", "--state-weights", 1, 3, "--n", 400, "--no-noise",
+            "--no-ctf", "--junk-fraction", 0.1, "--seed", 5, "--out", out)
+    assert r.returncode == 0, r.stderr
+    truth = read_star(out / "ground_truth.star")
+    state = truth.particles["rlnCpmlState"].to_numpy()
+    junk = truth.particles["rlnCpmlJunk"].to_numpy()
+    assert ((state == 0) == (junk != 0)).all()
+    good = state > 0
+    assert abs((state[good] == 2).mean() - 0.75) < 0.07, (state[good] == 2).mean()
+    assert json.loads((out / "simulation.json").read_text())["counts"]["per_state"] == \
+        [int((state == 1).sum()), int((state == 2).sum())]
+    idx = np.flatnonzero(good)[:40]
+    ds = ParticleDataset(truth)
+    images = np.stack([ds[int(i)].numpy() for i in idx])
+    A = torch.as_tensor(truth.matrices()[idx], dtype=torch.float32)
+    o = torch.as_tensor(truth.shifts_angstrom()[idx] / 1.5, dtype=torch.float32)
+    proj = [Projector(read_map(resolve_map(m))[0]).project(A, o).numpy() for m in ("adk_closed", "adk_open")]
+    own = np.stack([proj[s - 1][k] for k, s in enumerate(state[idx])])
+    other = np.stack([proj[2 - s][k] for k, s in enumerate(state[idx])])
+    scale = np.abs(own).max()
+    assert np.abs(images - own).max() < 1e-4 * scale            # exactly its own state's projection
+    assert np.abs(images - other).max(axis=(1, 2)).min() > 1e-2 * scale   # and not the other's
+    # a second map of another size is refused, and nothing is left behind
+    from cryoposeml.data.mrc import write_map
+
+    small = tmp_path / "small.mrc"
+    write_map(small, np.zeros((32, 32, 32), np.float32), 1.5)
+    r = cli("simulate", "--map", "adk_open", small, "--n", 10, "--out", tmp_path / "bad")
+    assert r.returncode != 0 and "state 2" in r.stderr and "64 px" in r.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,7 +1,8 @@
 """Simulate particles with known poses: projections of a map with CTF, shifts, noise and junk.
 
 Writes DIR/particles.star (images + CTF, no poses), DIR/ground_truth.star (the same with the true
-poses and rlnCpmlJunk: 0 particle, 1 pure noise, 2 another protein), DIR/Particles/*.mrcs and
+poses, rlnCpmlJunk: 0 particle, 1 pure noise, 2 another protein, and rlnCpmlState: the 1-based map
+of the particle when several are given, 0 for junk), DIR/Particles/*.mrcs and
 DIR/simulation.json. SNR = var(signal) / var(noise), per pixel over the box.
 """
 from ..engine.simulate import SimulationConfig, simulate
@@ -9,7 +10,12 @@ from ..engine.simulate import SimulationConfig, simulate
 
 def add_args(p):
     d = SimulationConfig()
-    p.add_argument("--map", default=d.map, help="map (.mrc) or bundled map name (default: %(default)s)")
+    p.add_argument("--map", nargs="+", default=[d.map],
+                   help="map (.mrc) or bundled map name; several maps (same box and pixel size) make a "
+                        "heterogeneous set, one conformational state per map, recorded as rlnCpmlState "
+                        "(1-based) in ground_truth.star (default: %(default)s)")
+    p.add_argument("--state-weights", type=float, nargs="+",
+                   help="with several maps: the share of particles from each (default: equal)")
     p.add_argument("--n", type=int, default=d.n, help="number of particles (default: %(default)s)")
     p.add_argument("--snr", type=float, default=d.snr,
                    help="signal-to-noise ratio, var(signal)/var(noise); 0 for noise-free (default: %(default)s)")
@@ -37,7 +43,8 @@ def add_args(p):
 
 def main(args):
     snr = None if (args.no_noise or not args.snr) else args.snr
-    cfg = SimulationConfig(map=args.map, n=args.n, snr=snr, ctf=args.ctf, sym=args.sym,
+    cfg = SimulationConfig(map=args.map[0] if len(args.map) == 1 else tuple(args.map),
+                           state_weights=tuple(args.state_weights) if args.state_weights else None, n=args.n, snr=snr, ctf=args.ctf, sym=args.sym,
                            shift_sigma_angstrom=args.shift_sigma, junk_fraction=args.junk_fraction,
                            junk_map=args.junk_map, junk_noise_share=args.junk_noise_share, poses=args.poses,
                            defocus_min_angstrom=args.defocus_range[0], defocus_max_angstrom=args.defocus_range[1],

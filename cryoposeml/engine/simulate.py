@@ -4,10 +4,13 @@ image = shift(-origin) * CTF * central slice of the map at pose A, plus white Ga
 ``snr = var(signal) / var(noise)`` (signal variance: the mean over the first 1024 clean particle
 images).
 Junk particles are pure noise or projections of another map (scaled to the same signal variance).
+Several maps (``map`` a list: conformational states, same box and pixel size) give a
+heterogeneous set: each particle images one state, drawn with ``state_weights`` (default equal).
 
 Writes ``particles.star`` (images, CTF, optics, rlnRandomSubset, no poses: what extraction gives),
 ``ground_truth.star`` (the same plus the true poses and ``rlnCpmlJunk``: 0 particle, 1 pure noise,
-2 another map), ``Particles/stack_NNNN.mrcs`` and ``simulation.json``.
+2 another map) and ``rlnCpmlState`` (the 1-based index of the particle's map; 0 for junk),
+``Particles/stack_NNNN.mrcs`` and ``simulation.json``.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ JUNK_NONE, JUNK_NOISE, JUNK_OTHER_MAP = 0, 1, 2
 
 @dataclass
 class SimulationConfig:
-    map: str = "adk_open"                 # path or bundled map name
+    map: str | tuple = "adk_open"         # path or bundled map name; several: one per state
+    state_weights: tuple | None = None    # with several maps: their shares (default equal)
     n: int = 1000
     snr: float | None = 0.1               # None: noise-free
     ctf: bool = True
@@ -78,8 +82,22 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
     if not 0 <= cfg.junk_fraction < 1:
         raise InputError(f"--junk-fraction must be in [0, 1) (got {cfg.junk_fraction})")
     symmetry_group(cfg.sym)  # validates the name
-    map_path = resolve_map(cfg.map)
-    proj, apix, box = _projector(map_path, "map")
+    map_paths = [resolve_map(m) for m in ([cfg.map] if isinstance(cfg.map, (str, Path)) else cfg.map)]
+    if not map_paths:
+        raise InputError("no map given")
+    projs = []
+    for k, path in enumerate(map_paths):
+        p, apix_k, box_k = _projector(path, "map" if len(map_paths) == 1 else f"map of state {k + 1}")
+        if projs and (box_k != box or abs(apix_k - apix) > 1e-3):
+            raise InputError(f"the map of state {k + 1} is {box_k} px at {apix_k:.3f} A/px but the first map is "
+                             f"{box} px at {apix:.3f} A/px", path)
+        projs.append(p)
+        if k == 0:
+            apix, box = apix_k, box_k
+    weights = np.ones(len(projs)) if cfg.state_weights is None else np.asarray(cfg.state_weights, dtype=float)
+    if len(weights) != len(projs) or not (weights >= 0).all() or not weights.sum() > 0:
+        raise InputError(f"--state-weights must be {len(projs)} non-negative numbers, not all 0 "
+                         f"(got {list(cfg.state_weights)})")
     rng = np.random.default_rng(cfg.seed)
 
     if cfg.poses:
@@ -100,6 +118,10 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
         n_noise = int(round(cfg.junk_noise_share * n_junk))
         junk[which[:n_noise]] = JUNK_NOISE
         junk[which[n_noise:]] = JUNK_OTHER_MAP
+    # 1-based state per particle (0: junk); drawn after the junk so one-map sets keep their numbers
+    state = np.where(junk == JUNK_NONE, 1, 0)
+    if len(projs) > 1:
+        state = np.where(junk == JUNK_NONE, rng.choice(len(projs), n, p=weights / weights.sum()) + 1, 0)
     junk_proj = None
     if (junk == JUNK_OTHER_MAP).any():
         jpath = resolve_map(cfg.junk_map)
@@ -119,7 +141,11 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
         c = ctf_2d(ctf.subset(sl), box, apix) if cfg.ctf else None
         A_t = torch.as_tensor(A[sl], dtype=torch.float32)
         o_t = torch.as_tensor(origins[sl] / apix, dtype=torch.float32)
-        img = proj.project(A_t, o_t, c).numpy()
+        img = np.zeros((len(A_t), box, box), np.float32)
+        for k, proj in enumerate(projs):
+            mine = state[sl] == k + 1
+            if mine.any():
+                img[mine] = proj.project(A_t[mine], o_t[mine], None if c is None else c[mine]).numpy()
         other = junk[sl] == JUNK_OTHER_MAP
         if other.any():
             img[other] = junk_proj.project(A_t[other], o_t[other], None if c is None else c[other]).numpy()
@@ -156,7 +182,8 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
     })
     angles = matrix_to_euler(A)
     truth = base.assign(rlnAngleRot=angles[:, 0], rlnAngleTilt=angles[:, 1], rlnAnglePsi=angles[:, 2],
-                        rlnOriginXAngst=origins[:, 0], rlnOriginYAngst=origins[:, 1], rlnCpmlJunk=junk)
+                        rlnOriginXAngst=origins[:, 0], rlnOriginYAngst=origins[:, 1], rlnCpmlJunk=junk,
+                        rlnCpmlState=state)
 
     with staged_dir(out, overwrite) as tmp:
         (tmp / "Particles").mkdir()
@@ -177,9 +204,11 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
         write_star(ParticleStar(base, optics), tmp / "particles.star")
         write_star(ParticleStar(truth, optics.copy()), tmp / "ground_truth.star")
         write_json(tmp / "simulation.json", {
-            **stamp(**asdict(cfg)), "map_path": str(map_path), "pixel_size_angstrom": apix, "box": box,
+            **stamp(**asdict(cfg)), "map_path": str(map_paths[0]), "map_paths": [str(p) for p in map_paths],
+            "pixel_size_angstrom": apix, "box": box,
             "signal_variance": signal_var, "noise_sd": noise_sd,
             "counts": {"particles": int(good.sum()), "junk_noise": int((junk == JUNK_NOISE).sum()),
-                       "junk_other_map": int((junk == JUNK_OTHER_MAP).sum())},
+                       "junk_other_map": int((junk == JUNK_OTHER_MAP).sum()),
+                       "per_state": [int((state == k + 1).sum()) for k in range(len(projs))]},
         })
     return Path(out)
