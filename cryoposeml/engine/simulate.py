@@ -85,15 +85,14 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
     map_paths = [resolve_map(m) for m in ([cfg.map] if isinstance(cfg.map, (str, Path)) else cfg.map)]
     if not map_paths:
         raise InputError("no map given")
-    projs = []
-    for k, path in enumerate(map_paths):
-        p, apix_k, box_k = _projector(path, "map" if len(map_paths) == 1 else f"map of state {k + 1}")
-        if projs and (box_k != box or abs(apix_k - apix) > 1e-3):
+    loaded = [_projector(path, "map" if len(map_paths) == 1 else f"map of state {k + 1}")
+              for k, path in enumerate(map_paths)]
+    projs = [p for p, _, _ in loaded]
+    _, apix, box = loaded[0]
+    for k, (path, (_, apix_k, box_k)) in enumerate(zip(map_paths, loaded)):
+        if box_k != box or abs(apix_k - apix) > 1e-3:
             raise InputError(f"the map of state {k + 1} is {box_k} px at {apix_k:.3f} A/px but the first map is "
                              f"{box} px at {apix:.3f} A/px", path)
-        projs.append(p)
-        if k == 0:
-            apix, box = apix_k, box_k
     weights = np.ones(len(projs)) if cfg.state_weights is None else np.asarray(cfg.state_weights, dtype=float)
     if len(weights) != len(projs) or not (weights >= 0).all() or not weights.sum() > 0:
         raise InputError(f"--state-weights must be {len(projs)} non-negative numbers, not all 0 "
