@@ -44,7 +44,8 @@ def add_args(p):
 def main(args):
     snr = None if (args.no_noise or not args.snr) else args.snr
     cfg = SimulationConfig(map=args.map[0] if len(args.map) == 1 else tuple(args.map),
-                           state_weights=tuple(args.state_weights) if args.state_weights else None, n=args.n, snr=snr, ctf=args.ctf, sym=args.sym,
+                           state_weights=tuple(args.state_weights) if args.state_weights else None,
+                           n=args.n, snr=snr, ctf=args.ctf, sym=args.sym,
                            shift_sigma_angstrom=args.shift_sigma, junk_fraction=args.junk_fraction,
                            junk_map=args.junk_map, junk_noise_share=args.junk_noise_share, poses=args.poses,
                            defocus_min_angstrom=args.defocus_range[0], defocus_max_angstrom=args.defocus_range[1],
