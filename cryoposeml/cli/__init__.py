@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 
-COMMANDS = ["simulate", "train", "predict", "cleanup", "reconstruct", "refine", "evaluate", "abinitio", "demo"]
+COMMANDS = ["simulate", "train", "predict", "cleanup", "reconstruct", "refine", "evaluate", "abinitio", "hetero", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

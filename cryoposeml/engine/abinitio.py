@@ -264,7 +264,11 @@ class _PoseSearch:
         Yo = Yo[..., band]                                                                            # (B, O, M)
         cross = ((Yo.conj() * c[:, None]) @ S.T).real                                                 # (B, O, P)
         loss = (Yo.abs() ** 2).sum(-1, keepdim=True) + power[:, None] - 2 * cross
-        B = len(Y)
+        return self.draw(loss, band, temperature, generator)
+
+    def draw(self, loss, band, temperature: float, generator) -> tuple:
+        """``loss`` ``(B, O, P)`` over origins x grid poses -> drawn and best poses and origins."""
+        B = len(loss)
         loss = loss.reshape(B, -1)
         lmin = loss.min(1, keepdim=True).values
         tau = temperature * 2 * lmin.clamp(min=1e-12) / band.sum()

@@ -9,7 +9,7 @@ import numpy as np
 from ..data._atomic import atomic_path
 
 __all__ = ["pyplot", "plot_fsc_curves", "save_figure", "training_figure", "angular_distribution", "pose_figure", "abinitio_figure",
-           "cleanup_figure", "refine_figure"]
+           "cleanup_figure", "refine_figure", "hetero_figure", "latent_figure"]
 
 
 def pyplot():
@@ -195,4 +195,58 @@ def abinitio_figure(rows: list[dict], converged_medse: float):
         a.set_xlabel("epoch")
         a.set_ylabel("||R - R_true||_F^2 after alignment")
         a.legend(fontsize=8)
+    return fig
+
+
+def hetero_figure(rows: list[dict]):
+    """Heterogeneity curves per epoch: the loss (and the image loss and KL once the conformations
+    learn), and with a reference the median pose error and the misclassification."""
+    plt = pyplot()
+    ep = [r["epoch"] for r in rows]
+    with_truth = "median_deg" in rows[0]
+    fig, ax = plt.subplots(1, 2 if with_truth else 1, figsize=(10, 3.8), squeeze=False)
+    a = ax[0, 0]
+    a.plot(ep, [r["loss"] for r in rows], label="loss")
+    for key in ("image_loss", "kl", "task2_loss"):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            a.plot(*zip(*pts), label=key.replace("_", " "))
+    a.set_yscale("log")
+    a.set_xlabel("epoch")
+    a.legend(fontsize=8)
+    searched = [r["epoch"] for r in rows if r.get("phase") == "search"]
+    if searched:
+        for b in ax[0]:
+            b.axvspan(0.5, max(searched) + 0.5, color="0.9", zorder=0)
+    if with_truth:
+        a = ax[0, 1]
+        a.plot(ep, [r["median_deg"] for r in rows], label="median pose error (deg)")
+        pts = [(r["epoch"], 100 * r["misclassified"]) for r in rows if r.get("misclassified") not in (None, "")]
+        if pts:
+            a.plot(*zip(*pts), label="misclassified (%)")
+        a.set_yscale("log")
+        a.set_xlabel("epoch")
+        a.legend(fontsize=8)
+    return fig
+
+
+def latent_figure(pcs: np.ndarray, labels: np.ndarray, states: np.ndarray | None = None):
+    """The particles' conformations on the first two principal axes of z, coloured by class (and,
+    given the true states, a second panel coloured by state), and PC1's histogram per class."""
+    plt = pyplot()
+    panels = 3 if states is not None else 2
+    fig, ax = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8))
+    y = pcs[:, 1] if pcs.shape[1] > 1 else np.zeros(len(pcs))
+    ax[0].scatter(pcs[:, 0], y, c=labels, s=4, cmap="tab10", vmin=0, vmax=9)
+    ax[0].set_xlabel("PC1")
+    ax[0].set_ylabel("PC2")
+    ax[0].set_title("classes")
+    for k in np.unique(labels):
+        ax[1].hist(pcs[labels == k, 0], bins=40, alpha=0.6, label=f"class {k + 1}")
+    ax[1].set_xlabel("PC1")
+    ax[1].legend(fontsize=8)
+    if states is not None:
+        ax[2].scatter(pcs[:, 0], y, c=states, s=4, cmap="viridis")
+        ax[2].set_xlabel("PC1")
+        ax[2].set_title("true state")
     return fig

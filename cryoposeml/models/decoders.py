@@ -106,33 +106,35 @@ class VoxelDecoder(nn.Module):
 
 
 class ConditionalVoxelDecoder(nn.Module):
-    """A volume that depends on a conformation ``z`` (HetACUMN's decoder, explicit form): a mean map
-    plus ``n_basis`` maps weighted by a small network of ``z``,
-    ``V(z) = V_0 + sum_k a_k(z) V_k``.
+    """A volume that depends on a conformation ``z`` (HetACUMN's decoder, explicit and linear): a
+    mean map plus one basis map per latent dimension, ``V(z) = V_0 + sum_k z_k V_k``.
 
     Each map is a :class:`VoxelDecoder` (preconditioned Fourier coefficients, exact slices), so a
-    slice of ``V(z)`` is the same mix of the maps' slices: a search over many poses renders the
-    ``1 + n_basis`` maps once (:meth:`render_basis`) and mixes them per particle. The span is
-    linear (like 3D variability analysis) while ``a(z)`` is not, so discrete states and
-    continuous motions both fit in a few maps. ``a`` starts at zero: the decoder starts as one map.
+    slice of ``V(z)`` is the same mix of the maps' slices: many poses are rendered once per map
+    (:meth:`render_basis`) and mixed per particle. Being linear in ``z``, the model is probabilistic
+    PCA of the maps (as 3D variability analysis): with a Gaussian prior and noise, a particle's
+    posterior of ``z`` at a given pose is Gaussian in closed form. Discrete states lie along a
+    direction of the span, a continuous motion along a curve in it. The basis maps start at zero:
+    the decoder starts as one map, whatever ``z``.
     """
 
-    def __init__(self, box: int, zdim: int, n_basis: int = 4, hidden: int = 32, pad: int = 2):
+    def __init__(self, box: int, zdim: int, pad: int = 2):
         super().__init__()
-        self.box, self.zdim, self.n_basis = box, zdim, n_basis
-        self.maps = nn.ModuleList(VoxelDecoder(box, pad) for _ in range(1 + n_basis))
-        self.mix = nn.Sequential(nn.Linear(zdim, hidden), nn.ReLU(), nn.Linear(hidden, n_basis))
-        nn.init.zeros_(self.mix[-1].weight)
-        nn.init.zeros_(self.mix[-1].bias)
+        self.box, self.zdim = box, zdim
+        self.maps = nn.ModuleList(VoxelDecoder(box, pad) for _ in range(1 + zdim))
 
     def set_radial_profile(self, profile: torch.Tensor) -> None:
         for m in self.maps:
             m.set_radial_profile(profile)
 
-    def weights(self, z: torch.Tensor) -> torch.Tensor:
-        """``(B, zdim)`` -> ``(B, 1 + n_basis)``: 1 for the mean map, then ``a(z)``."""
-        a = self.mix(z)
-        return torch.cat([torch.ones_like(a[:, :1]), a], 1)
+    @staticmethod
+    def weights(z: torch.Tensor) -> torch.Tensor:
+        """``(B, zdim)`` -> ``(B, 1 + zdim)``: 1 for the mean map, then ``z``."""
+        return torch.cat([torch.ones_like(z[:, :1]), z], 1)
+
+    def slices(self, A: torch.Tensor) -> torch.Tensor:
+        """Every map's slices at poses ``A`` ``(B, 3, 3)``: ``(1 + zdim, B, N, N)`` complex."""
+        return torch.stack([m(A) for m in self.maps])
 
     def forward(self, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Slices ``(B, N, N)`` at poses ``A`` ``(B, 3, 3)`` for conformations ``z`` ``(B, zdim)``."""
@@ -141,16 +143,17 @@ class ConditionalVoxelDecoder(nn.Module):
 
     @torch.no_grad()
     def render_basis(self, A: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-        """Every map's slices at many poses: ``(1 + n_basis, P, N, N)`` complex; mix them with
+        """Every map's slices at many poses: ``(1 + zdim, P, N, N)`` complex; mix them with
         :meth:`weights` to get a particle's slices."""
         return torch.stack([m.render_many(A, chunk) for m in self.maps])
 
     @torch.no_grad()
     def volume(self, z: torch.Tensor | None = None) -> torch.Tensor:
-        """The map at conformation ``z`` ``(zdim,)`` (default: the mean map, ``a = 0``)."""
+        """The map at conformation ``z`` ``(zdim,)`` (default: the mean map, ``z = 0``)."""
         if z is None:
             return self.maps[0].volume()
-        w = self.weights(torch.as_tensor(z, dtype=torch.float32, device=self.mix[0].weight.device).reshape(1, -1))[0]
+        z = torch.as_tensor(z, dtype=torch.float32).reshape(1, -1)
+        w = self.weights(z)[0]
         return sum(float(w[k]) * m.volume() for k, m in enumerate(self.maps))
 
 

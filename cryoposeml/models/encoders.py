@@ -3,13 +3,15 @@
 ``BlurStack``: the image plus low-passed copies as channels (cryo-forum's blurring layer).
 ``VGGEncoder``: VGG-like conv blocks with batch norm, PReLU and dropout, then generalised-mean
 (GeM) pooling, giving one feature vector per image.
+``ConformationEncoder``: the VAE encoder of a conformation ``z`` (HetACUMN): a blur stack and a VGG
+encoder, then the posterior's mean and log-variance.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["BlurStack", "GeM", "VGGEncoder"]
+__all__ = ["BlurStack", "GeM", "VGGEncoder", "ConformationEncoder"]
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -84,3 +86,25 @@ class VGGEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
         return torch.cat([self.pool(nn.functional.softplus(f)), self.grid(f).flatten(1)], 1)
+
+
+class ConformationEncoder(nn.Module):
+    """``(B, N, N)`` images -> the posterior of their conformation: mean and log-variance
+    ``(B, zdim)`` each (a diagonal Gaussian; sample with :meth:`sample`)."""
+
+    def __init__(self, zdim: int, widths=(16, 32, 64), blur_sigmas=(1.0, 2.0, 4.0)):
+        super().__init__()
+        self.zdim = zdim
+        self.blur = BlurStack(blur_sigmas)
+        self.features = VGGEncoder(self.blur.out_channels, widths, dropout=0.0)
+        self.head = nn.Linear(self.features.out_features, 2 * zdim)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.features(self.blur(images[:, None])))
+        return out[:, :self.zdim], out[:, self.zdim:].clamp(-10.0, 5.0)
+
+    @staticmethod
+    def sample(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps

@@ -1,0 +1,650 @@
+"""``cryoposeml hetero``: poses and conformations together (HetACUMN, seed 003).
+
+A VAE: a pose encoder (rotation and shift, as in :mod:`~cryoposeml.engine.abinitio`) and a
+conformation encoder (the posterior of a latent ``z``, mean and variance) read each particle; a
+decoder conditioned on ``z`` (:class:`~cryoposeml.models.decoders.ConditionalVoxelDecoder`: a mean
+map plus basis maps mixed by a small network of ``z``) renders the particle's central slice.
+
+Training:
+
+1. **Consensus (conformation frozen).** The first epochs are ab initio's global pose search against
+   the mean map alone (HEALPix grid, posterior sampling, frequency marching, extended while the
+   poses still move): the conformation head is frozen, ``z`` plays no part. With
+   ``--poses input`` (the STAR's poses, e.g. a consensus refinement) this phase is skipped.
+2. **Heterogeneity.** Task 1, the VAE: each particle's pose is refined by local searches against
+   its own map ``V(z)`` (z = the posterior mean), and the decoder and the conformation encoder learn
+   from the image loss (a Gaussian likelihood whose noise level is the running mean residual, so
+   the weight of the KL term adapts to the data) plus the KL of ``z``; the pose encoder learns to
+   predict the refined poses. Task 2, conditional pose prediction (the encoder-decoder order
+   inverted), alternates with it: poses drawn uniformly on SO(3), ``z`` drawn from the batch's
+   posteriors and origins from the batch's are rendered by the frozen decoder, with the batch's
+   CTFs and white noise at the data's estimated noise level (adaptive: the running residual); the
+   pose encoder must recover the poses and the conformation encoder the ``z``. A pose encoder that
+   works at any ``z``, and a ``z`` that does not depend on the pose, is what keeps the two apart.
+
+After training: PCA of the particles' ``z`` (posterior means), k-means into ``--classes`` classes
+(several starts, the best kept), the decoder's volume at each class centre, and each class
+reconstructed from its particles at the input box (with half-maps and their FSC). The
+entanglement score is the share of the variance of ``z`` that the pose explains (held-out R^2 of a
+least-squares fit of ``z`` on the rotation matrix's entries and their pairwise products, i.e. the
+Wigner functions of degree 1 and 2): 0 when ``z`` carries no pose, 1 when it is a function of the
+pose. Seed 003's eq. 11 was not at hand; this is our definition, and it needs no ground truth.
+
+The folder: ``hetero.json`` (written last), ``particles.star`` (the input with the poses,
+``rlnCpmlZ1..d``, ``rlnCpmlPC1/2`` and ``rlnClassNumber``), ``z.npy``, ``class_NNN.mrc`` (and
+``_half1/2``), ``decoder_class_NNN.mrc``, ``latent.png``, ``metrics.csv``, ``curves.png``,
+``weights.safetensors``, ``checkpoint.pt`` (``--resume``). With ``--reference`` (a STAR with the
+true poses and ``rlnCpmlState``, e.g. ``ground_truth.star`` from ``simulate --map A B``) the
+misclassification, the Spearman correlation of PC1 with the state index and the pose errors are
+logged; with ``--reference-map`` (one map per state) the FSC of each class against its state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..core.ctf import ctf_2d
+from ..core.errors import InputError
+from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
+from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
+from ..core.rotations import geodesic_distance_deg
+from ..data.bundled import resolve_map
+from ..data.mrc import read_map, write_map
+from ..data.star import read_star, write_star
+from ..models import PoseNetConfig, build_model
+from ..models.decoders import ConditionalVoxelDecoder
+from ..models.encoders import ConformationEncoder
+from ._checkpoint import restore, save_checkpoint, write_rows_csv
+from ._outputs import check_run_folder, stamp, write_json
+from .abinitio import _PoseBank, _PoseSearch, _image_loss, _load, _local_search, _radial_profile, _searching
+from .plots import hetero_figure, latent_figure, save_figure
+from .reconstruct import reconstruct_star
+from .train import resolve_device
+
+__all__ = ["HeteroConfig", "hetero", "POSE_SOURCES", "latent_analysis", "entanglement_score",
+           "misclassification"]
+
+log = logging.getLogger(__name__)
+
+POSE_SOURCES = ("search", "input")
+_MIN_REFINE_EPOCHS = 4
+
+
+@dataclass
+class HeteroConfig:
+    zdim: int = 8
+    classes: int = 2
+    encoder: str = "cnn"               # pose encoder: cnn (6D head) or equivariant (escnn D4)
+    poses: str = "search"              # search (global pose search first) or input (the STAR's poses)
+    epochs: int = 24
+    search_epochs: int | None = None   # None: a third of the epochs (with input poses: 2 of consensus)
+    hetero_search_epochs: int = 4      # then a global search against each particle's own map V(z)
+    task2: bool = True                 # conditional pose prediction
+    task2_every: int = 1               # one task-2 step after every this many task-1 steps
+    beta: float = 1.0                  # weight of the prior of z (a beta-VAE's beta)
+    batch_size: int = 32
+    lr: float = 1e-3                   # encoders
+    lr_decoder: float = 5e-2
+    box_px: int = 64
+    widths: tuple = (16, 32, 64, 128)
+    search_order: int = 2
+    search_shift_px: int = 1
+    search_temperature: float = 10.0
+    search_until_stable: float = 0.1
+    search_refresh_steps: int = 4
+    seed: int = 0
+    device: str = "auto"
+
+    def n_search_epochs(self) -> int:
+        """Epochs of the first phase (pose search, or with input poses the consensus map at them)."""
+        default = 2 if self.poses == "input" else self.epochs // 3
+        n = default if self.search_epochs is None else self.search_epochs
+        return min(n, max(0, self.epochs - _MIN_REFINE_EPOCHS))
+
+
+class _HeteroNet(torch.nn.Module):
+    def __init__(self, cfg: HeteroConfig, n: int):
+        super().__init__()
+        family = {"cnn": "sixd", "equivariant": "equivariant"}[cfg.encoder]
+        self.encoder = build_model(PoseNetConfig(family=family, box=cfg.box_px, widths=tuple(cfg.widths),
+                                                 dropout=0.0))
+        self.conformation = ConformationEncoder(cfg.zdim, tuple(cfg.widths[:3]))
+        self.decoder = ConditionalVoxelDecoder(cfg.box_px, cfg.zdim)
+        self.bank = _PoseBank(n)
+        self.register_buffer("z", torch.zeros(n, cfg.zdim))      # each particle's posterior mean of z
+        # the running per-pixel residual (the noise level of the likelihood and of task 2)
+        self.register_buffer("noise_var", torch.tensor(-1.0))
+
+    @torch.no_grad()
+    def update_noise(self, residual: torch.Tensor) -> None:
+        r = float(residual)
+        self.noise_var.fill_(r if float(self.noise_var) < 0 else 0.95 * float(self.noise_var) + 0.05 * r)
+
+
+def _phase_flipped(Y, ctf) -> torch.Tensor:
+    return ifft2_centered(Y * torch.sign(ctf)).real
+
+
+def _random_rotations_torch(n: int, generator, device) -> torch.Tensor:
+    """Uniform on SO(3): normalised Gaussian quaternions."""
+    from ..core.rotations import quaternion_to_matrix
+
+    q = torch.randn(n, 4, generator=generator, device=device)
+    return quaternion_to_matrix(q / q.norm(dim=1, keepdim=True))
+
+
+class _ConditionalPoseSearch(_PoseSearch):
+    """The global search against each particle's own map ``V(z_i) = V_0 + sum_k z_ik V_k``: the maps'
+    slices over the grid are rendered once (with the products of every pair, for the power term)
+    and mixed per particle, so the cost grows with the latent's dimension squared, not with the
+    batch. The band must stay the same between refreshes (the full band, after the first phase)."""
+
+    @torch.no_grad()
+    def sample_z(self, decoder, Y, ctf, band, z, temperature: float, generator) -> tuple:
+        if self._slices is None or self._calls % self.refresh_steps == 0:
+            S = decoder.render_basis(self.grid)[..., band]                                 # (1 + K, P, M)
+            self._slices = S
+            self._pairs = {(k, l): (S[k] * S[l].conj()).real * (1.0 if k == l else 2.0)
+                           for k in range(len(S)) for l in range(k, len(S))}
+        self._calls += 1
+        S = self._slices
+        w = decoder.weights(z)                                                               # (B, 1 + K)
+        c = ctf[:, band]
+        c2 = c**2
+        power = sum((w[:, k, None] * w[:, l, None]) * (c2 @ g.T) for (k, l), g in self._pairs.items())   # (B, P)
+        Yo = (Y[:, None] * shift_phase_2d(self.origins, self.box)[None])[..., band]        # (B, O, M)
+        Yc = Yo.conj() * c[:, None]
+        cross = sum(w[:, k, None, None] * (Yc @ S[k].T).real for k in range(len(S)))       # (B, O, P)
+        loss = (Yo.abs() ** 2).sum(-1, keepdim=True) + power[:, None] - 2 * cross
+        return self.draw(loss, band, temperature, generator)
+
+
+def _search_step(net, search, Y, ctf, band, temperature, gen_device, idx):
+    """Phase 1: ab initio's search against the mean map (the conformation frozen)."""
+    A, o, A_best, o_best = search.sample(net.decoder.maps[0], Y, ctf, band, temperature, gen_device)
+    moved = geodesic_distance_deg(net.bank(idx)[0], A_best) > search.spacing_deg
+    net.bank.set(idx, A_best, o_best)
+    per = _image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band)
+    enc = net.encoder(_phase_flipped(Y, ctf))
+    enc_loss = (((enc["matrix"] - A_best) ** 2).sum((-2, -1)).mean()
+                + ((enc["shift_px"] - o_best) ** 2).sum(-1).mean())
+    return per.mean() + enc_loss, moved
+
+
+def _consensus_step(net, Y, ctf, band, idx):
+    """Phase 1 with given poses: the mean map learns from the particles at their poses."""
+    A, o = net.bank(idx)
+    return _image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band).mean()
+
+
+@torch.no_grad()
+def _posterior_z(net, A, o, Y, ctf, band, beta: float):
+    """Each particle's posterior of ``z`` at pose ``(A, o)``: the decoder is linear in ``z``, so with
+    the prior ``N(0, I / beta)`` and white noise of the running residual's variance it is Gaussian:
+    precision ``P = beta I + G / s`` and mean ``P^-1 h / s``, with ``G_kl = Re <B_k, B_l>``,
+    ``h_k = Re <B_k, Y - B_0>`` over the band, ``B_k`` the k-th map's slice times CTF and shift
+    phase, ``s = N^2 sigma^2`` (the noise per Fourier coefficient). Returns ``(mean, P)``."""
+    box = Y.shape[-1]
+    B_ = net.decoder.slices(A) * (ctf * shift_phase_2d(-o, box))[None]            # (1 + K, B, N, N)
+    B_ = B_[..., band]                                                            # (1 + K, B, M)
+    r = Y[..., band] - B_[0]
+    Bk = B_[1:]
+    G = torch.einsum("kbm,lbm->bkl", Bk.conj(), Bk).real
+    h = torch.einsum("kbm,bm->bk", Bk.conj(), r).real
+    s = box**2 * net.noise_var.clamp(min=1e-12)
+    K = Bk.shape[0]
+    P = beta * torch.eye(K, device=Y.device) + G / s
+    return torch.linalg.solve(P, h / s), P
+
+
+def _sample_posterior(mean, P, generator):
+    """Draws from ``N(mean, P^-1)``: ``mean + L^-T eps`` with ``P = L L^T``."""
+    L = torch.linalg.cholesky(P)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return mean + torch.linalg.solve_triangular(L.transpose(-2, -1), eps[..., None], upper=True)[..., 0]
+
+
+def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None):
+    """Task 1 (the VAE): each particle's pose searched against its own map V(z) (z: the posterior mean
+    at its current pose) -- globally with ``search`` (a pose drawn from the posterior for the
+    decoder, the best one kept), else locally with steps of ``delta`` --, the posterior of z at the
+    new pose (exact: the decoder is linear in z), the decoder's image loss at z drawn from it, and
+    the encoders amortizing both: KL(q(z | image) || posterior) for the conformation encoder, the
+    distance to the best pose for the pose encoder. Returns the loss, the per-particle image loss
+    and KL, the posterior (for task 2) and, with ``search``, which best poses moved."""
+    box = Y.shape[-1]
+    A, o = net.bank(idx)
+    if float(net.noise_var) < 0:                                  # the first step: a noise level first
+        with torch.no_grad():
+            net.update_noise(_image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, box), Y, band).mean())
+    mean, P = _posterior_z(net, A, o, Y, ctf, band, cfg.beta)
+    moved = None
+    if search is not None:
+        A_prev = A
+        A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, mean, 1.0, gen_device)
+        moved = geodesic_distance_deg(A_prev, A_best) > search.spacing_deg
+        net.bank.set(idx, A_best, o_best)
+        mean, P = _posterior_z(net, A_best, o_best, Y, ctf, band, cfg.beta)
+        net.z[torch.as_tensor(idx, device=net.z.device)] = mean
+        mean_s, P_s = _posterior_z(net, A, o, Y, ctf, band, cfg.beta)     # the decoder learns at the drawn pose
+        z = _sample_posterior(mean_s, P_s, gen_device)
+    else:
+        zr = mean.repeat_interleave(7, 0)
+        for _ in range(2):
+            A, o = _local_search(lambda R: net.decoder(R, zr), A, o, Y, ctf, band, delta)
+        net.bank.set(idx, A, o)
+        A_best, o_best = A, o
+        mean, P = _posterior_z(net, A, o, Y, ctf, band, cfg.beta)
+        net.z[torch.as_tensor(idx, device=net.z.device)] = mean
+        z = _sample_posterior(mean, P, gen_device)
+    per = _image_loss(net.decoder(A, z) * ctf * shift_phase_2d(-o, box), Y, band)
+    net.update_noise(per.detach().mean())
+    enc_in = _phase_flipped(Y, ctf)
+    mu, logvar = net.conformation(enc_in)
+    d = (mu - mean)[..., None]
+    kl = 0.5 * ((torch.diagonal(P, dim1=-2, dim2=-1) * logvar.exp()).sum(-1) + (d.transpose(-2, -1) @ P @ d)[:, 0, 0]
+                - mean.shape[1] - torch.logdet(P) - logvar.sum(-1))
+    enc = net.encoder(enc_in)
+    enc_loss = (((enc["matrix"] - A_best) ** 2).sum((-2, -1)).mean()
+                + ((enc["shift_px"] - o_best) ** 2).sum(-1).mean())
+    return per.mean() + kl.mean() / cfg.zdim + enc_loss, per.detach(), kl.detach(), (mean, P, o_best), moved
+
+
+def _task2_loss(net, ctf, posterior, gen_device):
+    """Task 2 (conditional pose prediction): render random poses at z drawn from the batch's
+    posteriors with the frozen decoder (the batch's CTFs, its origins shuffled), add white noise at
+    the data's level (the running residual), and regress the poses and the z back."""
+    mean, P, o = posterior
+    B, box = len(mean), ctf.shape[-1]
+    with torch.no_grad():
+        A = _random_rotations_torch(B, gen_device, mean.device)
+        z = _sample_posterior(mean, P, gen_device)
+        perm = torch.randperm(B, generator=gen_device, device=mean.device)
+        origin = o[perm]
+        clean = ifft2_centered(net.decoder(A, z) * ctf * shift_phase_2d(-origin, box)).real
+        noise = torch.randn(clean.shape, generator=gen_device, device=mean.device)
+        x = clean + noise * net.noise_var.clamp(min=0).sqrt()
+        enc_in = _phase_flipped(fft2_centered(x), ctf)
+    enc = net.encoder(enc_in)
+    mu2, _ = net.conformation(enc_in)
+    return (((enc["matrix"] - A) ** 2).sum((-2, -1)).mean() + ((enc["shift_px"] - origin) ** 2).sum(-1).mean()
+            + ((mu2 - z) ** 2).sum(-1).mean())
+
+
+@torch.no_grad()
+def _posterior_all(net, images, ctf_fn, cfg, device, batch: int = 256) -> np.ndarray:
+    """Every particle's posterior mean of ``z`` at its final pose."""
+    out = []
+    band = torch.ones(cfg.box_px, cfg.box_px, dtype=torch.bool, device=device)
+    for s in range(0, len(images), batch):
+        idx = np.arange(s, min(len(images), s + batch))
+        A, o = net.bank(idx)
+        mean, _ = _posterior_z(net, A, o, fft2_centered(images[idx].to(device)), ctf_fn(idx).to(device), band,
+                               cfg.beta)
+        out.append(mean.double().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def _encode(net, images, ctf_fn, device, batch: int = 256):
+    """The posterior means ``z`` (n, zdim) and the pose encoder's poses (n, 3, 3) and origins."""
+    net.eval()
+    zs, mats, shifts = [], [], []
+    for s in range(0, len(images), batch):
+        x = images[s:s + batch].to(device)
+        ctf = ctf_fn(np.arange(s, min(len(images), s + batch))).to(device)
+        enc_in = _phase_flipped(fft2_centered(x), ctf)
+        zs.append(net.conformation(enc_in)[0].double().cpu())
+        out = net.encoder(enc_in)
+        mats.append(out["matrix"].double().cpu())
+        shifts.append(out["shift_px"].double().cpu())
+    net.train()
+    return torch.cat(zs).numpy(), torch.cat(mats).numpy(), torch.cat(shifts).numpy()
+
+
+# -- latent analysis (numpy/scipy; no torch) --------------------------------------------------------
+
+def latent_analysis(z: np.ndarray, classes: int, seed: int = 0, starts: int = 10) -> dict:
+    """PCA of ``z`` (n, d) and k-means into ``classes``: ``pcs`` (n, d) the coordinates on the
+    principal axes, ``explained`` their variance shares, ``labels`` (n,) 0-based, ``centres``
+    (classes, d) in z. Classes are numbered by their mean PC1 (so a motion reads in order)."""
+    from scipy.cluster.vq import kmeans2
+
+    z = np.asarray(z, np.float64)
+    zc = z - z.mean(0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    pcs = zc @ vt.T
+    var = s**2
+    explained = var / var.sum() if var.sum() > 0 else np.zeros_like(var)
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(starts):
+        centres, labels = kmeans2(z, classes, minit="++", seed=rng)
+        inertia = ((z - centres[labels]) ** 2).sum()
+        if best is None or inertia < best[0]:
+            best = (inertia, centres, labels)
+    _, centres, labels = best
+    order = np.argsort([pcs[labels == k, 0].mean() if (labels == k).any() else np.inf for k in range(classes)])
+    relabel = np.empty(classes, np.int64)
+    relabel[order] = np.arange(classes)
+    return {"pcs": pcs, "explained": explained, "labels": relabel[labels], "centres": centres[order]}
+
+
+def misclassification(labels: np.ndarray, states: np.ndarray) -> dict:
+    """The share of particles whose class is not their state's, under the best one-to-one match of
+    classes to states (Hungarian); ``states`` 1-based, 0 (junk) left out."""
+    from scipy.optimize import linear_sum_assignment
+
+    keep = states > 0
+    labels, states = labels[keep], states[keep] - 1
+    table = np.zeros((labels.max() + 1, states.max() + 1), np.int64)
+    np.add.at(table, (labels, states), 1)
+    rows, cols = linear_sum_assignment(-table)
+    return {"misclassified": float(1 - table[rows, cols].sum() / max(1, len(labels))),
+            "class_of_state": {int(c) + 1: int(r) + 1 for r, c in zip(rows, cols)}}
+
+
+def _wigner_features(A: np.ndarray) -> np.ndarray:
+    """Functions of the pose spanning the Wigner D of degree 0-2: 1, the 9 entries, their products."""
+    e = A.reshape(len(A), 9)
+    iu = np.triu_indices(9)
+    return np.hstack([np.ones((len(A), 1)), e, (e[:, :, None] * e[:, None, :])[:, iu[0], iu[1]]])
+
+
+def entanglement_score(z: np.ndarray, A: np.ndarray) -> float:
+    """The share of the variance of ``z`` explained by the pose ``A``: R^2 of a least-squares fit of
+    ``z`` on :func:`_wigner_features`, fitted on every other particle and scored on the rest
+    (so a fit to noise scores about 0). 0: z carries no pose; 1: z is a function of it."""
+    z, F = np.asarray(z, np.float64), _wigner_features(np.asarray(A, np.float64))
+    fit, test = np.arange(0, len(z), 2), np.arange(1, len(z), 2)
+    if len(fit) <= F.shape[1]:
+        return float("nan")
+    coef, *_ = np.linalg.lstsq(F[fit], z[fit], rcond=None)
+    resid = ((z[test] - F[test] @ coef) ** 2).sum()
+    total = ((z[test] - z[fit].mean(0)) ** 2).sum()
+    return float(max(0.0, 1 - resid / total)) if total > 0 else 0.0
+
+
+def _spearman_pc1(pc1: np.ndarray, states: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    keep = states > 0
+    if len(np.unique(states[keep])) < 2:
+        return float("nan")
+    return float(abs(spearmanr(pc1[keep], states[keep]).statistic))
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(), resume: bool = False,
+           overwrite: bool = False, progress: bool = True) -> dict:
+    out = Path(out)
+    if cfg.encoder not in ("cnn", "equivariant"):
+        raise InputError(f"--encoder must be cnn or equivariant (got {cfg.encoder!r})")
+    if cfg.poses not in POSE_SOURCES:
+        raise InputError(f"--poses must be one of {', '.join(POSE_SOURCES)} (got {cfg.poses!r})")
+    if cfg.zdim < 1:
+        raise InputError(f"--zdim must be at least 1 (got {cfg.zdim})")
+    if cfg.classes < 1:
+        raise InputError(f"--classes must be at least 1 (got {cfg.classes})")
+    if cfg.box_px % 2 or cfg.box_px < 16:
+        raise InputError(f"--box-px must be even and >= 16 (got {cfg.box_px})")
+    if cfg.epochs <= cfg.n_search_epochs():
+        raise InputError(f"--epochs ({cfg.epochs}) must leave epochs after the pose search for the conformations")
+    check_run_folder(out, "hetero.json", "a finished run", resume, overwrite)
+    star = read_star(particles)
+    if cfg.poses == "input":
+        star.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "--poses input")
+    if len(star) < max(2 * cfg.batch_size, 4 * cfg.classes):
+        raise InputError(f"{len(star)} particles are too few (at least {max(2 * cfg.batch_size, 4 * cfg.classes)} "
+                         f"for batches of {cfg.batch_size} and {cfg.classes} classes)", particles)
+    truth, states = None, None
+    if reference is not None:
+        ref = read_star(reference)
+        ref.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "a pose reference")
+        keys = {k: i for i, k in enumerate(ref.image_keys())}
+        missing = [k for k in star.image_keys() if k not in keys]
+        if missing:
+            raise InputError(f"{len(missing)} particles are not in the reference (first: {missing[0]})", reference)
+        order = [keys[k] for k in star.image_keys()]
+        truth = ref.matrices()[order]
+        if "rlnCpmlState" in ref.particles:
+            states = ref.particles["rlnCpmlState"].to_numpy(np.int64)[order]
+    true_maps = []
+    for k, m in enumerate(reference_maps):
+        path = resolve_map(m)
+        vol = read_map(path)[0].astype(np.float64)
+        if vol.shape != (star.box,) * 3:
+            raise InputError(f"the map of state {k + 1} is {vol.shape[0]} px, the particles {star.box} px", path)
+        true_maps.append(vol)
+    if true_maps and (states is None or len(true_maps) != states.max()):
+        raise InputError(f"--reference-map needs one map per state of the --reference STAR's rlnCpmlState "
+                         f"(got {len(true_maps)} maps"
+                         f"{'' if states is None else f' for {states.max()} states'})", reference)
+
+    device = resolve_device(cfg.device)
+    images, pixel_out = _load(star, cfg.box_px, progress)
+    n = len(images)
+    ctf_params = star.ctf_params() if star.has_ctf() else None
+
+    def ctf_fn(idx):
+        if ctf_params is None:
+            return torch.ones(len(idx), cfg.box_px, cfg.box_px)
+        return ctf_2d(ctf_params.subset(idx), cfg.box_px, pixel_out)
+
+    out.mkdir(parents=True, exist_ok=True)
+    initial = (star.matrices(), star.shifts_angstrom() / pixel_out) if cfg.poses == "input" else None
+    net, run = _run(cfg, images, ctf_fn, initial, truth, states, device, out, resume, progress)
+
+    # -- analysis and outputs ---------------------------------------------------------------------
+    z = _posterior_all(net, images, ctf_fn, cfg, device)
+    z_enc, enc_mats, _ = _encode(net, images, ctf_fn, device)
+    mats = net.bank.matrix.double().cpu().numpy()
+    shifts = net.bank.origin.double().cpu().numpy()
+    lat = latent_analysis(z, cfg.classes, cfg.seed)
+    labels = lat["labels"]
+    np.save(out / "z.npy", z.astype(np.float32))
+    np.save(out / "z_encoder.npy", z_enc.astype(np.float32))
+    result = star.copy()
+    result.set_poses(mats, shifts * pixel_out)
+    for j in range(cfg.zdim):
+        result.particles[f"rlnCpmlZ{j + 1}"] = z[:, j]
+    for j in range(min(2, cfg.zdim)):
+        result.particles[f"rlnCpmlPC{j + 1}"] = lat["pcs"][:, j]
+    result.particles["rlnClassNumber"] = labels + 1
+    write_star(result, out / "particles.star")
+    summary = {**stamp(particles=particles, reference=reference, reference_maps=list(map(str, reference_maps)),
+                       **asdict(cfg)),
+               "particles": n, "run": run, "pca_explained": lat["explained"][:min(4, cfg.zdim)].tolist(),
+               "entanglement": entanglement_score(z, mats), "classes": []}
+    mask = soft_sphere_mask(star.box)
+    for k in range(cfg.classes):
+        sel = np.nonzero(labels == k)[0]
+        entry = {"class": k + 1, "particles": int(len(sel)), "z_centre": lat["centres"][k].tolist()}
+        write_map(out / f"decoder_class_{k + 1:03d}.mrc",
+                  net.decoder.volume(torch.as_tensor(lat["centres"][k])).cpu().numpy().astype(np.float32), pixel_out)
+        if len(sel) >= 2:
+            sub = result.copy()
+            sub.particles = result.particles.iloc[sel].reset_index(drop=True)
+            rec = reconstruct_star(sub, halves=len(sel) >= 4, progress=progress)
+            write_map(out / f"class_{k + 1:03d}.mrc", rec.full.astype(np.float32), star.pixel_size_angstrom)
+            if rec.half1 is not None:
+                write_map(out / f"class_{k + 1:03d}_half1.mrc", rec.half1.astype(np.float32), star.pixel_size_angstrom)
+                write_map(out / f"class_{k + 1:03d}_half2.mrc", rec.half2.astype(np.float32), star.pixel_size_angstrom)
+                f, c = rec.half_fsc(mask)
+                entry["half_map_fsc_0143_angstrom"] = resolution_at(f, c, 0.143)
+        summary["classes"].append(entry)
+    if truth is not None:
+        ref_summary = {}
+        al = align_poses_globally(mats, truth)
+        ref_summary.update(medse=al["medse"], median_deg=al["median_deg"], mirrored=al["mirrored"])
+        ref_summary["encoder_median_deg"] = align_poses_globally(enc_mats, truth)["median_deg"]
+        if states is not None:
+            mis = misclassification(labels, states)
+            ref_summary.update(misclassified=mis["misclassified"], class_of_state=mis["class_of_state"],
+                               spearman_pc1_state=_spearman_pc1(lat["pcs"][:, 0], states))
+            # the amortized encoder's z alone, clustered the same way
+            lat_enc = latent_analysis(z_enc, cfg.classes, cfg.seed)
+            ref_summary["encoder_misclassified"] = misclassification(lat_enc["labels"], states)["misclassified"]
+            if true_maps:
+                aligned = result.copy()
+                aligned.set_poses(al["aligned"], shifts * pixel_out)
+                per_state = {}
+                for s, vol in enumerate(true_maps, start=1):
+                    c = mis["class_of_state"].get(s)
+                    sel = np.nonzero(labels == c - 1)[0] if c is not None else []
+                    if len(sel) < 2:
+                        per_state[s] = None
+                        continue
+                    sub = aligned.copy()
+                    sub.particles = aligned.particles.iloc[sel].reset_index(drop=True)
+                    f, cc = fsc(reconstruct_star(sub, progress=False).full, vol, star.pixel_size_angstrom, mask)
+                    per_state[s] = resolution_at(f, cc, 0.5)
+                ref_summary["fsc_05_per_state_angstrom"] = per_state
+        summary["reference"] = ref_summary
+    save_figure(latent_figure(lat["pcs"], labels, states), out / "latent.png")
+    write_json(out / "hetero.json", summary)
+    return summary
+
+
+def _phase(cfg: HeteroConfig, epoch: int, rows: list[dict], given_poses: bool) -> str:
+    """The phase of ``epoch`` (0-based): ``consensus`` (given poses: the mean map learns at them),
+    ``search`` (the conformation frozen: ab initio's search, extended while the poses move),
+    ``hetero search`` (the global search against each particle's V(z), ``hetero_search_epochs``),
+    ``hetero`` (local refinement). Reads only the logged rows, so ``--resume`` decides the same."""
+    n_first = cfg.n_search_epochs()
+    if given_poses:
+        return "consensus" if epoch < n_first else "hetero"
+    if n_first and _searching(cfg, epoch, rows):
+        return "search"
+    n_done = sum(r["phase"] == "hetero search" for r in rows)
+    if n_done < cfg.hetero_search_epochs and epoch < cfg.epochs - 2:
+        return "hetero search"
+    return "hetero"
+
+
+def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out: Path, resume: bool,
+         progress: bool):
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(images)
+    net = _HeteroNet(cfg, n)
+    if initial is not None:
+        net.bank.set(torch.arange(n), torch.as_tensor(initial[0], dtype=torch.float32),
+                     torch.as_tensor(initial[1], dtype=torch.float32))
+    net = net.to(device)
+    net.decoder.set_radial_profile(_radial_profile(images, ctf_fn, cfg.box_px).to(device))
+    encoders = list(net.encoder.parameters()) + list(net.conformation.parameters())
+
+    def clip():   # each encoder on its own: the KL's scale follows the noise level, the poses' does not
+        torch.nn.utils.clip_grad_norm_(net.encoder.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(net.conformation.parameters(), 5.0)
+
+    opt = torch.optim.Adam([{"params": encoders, "lr": cfg.lr},
+                            {"params": net.decoder.parameters(), "lr": cfg.lr_decoder}])
+    steps = max(1, n // cfg.batch_size)
+    gen_device = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    state = {"epoch": 0, "rows": []}
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = restore(ckpt, device, net, opt, gen)
+        log.info("resuming %s at epoch %d", out, state["epoch"])
+    kx, ky = frequency_index_2d(cfg.box_px, device=device)
+    radius = torch.sqrt(kx**2 + ky**2)
+    r_max = cfg.box_px / 2
+    n_search = cfg.n_search_epochs()
+    search = _PoseSearch(cfg, device) if n_search and initial is None else None
+    csearch = _ConditionalPoseSearch(cfg, device) if cfg.hetero_search_epochs and initial is None else None
+    from ..core.grids import grid_spacing_deg
+
+    spacing = grid_spacing_deg(cfg.search_order)
+    for epoch in range(state["epoch"], cfg.epochs):
+        t_epoch = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).numpy()
+        phase = _phase(cfg, epoch, state["rows"], initial is not None)
+        searching = phase == "search"
+        n_first = sum(r["phase"] != "hetero" for r in state["rows"])
+        losses, moved, pers, kls, task2 = [], [], [], [], []
+        bar = tqdm(range(steps), desc=f"hetero epoch {epoch + 1}/{cfg.epochs}"
+                   f"{' (pose search)' if searching else ''}", disable=not progress, leave=False)
+        for step in bar:
+            idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
+            Y = fft2_centered(raw)
+            if searching:
+                t = min(1.0, (epoch * steps + step) / (n_search * steps))
+                band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
+                loss, mv = _search_step(net, search, Y, ctf, band, cfg.search_temperature ** (1 - t), gen_device, idx)
+                moved.append(mv)
+            elif phase == "consensus":
+                loss = _consensus_step(net, Y, ctf, radius <= r_max, idx)
+            else:
+                band = radius <= r_max
+                if phase == "hetero search":
+                    loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, search=csearch)
+                    moved.append(mv)
+                else:
+                    # the local step starts at half the grid spacing (a quarter from given poses) and
+                    # shrinks by 0.8 every epoch, down to 1 degree
+                    start = spacing / 2 if initial is None else spacing / 4
+                    delta = max(1.0, start * 0.8 ** (epoch - n_first))
+                    loss, per, kl, posterior, _ = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=delta)
+                pers.append(float(per.mean()))
+                kls.append(float(kl.mean()))
+            losses.append(float(loss.detach()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip()
+            opt.step()
+            if phase.startswith("hetero") and cfg.task2 and step % cfg.task2_every == 0:
+                loss2 = _task2_loss(net, ctf, posterior, gen_device)
+                task2.append(float(loss2.detach()))
+                opt.zero_grad(set_to_none=True)
+                loss2.backward()
+                clip()
+                opt.step()
+        row = {"epoch": epoch + 1, "phase": phase, "loss": float(np.mean(losses)),
+               "epoch_s": time.perf_counter() - t_epoch}
+        if moved:
+            row["moved"] = float(torch.cat(moved).float().mean())
+        if pers:
+            row.update(image_loss=float(np.mean(pers)), kl=float(np.mean(kls)))
+        if task2:
+            row["task2_loss"] = float(np.mean(task2))
+        if truth is not None:
+            sub = np.arange(min(n, 1000))
+            al = align_poses_globally(net.bank.matrix[:len(sub)].double().cpu().numpy(), truth[sub])
+            row.update(medse=al["medse"], median_deg=al["median_deg"])
+            if phase.startswith("hetero") and states is not None:
+                # the run's z (each particle's posterior mean at its last visit) and the encoder's
+                lat = latent_analysis(net.z[:len(sub)].double().cpu().numpy(), cfg.classes, cfg.seed, starts=3)
+                row["misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
+                z, _, _ = _encode(net, images[sub], lambda i: ctf_fn(sub[i]), device)
+                lat = latent_analysis(z, cfg.classes, cfg.seed, starts=3)
+                row["encoder_misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
+        state["rows"].append(row)
+        state["epoch"] = epoch + 1
+        log.info("epoch %d (%s): loss %.4g%s%s%s", epoch + 1, row["phase"], row["loss"],
+                 f", {100 * row['moved']:.0f}% of best poses moved" if "moved" in row else "",
+                 f", median pose error {row['median_deg']:.1f} deg" if "median_deg" in row else "",
+                 f", {100 * row['misclassified']:.1f}% misclassified (encoder alone "
+                 f"{100 * row['encoder_misclassified']:.1f}%)" if "misclassified" in row else "")
+        save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                               "state": json.dumps(state)})
+        write_rows_csv(out / "metrics.csv", state["rows"])
+        save_figure(hetero_figure(state["rows"]), out / "curves.png")
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items() if not k.startswith("bank.")},
+              str(out / "weights.safetensors"))
+    rows = state["rows"]
+    run = {"epochs_run": state["epoch"], "first_phase_epochs_run": sum(r["phase"] != "hetero" for r in rows),
+           "train_seconds": float(sum(r["epoch_s"] for r in rows)), "final_loss": rows[-1]["loss"] if rows else None,
+           "noise_var": float(net.noise_var)}
+    return net, run
