@@ -17,6 +17,8 @@ ATTRIBUTES = {
     "rlnCpmlExpectedErrorDeg": "_cryoposemlExpectedError",
     "rlnParticleFigureOfMerit": "_cryoposemlFigureOfMerit",
 }
+#: ``rlnCpmlZ1..d`` (a conformation from ``cryoposeml hetero``) -> one comma-separated list
+Z_ATTRIBUTE = "_cryoposemlZ"
 
 
 def writeParticlesStar(partSet, starFile, outputDir, alignType=None):
@@ -52,9 +54,14 @@ def readStarRows(starFile):
     extra = [c for c in ATTRIBUTES if c in p]
     values = {c: p[c].to_numpy(np.float64) for c in extra}
     subset = p["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in p else None
+    zcols = sorted((c for c in p if c.startswith("rlnCpmlZ") and c[8:].isdigit()), key=lambda c: int(c[8:]))
+    z = p[zcols].to_numpy(np.float64) if zcols else None
+    classes = p["rlnClassNumber"].to_numpy().astype(int) if "rlnClassNumber" in p else None
     for i, objId in enumerate(p["rlnImageId"].to_numpy().astype(int)):
         rows[int(objId)] = {"matrix": M[i], **{c: values[c][i] for c in extra},
-                            **({"rlnRandomSubset": int(subset[i])} if subset is not None else {})}
+                            **({"rlnRandomSubset": int(subset[i])} if subset is not None else {}),
+                            **({"z": z[i].tolist()} if z is not None else {}),
+                            **({"rlnClassNumber": int(classes[i])} if classes is not None else {})}
     return rows
 
 
@@ -66,6 +73,12 @@ def updateParticle(particle, row):
             setattr(particle, attr, pwobj.Float(float(row[column])))
     if "rlnRandomSubset" in row:
         particle._rlnRandomSubset = pwobj.Integer(row["rlnRandomSubset"])
+    if "z" in row:
+        z = pwobj.CsvList(pType=float)
+        z.set(row["z"])
+        setattr(particle, Z_ATTRIBUTE, z)
+    if "rlnClassNumber" in row:
+        particle.setClassId(row["rlnClassNumber"])
 
 
 def fillParticles(outputSet, inputSet, starFile):

@@ -14,8 +14,8 @@ import pyworkflow.protocol.params as params
 from pyworkflow.viewer import DESKTOP_TKINTER
 from pwem.viewers import EmProtocolViewer
 
-from .protocols import (CryoPoseMLProtAbinitio, CryoPoseMLProtCleanup, CryoPoseMLProtLocalRefine, CryoPoseMLProtPredict,
-                        CryoPoseMLProtTrain)
+from .protocols import (CryoPoseMLProtAbinitio, CryoPoseMLProtCleanup, CryoPoseMLProtHetero, CryoPoseMLProtLocalRefine,
+                        CryoPoseMLProtPredict, CryoPoseMLProtTrain)
 
 
 class _FigureViewer(EmProtocolViewer):
@@ -140,7 +140,7 @@ class CryoPoseMLViewerRefine(_FigureViewer):
 
 
 __all__ = ["CryoPoseMLViewerTrain", "CryoPoseMLViewerPredict", "CryoPoseMLViewerCleanup", "CryoPoseMLViewerRefine",
-           "CryoPoseMLViewerAbinitio"]
+           "CryoPoseMLViewerAbinitio", "CryoPoseMLViewerHetero"]
 
 class CryoPoseMLViewerAbinitio(_FigureViewer):
     """Ab initio curves: the loss per epoch (first half-set, or the single run), with the pose-search
@@ -161,3 +161,33 @@ class CryoPoseMLViewerAbinitio(_FigureViewer):
         if not rows:
             raise ValueError("no epoch finished yet")
         return abinitio_figure(rows, CONVERGED_MEDSE)
+
+
+class CryoPoseMLViewerHetero(_FigureViewer):
+    """Heterogeneity: the particles' conformations on the first two principal axes of z, coloured by
+    class (from the output set), and the loss curves."""
+    _label = "cryoposeml heterogeneity viewer"
+    _targets = [CryoPoseMLProtHetero]
+    _figures = {"showLatent": ("Conformations (PCA of z) by class", "_latentFigure"),
+                "showCurves": ("Loss per epoch", "_curvesFigure")}
+
+    def _latentFigure(self):
+        from .engine.hetero import pca
+        from .engine.plots import latent_figure
+
+        z, labels = [], []
+        for p in self.protocol.outputParticles.iterItems():
+            z.append([float(v) for v in p._cryoposemlZ])
+            labels.append(p.getClassId() - 1)
+        if not z:
+            raise ValueError("the output has no particles")
+        return latent_figure(pca(np.array(z))[0], np.array(labels))
+
+    def _curvesFigure(self):
+        from .engine.plots import hetero_figure
+
+        rows = [{k: v if k == "phase" else float(v) for k, v in r.items() if v != ""}
+                for r in _read_csv(Path(self.protocol._getExtraPath("hetero", "metrics.csv")))]
+        if not rows:
+            raise ValueError("no epoch finished yet")
+        return hetero_figure(rows)

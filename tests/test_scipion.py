@@ -77,6 +77,9 @@ class TestCryoposemlTemplates(BaseTest):
         for name, n, seed in (("train", 800, 1), ("new", 300, 2)):
             r = cli("simulate", "--n", n, "--no-noise", "--shift-sigma", 2, "--seed", seed, "--out", cls.data / name)
             assert r.returncode == 0, r.stderr
+        r = cli("simulate", "--map", "adk_closed", "adk_open", "--n", 300, "--no-noise", "--shift-sigma", 2,
+                "--seed", 3, "--out", cls.data / "two_states")
+        assert r.returncode == 0, r.stderr
         import pyworkflow as pw
 
         os.makedirs(os.path.dirname(pw.Config.SCIPION_HOSTS), exist_ok=True)
@@ -96,7 +99,7 @@ class TestCryoposemlTemplates(BaseTest):
         from pyworkflow.viewer import DESKTOP_TKINTER
 
         for prot in ("CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
-                     "CryoPoseMLProtLocalRefine", "CryoPoseMLProtAbinitio"):
+                     "CryoPoseMLProtLocalRefine", "CryoPoseMLProtAbinitio", "CryoPoseMLProtHetero"):
             found = Domain.findViewers(prot, DESKTOP_TKINTER)
             assert any(v.__module__ == "cryoposeml.viewers" for v in found), (prot, found)
         paths = sorted(TEMPLATES.glob("*.json.template"))
@@ -257,6 +260,36 @@ class TestCryoposemlTemplates(BaseTest):
         assert "resuming" in open(more.getLogPaths()[0]).read() + open(more.getLogPaths()[1]).read()
         fig = CryoPoseMLViewerAbinitio(project=self.proj, protocol=ab).figure("showCurves")
         assert len(fig.axes[0].lines[0].get_xdata()) == 2
+
+    def test_hetero_protocol(self):
+        """Heterogeneity in Scipion: aligned particles of two states -> particles with their z and
+        class, 3D classes with a volume each, and the set of class volumes (with half-maps); the
+        Scipion classes are the CLI's; the viewer draws z by class. (Plumbing, 4 epochs at 24 px: the
+        separation itself is tested in test_hetero.py.)"""
+        from cryoposeml.data.star import read_star
+        from cryoposeml.protocols import CryoPoseMLProtHetero, CryoPoseMLProtImportParticles
+        from cryoposeml.viewers import CryoPoseMLViewerHetero
+
+        imp = self.newProtocol(CryoPoseMLProtImportParticles,
+                               filesPattern=str(self.data / "two_states" / "ground_truth.star"), importAlignment=True)
+        imp = self.launchProtocol(imp)
+        het = self.launchProtocol(self.newProtocol(
+            CryoPoseMLProtHetero, inputParticles=imp.outputParticles, usePoses=True, classes=2, zdim=3, epochs=4,
+            boxPx=24, batchSize=16, extraParams="--widths 8 16 32", useGpu=False))
+        parts, classes, volumes = het.outputParticles, het.outputClasses, het.outputVolumes
+        assert parts.getSize() == 300 and parts.hasAlignmentProj()
+        star = read_star(Path(het._getExtraPath("hetero", "particles.star"))).particles.set_index("rlnImageId")
+        for p in parts:
+            assert len(p._cryoposemlZ) == 3
+            assert p.getClassId() == star.loc[p.getObjId(), "rlnClassNumber"]
+            assert float(p._cryoposemlZ[0]) == pytest.approx(star.loc[p.getObjId(), "rlnCpmlZ1"], abs=1e-5)
+        assert classes.getSize() == 2 and sum(c.getSize() for c in classes) == 300
+        for c in classes:
+            assert os.path.exists(c.getRepresentative().getFileName())
+        assert volumes.getSize() == 2 and all(v.hasHalfMaps() for v in volumes)
+        assert any("Entanglement" in line for line in het.summary())
+        fig = CryoPoseMLViewerHetero(project=self.proj, protocol=het).figure("showLatent")
+        assert len(fig.axes[0].collections[0].get_offsets()) == 300
 
     @classmethod
     def _model(cls):

@@ -64,12 +64,12 @@ from ..models.decoders import ConditionalVoxelDecoder
 from ..models.encoders import ConformationEncoder
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
-from .abinitio import _PoseBank, _PoseSearch, _image_loss, _load, _local_search, _radial_profile, _searching
+from .abinitio import _PoseBank, _PoseSearch, _image_loss, _load, _local_search, _radial_profile
 from .plots import hetero_figure, latent_figure, save_figure
 from .reconstruct import reconstruct_star
 from .train import resolve_device
 
-__all__ = ["HeteroConfig", "hetero", "POSE_SOURCES", "latent_analysis", "entanglement_score",
+__all__ = ["HeteroConfig", "hetero", "POSE_SOURCES", "pca", "latent_analysis", "entanglement_score",
            "misclassification"]
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,10 @@ class HeteroConfig:
     poses: str = "search"              # search (global pose search first) or input (the STAR's poses)
     epochs: int = 24
     search_epochs: int | None = None   # None: a third of the epochs (with input poses: 2 of consensus)
-    hetero_search_epochs: int = 4      # then a global search against each particle's own map V(z)
+    frozen_epochs: int | None = None   # the conformation frozen for the first epochs (None: the whole
+                                       # search_epochs; earlier, z absorbs pose errors and the search locks in)
+    hetero_search_epochs: int = 2      # the search (against each particle's own map V(z) once the
+                                       # conformation learns) goes on this many epochs after search_epochs
     task2: bool = True                 # conditional pose prediction
     task2_every: int = 1               # one task-2 step after every this many task-1 steps
     beta: float = 1.0                  # weight of the prior of z (a beta-VAE's beta)
@@ -108,6 +111,10 @@ class HeteroConfig:
         default = 2 if self.poses == "input" else self.epochs // 3
         n = default if self.search_epochs is None else self.search_epochs
         return min(n, max(0, self.epochs - _MIN_REFINE_EPOCHS))
+
+    def n_frozen_epochs(self) -> int:
+        n = self.n_search_epochs()
+        return min(n, n if self.frozen_epochs is None else self.frozen_epochs)
 
 
 class _HeteroNet(torch.nn.Module):
@@ -145,11 +152,12 @@ class _ConditionalPoseSearch(_PoseSearch):
     """The global search against each particle's own map ``V(z_i) = V_0 + sum_k z_ik V_k``: the maps'
     slices over the grid are rendered once (with the products of every pair, for the power term)
     and mixed per particle, so the cost grows with the latent's dimension squared, not with the
-    batch. The band must stay the same between refreshes (the full band, after the first phase)."""
+    batch."""
 
     @torch.no_grad()
     def sample_z(self, decoder, Y, ctf, band, z, temperature: float, generator) -> tuple:
-        if self._slices is None or self._calls % self.refresh_steps == 0:
+        if self._slices is None or self._calls % self.refresh_steps == 0 or self._band != int(band.sum()):
+            self._band = int(band.sum())
             S = decoder.render_basis(self.grid)[..., band]                                 # (1 + K, P, M)
             self._slices = S
             self._pairs = {(k, l): (S[k] * S[l].conj()).real * (1.0 if k == l else 2.0)
@@ -212,7 +220,7 @@ def _sample_posterior(mean, P, generator):
     return mean + torch.linalg.solve_triangular(L.transpose(-2, -1), eps[..., None], upper=True)[..., 0]
 
 
-def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None):
+def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None, temperature: float = 1.0):
     """Task 1 (the VAE): each particle's pose searched against its own map V(z) (z: the posterior mean
     at its current pose) -- globally with ``search`` (a pose drawn from the posterior for the
     decoder, the best one kept), else locally with steps of ``delta`` --, the posterior of z at the
@@ -229,7 +237,7 @@ def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None
     moved = None
     if search is not None:
         A_prev = A
-        A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, mean, 1.0, gen_device)
+        A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, mean, temperature, gen_device)
         moved = geodesic_distance_deg(A_prev, A_best) > search.spacing_deg
         net.bank.set(idx, A_best, o_best)
         mean, P = _posterior_z(net, A_best, o_best, Y, ctf, band, cfg.beta)
@@ -312,6 +320,15 @@ def _encode(net, images, ctf_fn, device, batch: int = 256):
 
 # -- latent analysis (numpy/scipy; no torch) --------------------------------------------------------
 
+def pca(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``z`` (n, d) -> its coordinates on the principal axes (n, d) and their variance shares (d,)."""
+    z = np.asarray(z, np.float64)
+    zc = z - z.mean(0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    var = s**2
+    return zc @ vt.T, (var / var.sum() if var.sum() > 0 else np.zeros_like(var))
+
+
 def latent_analysis(z: np.ndarray, classes: int, seed: int = 0, starts: int = 10) -> dict:
     """PCA of ``z`` (n, d) and k-means into ``classes``: ``pcs`` (n, d) the coordinates on the
     principal axes, ``explained`` their variance shares, ``labels`` (n,) 0-based, ``centres``
@@ -319,11 +336,7 @@ def latent_analysis(z: np.ndarray, classes: int, seed: int = 0, starts: int = 10
     from scipy.cluster.vq import kmeans2
 
     z = np.asarray(z, np.float64)
-    zc = z - z.mean(0)
-    _, s, vt = np.linalg.svd(zc, full_matrices=False)
-    pcs = zc @ vt.T
-    var = s**2
-    explained = var / var.sum() if var.sum() > 0 else np.zeros_like(var)
+    pcs, explained = pca(z)
     rng = np.random.default_rng(seed)
     best = None
     for _ in range(starts):
@@ -416,6 +429,7 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
             raise InputError(f"{len(missing)} particles are not in the reference (first: {missing[0]})", reference)
         order = [keys[k] for k in star.image_keys()]
         truth = ref.matrices()[order]
+        true_shifts = ref.shifts_angstrom()[order]
         if "rlnCpmlState" in ref.particles:
             states = ref.particles["rlnCpmlState"].to_numpy(np.int64)[order]
     true_maps = []
@@ -485,7 +499,9 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
     if truth is not None:
         ref_summary = {}
         al = align_poses_globally(mats, truth)
-        ref_summary.update(medse=al["medse"], median_deg=al["median_deg"], mirrored=al["mirrored"])
+        ref_summary.update(medse=al["medse"], median_deg=al["median_deg"], mirrored=al["mirrored"],
+                           median_shift_error_angstrom=float(np.median(np.linalg.norm(shifts * pixel_out - true_shifts,
+                                                                                      axis=1))))
         ref_summary["encoder_median_deg"] = align_poses_globally(enc_mats, truth)["median_deg"]
         if states is not None:
             mis = misclassification(labels, states)
@@ -517,16 +533,21 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
 
 def _phase(cfg: HeteroConfig, epoch: int, rows: list[dict], given_poses: bool) -> str:
     """The phase of ``epoch`` (0-based): ``consensus`` (given poses: the mean map learns at them),
-    ``search`` (the conformation frozen: ab initio's search, extended while the poses move),
-    ``hetero search`` (the global search against each particle's V(z), ``hetero_search_epochs``),
-    ``hetero`` (local refinement). Reads only the logged rows, so ``--resume`` decides the same."""
-    n_first = cfg.n_search_epochs()
+    ``search`` (the conformation frozen: ab initio's global search against the mean map),
+    ``hetero search`` (the global search against each particle's own map V(z): from
+    ``frozen_epochs`` to ``hetero_search_epochs`` after ``search_epochs``, and on while more than
+    ``search_until_stable`` of the best poses moved, leaving 4 epochs), ``hetero`` (local
+    refinement). Reads only the logged rows, so ``--resume`` decides the same."""
+    n_search = cfg.n_search_epochs()
     if given_poses:
-        return "consensus" if epoch < n_first else "hetero"
-    if n_first and _searching(cfg, epoch, rows):
+        return "consensus" if epoch < n_search else "hetero"
+    if epoch < cfg.n_frozen_epochs():
         return "search"
-    n_done = sum(r["phase"] == "hetero search" for r in rows)
-    if n_done < cfg.hetero_search_epochs and epoch < cfg.epochs - 2:
+    if epoch < min(n_search + cfg.hetero_search_epochs, cfg.epochs - 2):
+        return "hetero search"
+    last = rows[-1] if rows else {}
+    if (last.get("phase") == "hetero search" and last.get("moved", 0.0) > cfg.search_until_stable
+            and epoch < cfg.epochs - _MIN_REFINE_EPOCHS):
         return "hetero search"
     return "hetero"
 
@@ -562,7 +583,7 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
     r_max = cfg.box_px / 2
     n_search = cfg.n_search_epochs()
     search = _PoseSearch(cfg, device) if n_search and initial is None else None
-    csearch = _ConditionalPoseSearch(cfg, device) if cfg.hetero_search_epochs and initial is None else None
+    csearch = _ConditionalPoseSearch(cfg, device) if initial is None else None
     from ..core.grids import grid_spacing_deg
 
     spacing = grid_spacing_deg(cfg.search_order)
@@ -570,7 +591,7 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, generator=gen).numpy()
         phase = _phase(cfg, epoch, state["rows"], initial is not None)
-        searching = phase == "search"
+        searching = phase in ("search", "hetero search")
         n_first = sum(r["phase"] != "hetero" for r in state["rows"])
         losses, moved, pers, kls, task2 = [], [], [], [], []
         bar = tqdm(range(steps), desc=f"hetero epoch {epoch + 1}/{cfg.epochs}"
@@ -580,18 +601,22 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
             raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
             Y = fft2_centered(raw)
             if searching:
-                t = min(1.0, (epoch * steps + step) / (n_search * steps))
+                # both searches share one schedule: the band grows and the temperature falls over search_epochs
+                t = min(1.0, (epoch * steps + step) / (max(1, n_search) * steps))
                 band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
-                loss, mv = _search_step(net, search, Y, ctf, band, cfg.search_temperature ** (1 - t), gen_device, idx)
+                temperature = cfg.search_temperature ** (1 - t)
+            if phase == "search":
+                loss, mv = _search_step(net, search, Y, ctf, band, temperature, gen_device, idx)
                 moved.append(mv)
             elif phase == "consensus":
                 loss = _consensus_step(net, Y, ctf, radius <= r_max, idx)
             else:
-                band = radius <= r_max
                 if phase == "hetero search":
-                    loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, search=csearch)
+                    loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, search=csearch,
+                                                               temperature=temperature)
                     moved.append(mv)
                 else:
+                    band = radius <= r_max
                     # the local step starts at half the grid spacing (a quarter from given poses) and
                     # shrinks by 0.8 every epoch, down to 1 degree
                     start = spacing / 2 if initial is None else spacing / 4

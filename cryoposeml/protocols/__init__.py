@@ -5,3 +5,4 @@ from .protocol_predict import CryoPoseMLProtPredict
 from .protocol_cleanup import CryoPoseMLProtCleanup
 from .protocol_refine import CryoPoseMLProtLocalRefine
 from .protocol_abinitio import CryoPoseMLProtAbinitio
+from .protocol_hetero import CryoPoseMLProtHetero

@@ -27,7 +27,7 @@ class CryoPoseMLProtBase(EMProtocol):
     def runCryoposeml(self, command: str, args: str, cwd=None) -> None:
         """``cryoposeml <command> <args>`` with this protocol's device (and GPU) and no progress bars."""
         program = Plugin.getProgram(command)
-        args = f"{args} --device {self._device()}" if command in ("train", "predict", "abinitio") else args
+        args = f"{args} --device {self._device()}" if command in ("train", "predict", "abinitio", "hetero") else args
         if self.usesGpu():
             program = f"CUDA_VISIBLE_DEVICES=%(GPU)s {program}"
         self.runJob(program, f"{args} --quiet", env=self._environ(), cwd=cwd, numberOfMpi=1)

@@ -1,0 +1,174 @@
+import enum
+import json
+import os
+
+import pyworkflow.protocol.params as params
+from pyworkflow import BETA
+import pwem.objects as emobj
+from pwem.protocols import ProtClassify3D
+
+from ..convert import fillParticles, writeParticlesStar
+from .protocol_base import CryoPoseMLProtBase
+
+ENCODERS = ["cnn", "equivariant"]
+
+
+class HeteroOutputs(enum.Enum):
+    outputParticles = emobj.SetOfParticles
+    outputClasses = emobj.SetOfClasses3D
+    outputVolumes = emobj.SetOfVolumes
+
+
+class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
+    """Poses and conformations together (HetACUMN): per-particle conformation z, classes, a volume each.
+
+    A VAE: a pose encoder and a conformation encoder read each particle; the decoder is a mean map
+    plus one basis map per latent dimension, V(z) = V0 + sum_k z_k V_k. Poses are found by a global
+    search (the conformation frozen at first, then against each particle's own map V(z)) or taken
+    from the input (a consensus refinement) and refined locally; each particle's z is its posterior
+    at its pose, which the conformation encoder learns to predict (amortized). Task 2 (conditional
+    pose prediction) renders random poses at the particles' z, adds noise at the data's level and
+    makes the encoders recover them, which keeps pose and conformation apart. After training: PCA
+    of z, k-means classes, a map reconstructed from each class's particles (with half-maps).
+    """
+    _label = "heterogeneity (HetACUMN)"
+    _devStatus = BETA
+    _possibleOutputs = HeteroOutputs
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
+                      label="Particles", help="Particles with CTF.")
+        form.addParam("usePoses", params.BooleanParam, default=False, label="Start from the input poses?",
+                      help="Yes: the particles' alignment (e.g. a consensus refinement) is the starting pose, "
+                           "refined locally against each particle's conformation. No: poses are searched from "
+                           "nothing (any input alignment is ignored).")
+        form.addParam("classes", params.IntParam, default=2, label="Classes",
+                      help="k-means classes of the conformations, one volume each.")
+        form.addParam("zdim", params.IntParam, default=4, label="Latent dimension",
+                      help="Dimension of the conformation z (and number of basis maps).")
+        form.addSection(label="Training")
+        form.addParam("epochs", params.IntParam, default=24, label="Epochs")
+        form.addParam("searchEpochs", params.IntParam, default=-1, label="First-phase epochs",
+                      help="Without input poses: epochs of global pose search with the conformation frozen (-1: a "
+                           "third of the epochs). With input poses: epochs learning the consensus map at them "
+                           "(-1: 2).")
+        form.addParam("task2", params.BooleanParam, default=True, label="Conditional pose prediction (task 2)?",
+                      help="HetACUMN's auxiliary task, which keeps pose and conformation apart.")
+        form.addParam("boxPx", params.IntParam, default=32, label="Working box (px)",
+                      help="Particles are Fourier-rescaled to this box (same field of view).")
+        form.addParam("encoder", params.EnumParam, choices=ENCODERS, default=0, label="Pose encoder",
+                      expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_COMBO)
+        form.addParam("batchSize", params.IntParam, default=32, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
+        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed")
+        form.addParam("continueRun", params.PointerParam, pointerClass="CryoPoseMLProtHetero", allowsNull=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Continue a previous run",
+                      help="Resume this earlier (interrupted) run from its last checkpoint.")
+        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Additional arguments", help="Passed to `cryoposeml hetero` as they are.")
+        self._defineGpuParams(form)
+        form.addParallelSection(threads=1, mpi=0)
+
+    # -------------------------- steps --------------------------------------
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(self.heteroStep)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def _outDir(self, *parts):
+        return self._getExtraPath("hetero", *parts)
+
+    def convertInputStep(self):
+        writeParticlesStar(self.inputParticles.get(), self._getExtraPath("input_particles.star"), self._getExtraPath())
+
+    def heteroStep(self):
+        args = (f"--particles {self._getExtraPath('input_particles.star')} --out {self._outDir()} "
+                f"--poses {'input' if self.usePoses else 'search'} --classes {self.classes.get()} "
+                f"--zdim {self.zdim.get()} --epochs {self.epochs.get()} --box-px {self.boxPx.get()} "
+                f"--encoder {ENCODERS[self.encoder.get()]} --batch-size {self.batchSize.get()} --seed {self.seed.get()}")
+        if self.searchEpochs.get() >= 0:
+            args += f" --search-epochs {self.searchEpochs.get()}"
+        if not self.task2:
+            args += " --no-task2"
+        previous = self.continueRun.get()
+        if previous is not None:
+            import shutil
+
+            if not os.path.exists(self._outDir()):
+                shutil.copytree(previous._getExtraPath("hetero"), self._outDir())
+                done = os.path.join(self._outDir(), "hetero.json")
+                if os.path.exists(done):            # a finished run: start its copy again
+                    os.remove(done)
+            args += " --resume"
+        self.runCryoposeml("hetero", f"{args} {self.extraParams.get() or ''}")
+
+    def summaryJson(self):
+        with open(self._outDir("hetero.json")) as f:
+            return json.load(f)
+
+    def _classMap(self, k):
+        return self._outDir(f"class_{k:03d}.mrc")
+
+    def createOutputStep(self):
+        inp = self.inputParticles.get()
+        apix = inp.getSamplingRate()
+        parts = self._createSetOfParticles()
+        fillParticles(parts, inp, self._outDir("particles.star"))    # poses, _cryoposemlZ and the class id
+
+        volumes = self._createSetOfVolumes()
+        volumes.setSamplingRate(apix)
+        for entry in self.summaryJson()["classes"]:
+            k = entry["class"]
+            if os.path.exists(self._classMap(k)):
+                vol = self._halfMapVolume(self._classMap(k), apix)
+                vol.setObjId(k)
+                volumes.append(vol)
+
+        def representative(cls):
+            path = self._classMap(cls.getObjId())
+            cls.getRepresentative().setLocation(path if os.path.exists(path) else None)
+            cls.getRepresentative().setSamplingRate(apix)
+
+        classes = self._createSetOfClasses3D(parts)
+        classes.classifyItems(updateItemCallback=lambda item, row: None, updateClassCallback=representative,
+                              doClone=True)
+        self._defineOutputs(**{HeteroOutputs.outputParticles.name: parts, HeteroOutputs.outputClasses.name: classes,
+                               HeteroOutputs.outputVolumes.name: volumes})
+        for out in (parts, classes, volumes):
+            self._defineSourceRelation(self.inputParticles, out)
+
+    # -------------------------- infos --------------------------------------
+    def _validate(self):
+        errors = self._particleErrors(self.inputParticles.get(), needAlignment=bool(self.usePoses))
+        if self.boxPx.get() % 2 or self.boxPx.get() < 16:
+            errors.append("The working box must be even and at least 16 px.")
+        if self.classes.get() < 1 or self.zdim.get() < 1:
+            errors.append("Classes and latent dimension must be at least 1.")
+        parts = self.inputParticles.get()
+        if parts is not None and parts.getSize() < max(2 * self.batchSize.get(), 4 * self.classes.get()):
+            errors.append(f"{parts.getSize()} particles are too few for batches of {self.batchSize.get()} and "
+                          f"{self.classes.get()} classes.")
+        return errors
+
+    def _summary(self):
+        try:
+            s = self.summaryJson()
+        except OSError:
+            return ["Not finished yet."]
+        p = s["parameters"]
+        lines = [f"{s['particles']} particles, latent dimension {p['zdim']}, {p['epochs']} epochs, poses "
+                 f"{'refined from the input' if p['poses'] == 'input' else 'searched from nothing'}.",
+                 f"Entanglement of z with the pose: {s['entanglement']:.2f} (0: none, 1: z is a function of the pose)."]
+        for c in s["classes"]:
+            res = c.get("half_map_fsc_0143_angstrom")
+            lines.append(f"Class {c['class']}: {c['particles']} particles"
+                         + (f", half-map FSC 0.143 {res:.1f} A" if res else "") + ".")
+        return lines
+
+    def _methods(self):
+        return [f"Conformations and poses were estimated with cryoposeml's amortized heterogeneous reconstruction "
+                f"(HetACUMN; latent dimension {self.zdim.get()}, {self.classes.get()} classes, {self.epochs.get()} "
+                f"epochs)."]
+
+    def _citations(self):
+        return ["Hetacumn2023"]
