@@ -88,7 +88,7 @@ class HeteroConfig:
     search_epochs: int | None = None   # None: a third of the epochs (with input poses: 2 of consensus)
     frozen_epochs: int | None = None   # the conformation frozen for the first epochs (None: the whole
                                        # search_epochs; earlier, z absorbs pose errors and the search locks in)
-    hetero_search_epochs: int = 2      # the search (against each particle's own map V(z) once the
+    hetero_search_epochs: int = 4      # the search (against each particle's own map V(z) once the
                                        # conformation learns) goes on this many epochs after search_epochs
     task2: bool = True                 # conditional pose prediction
     task2_every: int = 1               # one task-2 step after every this many task-1 steps
@@ -149,13 +149,16 @@ def _random_rotations_torch(n: int, generator, device) -> torch.Tensor:
 
 
 class _ConditionalPoseSearch(_PoseSearch):
-    """The global search against each particle's own map ``V(z_i) = V_0 + sum_k z_ik V_k``: the maps'
-    slices over the grid are rendered once (with the products of every pair, for the power term)
-    and mixed per particle, so the cost grows with the latent's dimension squared, not with the
-    batch."""
+    """The global search against each particle's own map ``V(z) = V_0 + sum_k z_k V_k``, for several
+    candidate conformations per particle (its own posterior mean, and the class centres: a particle
+    posed wrongly against the wrong conformation's map can then move to its own), the best
+    candidate at each pose counting. The maps' slices over the grid are rendered once (with the
+    products of every pair, for the power term) and mixed per particle and candidate, so the cost
+    grows with the latent's dimension squared, not with the batch or the candidates."""
 
     @torch.no_grad()
-    def sample_z(self, decoder, Y, ctf, band, z, temperature: float, generator) -> tuple:
+    def losses(self, decoder, Y, ctf, band, z) -> torch.Tensor:
+        """``z`` ``(B, C, zdim)``: C candidate conformations per particle -> ``(B, C, O, P)``."""
         if self._slices is None or self._calls % self.refresh_steps == 0 or self._band != int(band.sum()):
             self._band = int(band.sum())
             S = decoder.render_basis(self.grid)[..., band]                                 # (1 + K, P, M)
@@ -164,15 +167,20 @@ class _ConditionalPoseSearch(_PoseSearch):
                            for k in range(len(S)) for l in range(k, len(S))}
         self._calls += 1
         S = self._slices
-        w = decoder.weights(z)                                                               # (B, 1 + K)
+        B, C = z.shape[:2]
+        w = decoder.weights(z.reshape(B * C, -1)).reshape(B, C, -1)                         # (B, C, 1 + K)
         c = ctf[:, band]
         c2 = c**2
-        power = sum((w[:, k, None] * w[:, l, None]) * (c2 @ g.T) for (k, l), g in self._pairs.items())   # (B, P)
+        power = sum((w[:, :, k] * w[:, :, l])[..., None] * (c2 @ g.T)[:, None]
+                    for (k, l), g in self._pairs.items())                                   # (B, C, P)
         Yo = (Y[:, None] * shift_phase_2d(self.origins, self.box)[None])[..., band]        # (B, O, M)
         Yc = Yo.conj() * c[:, None]
-        cross = sum(w[:, k, None, None] * (Yc @ S[k].T).real for k in range(len(S)))       # (B, O, P)
-        loss = (Yo.abs() ** 2).sum(-1, keepdim=True) + power[:, None] - 2 * cross
-        return self.draw(loss, band, temperature, generator)
+        cross = sum(w[:, :, k, None, None] * (Yc @ S[k].T).real[:, None] for k in range(len(S)))   # (B, C, O, P)
+        return (Yo.abs() ** 2).sum(-1, keepdim=True)[:, None] + power[:, :, None] - 2 * cross
+
+    def sample_z(self, decoder, Y, ctf, band, z, temperature: float, generator) -> tuple:
+        """Drawn and best poses and origins, each pose scored with its best candidate."""
+        return self.draw(self.losses(decoder, Y, ctf, band, z).min(1).values, band, temperature, generator)
 
 
 def _search_step(net, search, Y, ctf, band, temperature, gen_device, idx):
@@ -220,10 +228,12 @@ def _sample_posterior(mean, P, generator):
     return mean + torch.linalg.solve_triangular(L.transpose(-2, -1), eps[..., None], upper=True)[..., 0]
 
 
-def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None, temperature: float = 1.0):
+def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None, temperature: float = 1.0,
+                centres=None):
     """Task 1 (the VAE): each particle's pose searched against its own map V(z) (z: the posterior mean
-    at its current pose) -- globally with ``search`` (a pose drawn from the posterior for the
-    decoder, the best one kept), else locally with steps of ``delta`` --, the posterior of z at the
+    at its current pose, and the class ``centres`` as other candidates) -- globally with ``search``
+    (a pose drawn from the posterior for the decoder, the best one kept), else locally with steps
+    of ``delta`` --, the posterior of z at the
     new pose (exact: the decoder is linear in z), the decoder's image loss at z drawn from it, and
     the encoders amortizing both: KL(q(z | image) || posterior) for the conformation encoder, the
     distance to the best pose for the pose encoder. Returns the loss, the per-particle image loss
@@ -237,7 +247,8 @@ def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None
     moved = None
     if search is not None:
         A_prev = A
-        A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, mean, temperature, gen_device)
+        cand = mean[:, None] if centres is None else torch.cat([mean[:, None], centres[None].expand(len(mean), -1, -1)], 1)
+        A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, cand, temperature, gen_device)
         moved = geodesic_distance_deg(A_prev, A_best) > search.spacing_deg
         net.bank.set(idx, A_best, o_best)
         mean, P = _posterior_z(net, A_best, o_best, Y, ctf, band, cfg.beta)
@@ -552,6 +563,15 @@ def _phase(cfg: HeteroConfig, epoch: int, rows: list[dict], given_poses: bool) -
     return "hetero"
 
 
+def _class_centres(net, cfg: HeteroConfig):
+    """The k-means centres of the particles' current z ``(classes, zdim)`` (None while z is still 0)."""
+    z = net.z.double().cpu().numpy()
+    if cfg.classes < 2 or not np.isfinite(z).all() or z.std(0).max() < 1e-8:
+        return None
+    centres = latent_analysis(z, cfg.classes, cfg.seed, starts=3)["centres"]
+    return torch.as_tensor(centres, dtype=torch.float32, device=net.z.device)
+
+
 def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out: Path, resume: bool,
          progress: bool):
     torch.manual_seed(cfg.seed)
@@ -592,6 +612,7 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
         perm = torch.randperm(n, generator=gen).numpy()
         phase = _phase(cfg, epoch, state["rows"], initial is not None)
         searching = phase in ("search", "hetero search")
+        centres = _class_centres(net, cfg) if phase == "hetero search" else None
         n_first = sum(r["phase"] != "hetero" for r in state["rows"])
         losses, moved, pers, kls, task2 = [], [], [], [], []
         bar = tqdm(range(steps), desc=f"hetero epoch {epoch + 1}/{cfg.epochs}"
@@ -613,7 +634,7 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
             else:
                 if phase == "hetero search":
                     loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, search=csearch,
-                                                               temperature=temperature)
+                                                               temperature=temperature, centres=centres)
                     moved.append(mv)
                 else:
                     band = radius <= r_max
@@ -657,11 +678,11 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
                 row["encoder_misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
         state["rows"].append(row)
         state["epoch"] = epoch + 1
-        log.info("epoch %d (%s): loss %.4g%s%s%s", epoch + 1, row["phase"], row["loss"],
+        log.info("epoch %d (%s): loss %.4g%s%s%s%s", epoch + 1, row["phase"], row["loss"],
                  f", {100 * row['moved']:.0f}% of best poses moved" if "moved" in row else "",
                  f", median pose error {row['median_deg']:.1f} deg" if "median_deg" in row else "",
-                 f", {100 * row['misclassified']:.1f}% misclassified (encoder alone "
-                 f"{100 * row['encoder_misclassified']:.1f}%)" if "misclassified" in row else "")
+                 f", {100 * row['misclassified']:.1f}% misclassified" if "misclassified" in row else "",
+                 f" (encoder alone {100 * row['encoder_misclassified']:.1f}%)" if "encoder_misclassified" in row else "")
         save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                                "state": json.dumps(state)})
         write_rows_csv(out / "metrics.csv", state["rows"])
