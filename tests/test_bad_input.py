@@ -73,3 +73,13 @@ def test_missing_stack_and_overwrite(dataset):
     _expect_failure(["reconstruct", "--particles", dataset / "ground_truth.star", "--out", dataset / "map.mrc"],
                     dataset, "stack_0001.mrcs", "not found")
     _expect_failure(["simulate", "--n", 10, "--out", dataset], dataset, "already exists")
+
+
+def test_hetero_bad_input(dataset):
+    """Heterogeneity refuses, before any work: input poses from a STAR without angles, and
+    reference maps that do not match the reference's states (two maps for a one-state set)."""
+    _expect_failure(["hetero", "--particles", dataset / "particles.star", "--poses", "input", "--out", dataset / "het"],
+                    dataset, "particles.star", "rlnAngleRot", "--poses input")
+    _expect_failure(["hetero", "--particles", dataset / "particles.star", "--out", dataset / "het",
+                     "--reference", dataset / "ground_truth.star", "--reference-map", "adk_open", "adk_closed"],
+                    dataset, "ground_truth.star", "rlnCpmlState")
