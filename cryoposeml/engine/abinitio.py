@@ -131,6 +131,31 @@ def _load(star, box_px: int, progress: bool) -> tuple[torch.Tensor, float]:
     return out, pixel_out
 
 
+def _working_set(star, box_px: int, progress: bool):
+    """The particles at the working box (:func:`_load`), the pixel size there, and ``ctf_fn(idx)``:
+    their CTFs at that box ``(len(idx), box_px, box_px)`` (ones without CTF columns)."""
+    images, pixel_out = _load(star, box_px, progress)
+    ctf_params = star.ctf_params() if star.has_ctf() else None
+
+    def ctf_fn(idx):
+        if ctf_params is None:
+            return torch.ones(len(idx), box_px, box_px)
+        return ctf_2d(ctf_params.subset(idx), box_px, pixel_out)
+
+    return images, pixel_out, ctf_fn
+
+
+def _reference_rows(star, reference):
+    """The reference STAR (true poses) and, for each particle of ``star``, its row there."""
+    ref = read_star(reference)
+    ref.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "a pose reference")
+    keys = {k: i for i, k in enumerate(ref.image_keys())}
+    missing = [k for k in star.image_keys() if k not in keys]
+    if missing:
+        raise InputError(f"{len(missing)} particles are not in the reference (first: {missing[0]})", reference)
+    return ref, np.array([keys[k] for k in star.image_keys()])
+
+
 class _AbinitioNet(torch.nn.Module):
     def __init__(self, cfg: AbinitioConfig):
         super().__init__()
@@ -335,13 +360,8 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
         log.info("rlnCpmlJunk present: every particle is used (ab initio does not know the junk)")
     truth = None
     if reference is not None:
-        ref = read_star(reference)
-        ref.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "a pose reference")
-        keys = {k: i for i, k in enumerate(ref.image_keys())}
-        missing = [k for k in star.image_keys() if k not in keys]
-        if missing:
-            raise InputError(f"{len(missing)} particles are not in the reference (first: {missing[0]})", reference)
-        truth = ref.matrices()[[keys[k] for k in star.image_keys()]]
+        ref, order = _reference_rows(star, reference)
+        truth = ref.matrices()[order]
     true_map = None
     if reference_map is not None:
         reference_map = resolve_map(reference_map)
@@ -350,15 +370,8 @@ def abinitio(particles, out, cfg: AbinitioConfig, reference=None, reference_map=
             raise InputError(f"the map is {true_map.shape[0]} px, the particles {star.box} px", reference_map)
 
     device = resolve_device(cfg.device)
-    images, pixel_out = _load(star, cfg.box_px, progress)
+    images, pixel_out, ctf_fn = _working_set(star, cfg.box_px, progress)
     n = len(images)
-    ctf_params = star.ctf_params() if star.has_ctf() else None
-
-    def ctf_fn(idx):
-        if ctf_params is None:
-            return torch.ones(len(idx), cfg.box_px, cfg.box_px)
-        return ctf_2d(ctf_params.subset(idx), cfg.box_px, pixel_out)
-
     summary = {**stamp(particles=particles, reference=reference, reference_map=reference_map, **asdict(cfg)),
                "particles": n, "runs": {}}
     if cfg.halves:

@@ -51,7 +51,6 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..core.ctf import ctf_2d
 from ..core.errors import InputError
 from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
 from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
@@ -64,7 +63,8 @@ from ..models.decoders import ConditionalVoxelDecoder
 from ..models.encoders import ConformationEncoder
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
-from .abinitio import _PoseBank, _PoseSearch, _image_loss, _load, _local_search, _radial_profile
+from .abinitio import (_PoseBank, _PoseSearch, _image_loss, _local_search, _radial_profile, _reference_rows,
+                       _working_set)
 from .plots import hetero_figure, latent_figure, save_figure
 from .reconstruct import reconstruct_star
 from .train import resolve_device
@@ -432,13 +432,7 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
                          f"for batches of {cfg.batch_size} and {cfg.classes} classes)", particles)
     truth, states = None, None
     if reference is not None:
-        ref = read_star(reference)
-        ref.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "a pose reference")
-        keys = {k: i for i, k in enumerate(ref.image_keys())}
-        missing = [k for k in star.image_keys() if k not in keys]
-        if missing:
-            raise InputError(f"{len(missing)} particles are not in the reference (first: {missing[0]})", reference)
-        order = [keys[k] for k in star.image_keys()]
+        ref, order = _reference_rows(star, reference)
         truth = ref.matrices()[order]
         true_shifts = ref.shifts_angstrom()[order]
         if "rlnCpmlState" in ref.particles:
@@ -456,15 +450,8 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
                          f"{'' if states is None else f' for {states.max()} states'})", reference)
 
     device = resolve_device(cfg.device)
-    images, pixel_out = _load(star, cfg.box_px, progress)
+    images, pixel_out, ctf_fn = _working_set(star, cfg.box_px, progress)
     n = len(images)
-    ctf_params = star.ctf_params() if star.has_ctf() else None
-
-    def ctf_fn(idx):
-        if ctf_params is None:
-            return torch.ones(len(idx), cfg.box_px, cfg.box_px)
-        return ctf_2d(ctf_params.subset(idx), cfg.box_px, pixel_out)
-
     out.mkdir(parents=True, exist_ok=True)
     initial = (star.matrices(), star.shifts_angstrom() / pixel_out) if cfg.poses == "input" else None
     net, run = _run(cfg, images, ctf_fn, initial, truth, states, device, out, resume, progress)

@@ -1,6 +1,5 @@
 import enum
 import json
-import os
 
 import pyworkflow.protocol.params as params
 from pyworkflow import BETA
@@ -63,13 +62,7 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
                       help="voxel: an explicit volume (cryoPoseNet); fouriernet: an implicit SIREN volume (cryoAI).")
         form.addParam("batchSize", params.IntParam, default=64, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed")
-        form.addParam("continueRun", params.PointerParam, pointerClass="CryoPoseMLProtAbinitio", allowsNull=True,
-                      expertLevel=params.LEVEL_ADVANCED, label="Continue a previous run",
-                      help="Resume this earlier (interrupted) run from its last checkpoint.")
-        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments", help="Passed to `cryoposeml abinitio` as they are.")
-        self._defineGpuParams(form)
-        form.addParallelSection(threads=1, mpi=0)
+        self._defineRunParams(form, "abinitio")
 
     # -------------------------- steps --------------------------------------
     def _insertAllSteps(self):
@@ -92,16 +85,7 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
             args += f" --search-epochs {self.searchEpochs.get()}"
         if self.halfSets:
             args += " --halves"
-        previous = self.continueRun.get()
-        if previous is not None:
-            import shutil
-
-            if not os.path.exists(self._outDir()):
-                shutil.copytree(previous._getExtraPath("abinitio"), self._outDir())
-                done = os.path.join(self._outDir(), "abinitio.json")
-                if os.path.exists(done):            # a finished run: start its copy again
-                    os.remove(done)
-            args += " --resume"
+        args += self._resumeArgs(self.continueRun.get(), "abinitio", "abinitio.json")
         self.runCryoposeml("abinitio", f"{args} {self.extraParams.get() or ''}")
 
     def summaryJson(self):

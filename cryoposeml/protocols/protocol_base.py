@@ -20,6 +20,18 @@ class CryoPoseMLProtBase(EMProtocol):
         form.addHidden(GPU_LIST, params.StringParam, default="0", label="GPU ID",
                        help="The GPU to use (one id; cryoposeml uses one GPU per run).")
 
+    def _defineRunParams(self, form, command: str):
+        """The last parameters of a training protocol: continue a previous run of this protocol,
+        extra arguments for ``cryoposeml <command>``, the GPU, the threads."""
+        form.addParam("continueRun", params.PointerParam, pointerClass=self.getClassName(), allowsNull=True,
+                      expertLevel=params.LEVEL_ADVANCED, label="Continue a previous run",
+                      help="Resume this earlier (interrupted) run: its output folder is copied and the run "
+                           "continues from its last checkpoint.")
+        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Additional arguments", help=f"Passed to `cryoposeml {command}` as they are.")
+        self._defineGpuParams(form)
+        form.addParallelSection(threads=1, mpi=0)
+
     # -------------------------- running -------------------------------------
     def _device(self) -> str:
         return "cuda" if self.usesGpu() else "cpu"
@@ -31,6 +43,21 @@ class CryoPoseMLProtBase(EMProtocol):
         if self.usesGpu():
             program = f"CUDA_VISIBLE_DEVICES=%(GPU)s {program}"
         self.runJob(program, f"{args} --quiet", env=self._environ(), cwd=cwd, numberOfMpi=1)
+
+    def _resumeArgs(self, previous, folder: str, marker: str = None) -> str:
+        """Continue ``previous`` (an earlier run of this protocol): its ``extra/<folder>`` is copied
+        here once (without the ``marker`` file of a finished run, so the copy runs to its end) and
+        the command resumes from its checkpoints. Returns the arguments to add."""
+        if previous is None:
+            return ""
+        import shutil
+
+        dest = self._getExtraPath(folder)
+        if not os.path.exists(dest):
+            shutil.copytree(previous._getExtraPath(folder), dest)
+            if marker and os.path.exists(os.path.join(dest, marker)):
+                os.remove(os.path.join(dest, marker))
+        return " --resume"
 
     def _environ(self):
         import pyworkflow.utils as pwutils

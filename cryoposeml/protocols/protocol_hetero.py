@@ -61,13 +61,7 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
                       expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_COMBO)
         form.addParam("batchSize", params.IntParam, default=32, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed")
-        form.addParam("continueRun", params.PointerParam, pointerClass="CryoPoseMLProtHetero", allowsNull=True,
-                      expertLevel=params.LEVEL_ADVANCED, label="Continue a previous run",
-                      help="Resume this earlier (interrupted) run from its last checkpoint.")
-        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments", help="Passed to `cryoposeml hetero` as they are.")
-        self._defineGpuParams(form)
-        form.addParallelSection(threads=1, mpi=0)
+        self._defineRunParams(form, "hetero")
 
     # -------------------------- steps --------------------------------------
     def _insertAllSteps(self):
@@ -90,16 +84,7 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
             args += f" --search-epochs {self.searchEpochs.get()}"
         if not self.task2:
             args += " --no-task2"
-        previous = self.continueRun.get()
-        if previous is not None:
-            import shutil
-
-            if not os.path.exists(self._outDir()):
-                shutil.copytree(previous._getExtraPath("hetero"), self._outDir())
-                done = os.path.join(self._outDir(), "hetero.json")
-                if os.path.exists(done):            # a finished run: start its copy again
-                    os.remove(done)
-            args += " --resume"
+        args += self._resumeArgs(self.continueRun.get(), "hetero", "hetero.json")
         self.runCryoposeml("hetero", f"{args} {self.extraParams.get() or ''}")
 
     def summaryJson(self):

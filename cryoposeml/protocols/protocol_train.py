@@ -1,5 +1,4 @@
 import enum
-import os
 
 import pyworkflow.protocol.params as params
 from pyworkflow import BETA
@@ -45,14 +44,7 @@ class CryoPoseMLProtTrain(CryoPoseMLProtBase, ProtRefine3D):
         form.addParam("boxPx", params.IntParam, default=64, label="Network box (px)",
                       help="Particles are Fourier-rescaled to this box (same field of view).")
         form.addParam("batchSize", params.IntParam, default=64, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
-        form.addParam("continueRun", params.PointerParam, pointerClass="CryoPoseMLProtTrain", allowsNull=True,
-                      expertLevel=params.LEVEL_ADVANCED, label="Continue a previous run",
-                      help="Resume this earlier (interrupted) training run: its model folder is copied and "
-                           "training continues from its last checkpoint.")
-        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments", help="Passed to `cryoposeml train` as they are.")
-        self._defineGpuParams(form)
-        form.addParallelSection(threads=1, mpi=0)
+        self._defineRunParams(form, "train")
 
     # -------------------------- steps --------------------------------------
     def _insertAllSteps(self):
@@ -72,13 +64,7 @@ class CryoPoseMLProtTrain(CryoPoseMLProtBase, ProtRefine3D):
                 f"--box-px {self.boxPx.get()} --batch-size {self.batchSize.get()}")
         if self.halfSets:
             args += " --halfsets"
-        previous = self.continueRun.get()
-        if previous is not None:
-            import shutil
-
-            if not os.path.exists(self._modelDir()):
-                shutil.copytree(previous._getExtraPath("model"), self._modelDir())
-            args += " --resume"
+        args += self._resumeArgs(self.continueRun.get(), "model")
         self.runCryoposeml("train", f"{args} {self.extraParams.get() or ''}")
 
     def createOutputStep(self):
