@@ -16,8 +16,9 @@ def add_args(p):
     p.add_argument("--classes", type=int, default=d.classes,
                    help="k-means classes of z, one volume each (default: %(default)s)")
     p.add_argument("--poses", default=d.poses, choices=POSE_SOURCES,
-                   help="search: find the poses first (ab initio's global search, conformations frozen); "
-                        "input: start from the STAR's poses, e.g. a consensus refinement, and refine them "
+                   help="search: find the poses first (ab initio's global search, conformations frozen; from "
+                        "no poses one conformation tends to take over); input: start from the STAR's poses, e.g. a "
+                        "consensus refinement, and refine them; auto: input when the STAR has poses "
                         "(default: %(default)s)")
     p.add_argument("--encoder", default=d.encoder, choices=("cnn", "equivariant"),
                    help="pose encoder (default: %(default)s)")

@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ __all__ = ["HeteroConfig", "hetero", "POSE_SOURCES", "pca", "latent_analysis", "
 
 log = logging.getLogger(__name__)
 
-POSE_SOURCES = ("search", "input")
+POSE_SOURCES = ("auto", "search", "input")
 _MIN_REFINE_EPOCHS = 4
 
 
@@ -83,7 +83,8 @@ class HeteroConfig:
     zdim: int = 8
     classes: int = 2
     encoder: str = "cnn"               # pose encoder: cnn (6D head) or equivariant (escnn D4)
-    poses: str = "search"              # search (global pose search first) or input (the STAR's poses)
+    poses: str = "auto"                # search (global pose search first), input (the STAR's poses, e.g. a
+                                       # consensus refinement), auto (input when the STAR has poses)
     epochs: int = 24
     search_epochs: int | None = None   # None: a third of the epochs (with input poses: 2 of consensus)
     frozen_epochs: int | None = None   # the conformation frozen for the first epochs (None: the whole
@@ -108,9 +109,9 @@ class HeteroConfig:
 
     def n_search_epochs(self) -> int:
         """Epochs of the first phase (pose search, or with input poses the consensus map at them)."""
-        default = 2 if self.poses == "input" else self.epochs // 3
-        n = default if self.search_epochs is None else self.search_epochs
-        return min(n, max(0, self.epochs - _MIN_REFINE_EPOCHS))
+        given = self.poses == "input"
+        n = (2 if given else self.epochs // 3) if self.search_epochs is None else self.search_epochs
+        return min(n, max(0, self.epochs - (1 if given else _MIN_REFINE_EPOCHS)))
 
     def n_frozen_epochs(self) -> int:
         n = self.n_search_epochs()
@@ -421,10 +422,14 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
         raise InputError(f"--classes must be at least 1 (got {cfg.classes})")
     if cfg.box_px % 2 or cfg.box_px < 16:
         raise InputError(f"--box-px must be even and >= 16 (got {cfg.box_px})")
-    if cfg.epochs <= cfg.n_search_epochs():
-        raise InputError(f"--epochs ({cfg.epochs}) must leave epochs after the pose search for the conformations")
     check_run_folder(out, "hetero.json", "a finished run", resume, overwrite)
     star = read_star(particles)
+    if cfg.poses == "auto":
+        # from no poses the first search locks onto one conformation (README): a consensus is better
+        cfg = replace(cfg, poses="input" if star.has_poses() else "search")
+        log.info("poses: %s", "the STAR's, refined" if cfg.poses == "input" else "searched (the STAR has none)")
+    if cfg.epochs <= cfg.n_search_epochs():
+        raise InputError(f"--epochs ({cfg.epochs}) must leave epochs after the first phase for the conformations")
     if cfg.poses == "input":
         star.require(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"], "--poses input")
     if len(star) < max(2 * cfg.batch_size, 4 * cfg.classes):
