@@ -231,14 +231,19 @@ def _sample_posterior(mean, P, generator):
 
 def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None, temperature: float = 1.0,
                 centres=None):
-    """Task 1 (the VAE): each particle's pose searched against its own map V(z) (z: the posterior mean
-    at its current pose, and the class ``centres`` as other candidates) -- globally with ``search``
-    (a pose drawn from the posterior for the decoder, the best one kept), else locally with steps
-    of ``delta`` --, the posterior of z at the
-    new pose (exact: the decoder is linear in z), the decoder's image loss at z drawn from it, and
-    the encoders amortizing both: KL(q(z | image) || posterior) for the conformation encoder, the
-    distance to the best pose for the pose encoder. Returns the loss, the per-particle image loss
-    and KL, the posterior (for task 2) and, with ``search``, which best poses moved."""
+    """Task 1 (the VAE).
+
+    1. Each particle's pose is searched against its own map V(z), z being the posterior mean at its
+       current pose (with the class ``centres`` as other candidates): globally with ``search`` (a
+       pose drawn from the posterior for the decoder, the best one kept), else locally with steps
+       of ``delta``.
+    2. The posterior of z at the new pose (exact: the decoder is linear in z); the decoder's image
+       loss at z drawn from it.
+    3. The encoders amortize both: KL(q(z | image) || posterior) for the conformation encoder, the
+       distance to the best pose for the pose encoder.
+
+    Returns the loss, the per-particle image loss and KL, the posterior (for task 2) and, with
+    ``search``, which best poses moved."""
     box = Y.shape[-1]
     A, o = net.bank(idx)
     if float(net.noise_var) < 0:                                  # the first step: a noise level first
@@ -303,7 +308,8 @@ def _task2_loss(net, ctf, posterior, gen_device):
 def _posterior_all(net, images, ctf_fn, cfg, device, batch: int = 256) -> np.ndarray:
     """Every particle's posterior mean of ``z`` at its final pose."""
     out = []
-    band = torch.ones(cfg.box_px, cfg.box_px, dtype=torch.bool, device=device)
+    kx, ky = frequency_index_2d(cfg.box_px, device=device)
+    band = torch.sqrt(kx**2 + ky**2) <= cfg.box_px / 2          # the band the training compared
     for s in range(0, len(images), batch):
         idx = np.arange(s, min(len(images), s + batch))
         A, o = net.bank(idx)
