@@ -67,7 +67,7 @@ def test_protocols_conf_names_existing_protocols():
     named = {n for section in json.loads(cp["PROTOCOLS"]["Protocols SPA"]) for n in _protocols_named(section)}
     ours = {k for k in Domain.getProtocols() if k.startswith("CryoPoseML")}
     assert named == ours == {"CryoPoseMLProtImportParticles", "CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup",
-                             "CryoPoseMLProtLocalRefine", "CryoPoseMLProtAbinitio"}
+                             "CryoPoseMLProtLocalRefine", "CryoPoseMLProtAbinitio", "CryoPoseMLProtHetero"}
 
 
 def test_plugin_class_in_scipion():
