@@ -39,10 +39,11 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
                       label="Particles", help="Particles with CTF.")
-        form.addParam("usePoses", params.BooleanParam, default=False, label="Start from the input poses?",
-                      help="Yes: the particles' alignment (e.g. a consensus refinement) is the starting pose, "
-                           "refined locally against each particle's conformation. No: poses are searched from "
-                           "nothing (any input alignment is ignored).")
+        form.addParam("usePoses", params.BooleanParam, default=True, label="Start from the input poses?",
+                      help="Yes (recommended): the particles' alignment (e.g. a consensus refinement) is the "
+                           "starting pose, refined locally against each particle's conformation. No: poses are "
+                           "searched from nothing (any input alignment is ignored); on mixtures one conformation "
+                           "tends to take over that search (see the README's benchmark).")
         form.addParam("classes", params.IntParam, default=2, label="Classes",
                       help="k-means classes of the conformations, one volume each.")
         form.addParam("zdim", params.IntParam, default=4, label="Latent dimension",
