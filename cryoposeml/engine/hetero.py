@@ -66,7 +66,7 @@ from ._outputs import check_run_folder, stamp, write_json
 from .abinitio import (_PoseBank, _PoseSearch, _image_loss, _local_search, _radial_profile, _reference_rows,
                        _working_set)
 from .plots import hetero_figure, latent_figure, save_figure
-from .reconstruct import reconstruct_star
+from .reconstruct import half_set_labels, reconstruct_star
 from .train import resolve_device
 
 __all__ = ["HeteroConfig", "hetero", "POSE_SOURCES", "pca", "latent_analysis", "entanglement_score",
@@ -497,7 +497,8 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
         if len(sel) >= 2:
             sub = result.copy()
             sub.particles = result.particles.iloc[sel].reset_index(drop=True)
-            rec = reconstruct_star(sub, halves=len(sel) >= 4, progress=progress)
+            halves = len(np.unique(half_set_labels(sub)[0])) == 2     # a small class may lie in one half
+            rec = reconstruct_star(sub, halves=halves, progress=progress)
             write_map(out / f"class_{k + 1:03d}.mrc", rec.full.astype(np.float32), star.pixel_size_angstrom)
             if rec.half1 is not None:
                 write_map(out / f"class_{k + 1:03d}_half1.mrc", rec.half1.astype(np.float32), star.pixel_size_angstrom)
