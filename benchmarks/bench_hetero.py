@@ -9,7 +9,7 @@ MDAnalysis closed -> open transition made by ``scripts/make_maps.py --transition
 (equal shares), projected at uniform random poses with CTF and origin shifts (3 A s.d.), at
 ``--snr`` (0: noise-free). Poses: ``search`` (from nothing: the global search with the conformation
 frozen, then against each particle's V(z)) or ``input`` (consensus poses: the true ones turned by
-about 3 degrees, as a homogeneous refinement would give). Every configuration runs with and
+about 3 degrees and the origins moved by 1 A s.d., as a homogeneous refinement would give). Every configuration runs with and
 without task 2 (the ablation). Reported per run: misclassification (classes matched to states,
 Hungarian), the same for the amortized encoder's z alone, median rotation error after the best
 global alignment, median shift error, FSC 0.5 of each state's class map against its true map,
@@ -44,13 +44,15 @@ def _maps(ds: str, args) -> list[str]:
 
 
 def _consensus(data: Path, seed: int) -> Path:
-    """The true poses turned by about 3 degrees (rms), without the truth's state column."""
+    """The true poses turned by about 3 degrees (rms) and the true origins moved by 1 A (s.d. per
+    axis), as a homogeneous refinement would give, without the truth's state column."""
     from scipy.spatial.transform import Rotation
 
     truth = read_star(data / "ground_truth.star")
     star = read_star(data / "particles.star")
-    kick = Rotation.from_rotvec(np.random.default_rng(seed).normal(0, np.radians(3) / np.sqrt(3), (len(star), 3)))
-    star.set_poses(truth.matrices() @ kick.as_matrix(), truth.shifts_angstrom())
+    rng = np.random.default_rng(seed)
+    kick = Rotation.from_rotvec(rng.normal(0, np.radians(3) / np.sqrt(3), (len(star), 3)))
+    star.set_poses(truth.matrices() @ kick.as_matrix(), truth.shifts_angstrom() + rng.normal(0, 1.0, (len(star), 2)))
     write_star(star, data / "consensus.star")
     return data / "consensus.star"
 
