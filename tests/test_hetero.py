@@ -79,3 +79,35 @@ def test_hetero_separates_two_states_from_consensus_poses(tmp_path):
     assert "rlnCpmlState" not in star.particles                          # the reference stays a reference
     for k in (1, 2):
         assert (out / f"class_{k:03d}.mrc").is_file() and (out / f"decoder_class_{k:03d}.mrc").is_file()
+
+
+def test_phase_schedule_with_and_without_the_class_restart():
+    """From no poses with 2+ classes: search, conditional search, the class restart (its own
+    frequency marching), 2 more conditional-search epochs (longer while poses move), then local
+    refinement. Given poses, one class, or too few epochs: no restart. Decided from the logged rows
+    alone (so --resume decides the same)."""
+    from cryoposeml.engine.hetero import HeteroConfig, _phase
+
+    def schedule(cfg, given=False, moved=0.0):
+        rows = []
+        for e in range(cfg.epochs):
+            rows.append({"phase": _phase(cfg, e, rows, given), "moved": moved})
+        return [r["phase"] for r in rows]
+
+    cfg = HeteroConfig(poses="search", classes=2, epochs=26, search_epochs=8)
+    assert cfg.n_restart_epochs() == 8
+    assert schedule(cfg) == (["search"] * 8 + ["hetero search"] * 4 + ["class search"] * 8
+                             + ["hetero search"] * 2 + ["hetero"] * 4)
+    # poses still moving: the conditional search goes on, leaving 4 local epochs
+    assert schedule(cfg, moved=0.5) == (["search"] * 8 + ["hetero search"] * 4 + ["class search"] * 8
+                                        + ["hetero search"] * 2 + ["hetero"] * 4)
+    longer = HeteroConfig(poses="search", classes=2, epochs=30, search_epochs=8)
+    assert schedule(longer, moved=0.5).count("hetero search") == 4 + 2 + 4
+    # too few epochs for a restart: the schedule without it
+    short = HeteroConfig(poses="search", classes=2, epochs=16, search_epochs=8)
+    assert short.n_restart_epochs() == 0
+    assert schedule(short) == ["search"] * 8 + ["hetero search"] * 4 + ["hetero"] * 4
+    assert HeteroConfig(poses="search", classes=1, epochs=26, search_epochs=8).n_restart_epochs() == 0
+    given = HeteroConfig(poses="input", classes=2, epochs=8)
+    assert given.n_restart_epochs() == 0
+    assert schedule(given, given=True) == ["consensus"] * 2 + ["hetero"] * 6

@@ -27,6 +27,10 @@ def add_args(p):
                    help="epochs of global pose search with the conformation frozen, extended while the poses "
                         "still move; with --poses input, epochs learning the consensus map at the given poses "
                         "(default: a third of --epochs; with --poses input 2)")
+    p.add_argument("--restart-epochs", type=int, default=None,
+                   help="from no poses with 2+ classes: epochs of the class restart (each class searched again "
+                        "against its own low-passed map) when --epochs leave room; 0: none (default: as "
+                        "--search-epochs)")
     p.add_argument("--no-task2", dest="task2", action="store_false",
                    help="without the conditional pose prediction task (the ablation)")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of the KL of z (default: %(default)s)")
@@ -47,7 +51,8 @@ def add_args(p):
 
 def main(args):
     cfg = HeteroConfig(zdim=args.zdim, classes=args.classes, encoder=args.encoder,
-                       poses=args.poses, epochs=args.epochs, search_epochs=args.search_epochs, task2=args.task2,
+                       poses=args.poses, epochs=args.epochs, search_epochs=args.search_epochs,
+                       restart_epochs=args.restart_epochs, task2=args.task2,
                        beta=args.beta, batch_size=args.batch_size, lr=args.lr, lr_decoder=args.lr_decoder,
                        box_px=args.box_px, widths=tuple(args.widths), search_temperature=args.search_temperature,
                        seed=args.seed, device=args.device)

@@ -10,7 +10,11 @@ Training:
 1. **Consensus (conformation frozen).** The first epochs are ab initio's global pose search against
    the mean map alone (HEALPix grid, posterior sampling, frequency marching, extended while the
    poses still move): the conformation head is frozen, ``z`` plays no part. With
-   ``--poses input`` (the STAR's poses, e.g. a consensus refinement) this phase is skipped.
+   ``--poses input`` (the STAR's poses, e.g. a consensus refinement) the mean map learns at them.
+   From no poses this search tends to lock onto one conformation; with 2+ classes a **class
+   restart** follows the first conditional searches: each particle takes its k-means class, the
+   maps are low-passed, and each class is searched again against its own map (see
+   :func:`_restart_classes`).
 2. **Heterogeneity.** Task 1, the VAE: each particle's pose is refined by local searches against
    its own map ``V(z)`` (z = the posterior mean), and the decoder and the conformation encoder learn
    from the image loss (a Gaussian likelihood whose noise level is the running mean residual, so
@@ -91,6 +95,10 @@ class HeteroConfig:
                                        # search_epochs; earlier, z absorbs pose errors and the search locks in)
     hetero_search_epochs: int = 4      # the search (against each particle's own map V(z) once the
                                        # conformation learns) goes on this many epochs after search_epochs
+    restart_epochs: int | None = None  # from no poses, with 2+ classes: the class restart's epochs (the maps
+                                       # low-passed, each class searched against its own; None: search_epochs;
+                                       # 0: none)
+    restart_lowpass: float = 0.25      # the maps are cut to this fraction of Nyquist at the restart
     task2: bool = True                 # conditional pose prediction
     task2_every: int = 1               # one task-2 step after every this many task-1 steps
     beta: float = 1.0                  # weight of the prior of z (a beta-VAE's beta)
@@ -117,6 +125,15 @@ class HeteroConfig:
         n = self.n_search_epochs()
         return min(n, n if self.frozen_epochs is None else self.frozen_epochs)
 
+    def n_restart_epochs(self) -> int:
+        """The class restart's epochs: from no poses with 2+ classes, when the epochs leave room for
+        it after the first two phases (the conditional search then refines, and 4 local epochs)."""
+        if self.poses == "input" or self.classes < 2:
+            return 0
+        n = self.n_search_epochs() if self.restart_epochs is None else self.restart_epochs
+        room = self.epochs - (self.n_search_epochs() + self.hetero_search_epochs + 2 + _MIN_REFINE_EPOCHS)
+        return max(0, min(n, room))
+
 
 class _HeteroNet(torch.nn.Module):
     def __init__(self, cfg: HeteroConfig, n: int):
@@ -128,6 +145,9 @@ class _HeteroNet(torch.nn.Module):
         self.decoder = ConditionalVoxelDecoder(cfg.box_px, cfg.zdim)
         self.bank = _PoseBank(n)
         self.register_buffer("z", torch.zeros(n, cfg.zdim))      # each particle's posterior mean of z
+        # the class restart: each particle's class and the classes' codes (their centres in z)
+        self.register_buffer("labels", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("codes", torch.zeros(max(1, cfg.classes), cfg.zdim))
         # the running per-pixel residual (the noise level of the likelihood and of task 2)
         self.register_buffer("noise_var", torch.tensor(-1.0))
 
@@ -545,21 +565,61 @@ def _phase(cfg: HeteroConfig, epoch: int, rows: list[dict], given_poses: bool) -
     """The phase of ``epoch`` (0-based): ``consensus`` (given poses: the mean map learns at them),
     ``search`` (the conformation frozen: ab initio's global search against the mean map),
     ``hetero search`` (the global search against each particle's own map V(z): from
-    ``frozen_epochs`` to ``hetero_search_epochs`` after ``search_epochs``, and on while more than
-    ``search_until_stable`` of the best poses moved, leaving 4 epochs), ``hetero`` (local
-    refinement). Reads only the logged rows, so ``--resume`` decides the same."""
+    ``frozen_epochs`` to ``hetero_search_epochs`` after ``search_epochs``), ``class search`` (the
+    class restart, :meth:`HeteroConfig.n_restart_epochs`, then 2 more epochs of ``hetero search``),
+    ``hetero search`` going on while more than ``search_until_stable`` of the best poses moved,
+    leaving 4 epochs, and ``hetero`` (local refinement). Reads only the logged rows, so
+    ``--resume`` decides the same."""
     n_search = cfg.n_search_epochs()
     if given_poses:
         return "consensus" if epoch < n_search else "hetero"
     if epoch < cfg.n_frozen_epochs():
         return "search"
-    if epoch < min(n_search + cfg.hetero_search_epochs, cfg.epochs - 2):
+    restart = cfg.n_restart_epochs()
+    r0 = n_search + cfg.hetero_search_epochs
+    if restart and r0 <= epoch < r0 + restart:
+        return "class search"
+    if epoch < min(r0 + (restart + 2 if restart else 0), cfg.epochs - 2):
         return "hetero search"
     last = rows[-1] if rows else {}
     if (last.get("phase") == "hetero search" and last.get("moved", 0.0) > cfg.search_until_stable
             and epoch < cfg.epochs - _MIN_REFINE_EPOCHS):
         return "hetero search"
     return "hetero"
+
+
+@torch.no_grad()
+def _restart_classes(net, cfg: HeteroConfig) -> np.ndarray:
+    """The class restart. From no poses the first search locks onto one conformation: the other
+    one's particles take wrong poses, and its map (learned from them) is consistent with them. The
+    conformations still separate in z (how badly a particle fits). So each particle takes its k-means
+    class, every map is cut to ``restart_lowpass`` of Nyquist (a low-passed reference, shared frame)
+    and each class is searched again against its own map from low to high frequencies, the classes'
+    maps learning only from their own particles (the codes are the classes' centres in z)."""
+    lat = latent_analysis(net.z.double().cpu().numpy(), cfg.classes, cfg.seed)
+    net.labels.copy_(torch.as_tensor(lat["labels"], dtype=torch.long))
+    net.codes.copy_(torch.as_tensor(lat["centres"], dtype=torch.float32))
+    cut = cfg.restart_lowpass * cfg.box_px / 2
+    for m in net.decoder.maps:
+        m.coeffs.mul_((m.shell <= cut).to(m.coeffs.dtype))
+    return np.bincount(lat["labels"], minlength=cfg.classes)
+
+
+def _class_search_step(net, cfg, search, Y, ctf, band, temperature, gen_device, idx):
+    """The class restart's step: each particle's pose drawn from its posterior against its class's
+    map ``V(code)``, the decoder learning there; the posterior of z at the best pose kept."""
+    box = Y.shape[-1]
+    z = net.codes[net.labels[torch.as_tensor(idx, device=net.labels.device)]]
+    A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, z[:, None], temperature, gen_device)
+    moved = geodesic_distance_deg(net.bank(idx)[0], A_best) > search.spacing_deg
+    net.bank.set(idx, A_best, o_best)
+    per = _image_loss(net.decoder(A, z) * ctf * shift_phase_2d(-o, box), Y, band)
+    net.update_noise(per.detach().mean())
+    net.z[torch.as_tensor(idx, device=net.z.device)] = _posterior_z(net, A_best, o_best, Y, ctf, band, cfg.beta)[0]
+    enc = net.encoder(_phase_flipped(Y, ctf))
+    enc_loss = (((enc["matrix"] - A_best) ** 2).sum((-2, -1)).mean()
+                + ((enc["shift_px"] - o_best) ** 2).sum(-1).mean())
+    return per.mean() + enc_loss, moved
 
 
 def _class_centres(net, cfg: HeteroConfig):
@@ -610,7 +670,15 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
         t_epoch = time.perf_counter()
         perm = torch.randperm(n, generator=gen).numpy()
         phase = _phase(cfg, epoch, state["rows"], initial is not None)
-        searching = phase in ("search", "hetero search")
+        searching = phase in ("search", "hetero search", "class search")
+        r0 = n_search + cfg.hetero_search_epochs                      # the class restart's first epoch
+        if phase == "class search" and epoch == r0:
+            sizes = _restart_classes(net, cfg)
+            for p in net.decoder.parameters():                         # Adam's moments are the old maps'
+                opt.state.pop(p, None)
+            csearch._slices = None
+            log.info("class restart: classes of %s particles, maps low-passed to %.2f of Nyquist",
+                     ", ".join(map(str, sizes)), cfg.restart_lowpass)
         centres = _class_centres(net, cfg) if phase == "hetero search" else None
         n_first = sum(r["phase"] != "hetero" for r in state["rows"])
         losses, moved, pers, kls, task2 = [], [], [], [], []
@@ -620,7 +688,12 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
             idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
             Y = fft2_centered(raw)
-            if searching:
+            if phase == "class search":
+                # the restart marches again: the band grows and the temperature falls over its epochs
+                t = min(1.0, ((epoch - r0) * steps + step) / (cfg.n_restart_epochs() * steps))
+                band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
+                temperature = cfg.search_temperature ** (1 - t)
+            elif searching:
                 # both searches share one schedule: the band grows and the temperature falls over search_epochs
                 t = min(1.0, (epoch * steps + step) / (max(1, n_search) * steps))
                 band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
@@ -630,6 +703,9 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
                 moved.append(mv)
             elif phase == "consensus":
                 loss = _consensus_step(net, Y, ctf, radius <= r_max, idx)
+            elif phase == "class search":
+                loss, mv = _class_search_step(net, cfg, csearch, Y, ctf, band, temperature, gen_device, idx)
+                moved.append(mv)
             else:
                 if phase == "hetero search":
                     loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, search=csearch,
@@ -664,10 +740,15 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
             row.update(image_loss=float(np.mean(pers)), kl=float(np.mean(kls)))
         if task2:
             row["task2_loss"] = float(np.mean(task2))
+        per_state = ""
         if truth is not None:
             sub = np.arange(min(n, 1000))
             al = align_poses_globally(net.bank.matrix[:len(sub)].double().cpu().numpy(), truth[sub])
             row.update(medse=al["medse"], median_deg=al["median_deg"])
+            per_state = per_state if states is None or states.max() > 4 else " (per state: " + ", ".join(
+                f"{np.median(al['errors_deg'][states[sub] == s]):.0f}" for s in np.unique(states[sub])) + ")"
+            if phase == "class search" and states is not None:
+                row["misclassified"] = misclassification(net.labels[:len(sub)].cpu().numpy(), states[sub])["misclassified"]
             if phase.startswith("hetero") and states is not None:
                 # the run's z (each particle's posterior mean at its last visit) and the encoder's
                 lat = latent_analysis(net.z[:len(sub)].double().cpu().numpy(), cfg.classes, cfg.seed, starts=3)
@@ -679,7 +760,7 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
         state["epoch"] = epoch + 1
         log.info("epoch %d (%s): loss %.4g%s%s%s%s", epoch + 1, row["phase"], row["loss"],
                  f", {100 * row['moved']:.0f}% of best poses moved" if "moved" in row else "",
-                 f", median pose error {row['median_deg']:.1f} deg" if "median_deg" in row else "",
+                 f", median pose error {row['median_deg']:.1f} deg{per_state}" if "median_deg" in row else "",
                  f", {100 * row['misclassified']:.1f}% misclassified" if "misclassified" in row else "",
                  f" (encoder alone {100 * row['encoder_misclassified']:.1f}%)" if "encoder_misclassified" in row else "")
         save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
