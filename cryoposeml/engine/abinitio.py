@@ -304,13 +304,18 @@ class _PoseSearch:
                 self.grid[best % n_pose], self.origins[best // n_pose])
 
 
+def _pose_distance(enc: dict, A_target, o_target) -> torch.Tensor:
+    """An encoder's output ``enc`` against target poses: the squared Frobenius distance of the
+    rotations plus the squared origin error in px, averaged over the batch."""
+    return ((enc["matrix"] - A_target) ** 2).sum((-2, -1)).mean() + ((enc["shift_px"] - o_target) ** 2).sum(-1).mean()
+
+
 def _decoder_and_distillation_loss(net, Y, ctf, band, A, o, A_target, o_target) -> torch.Tensor:
     """The decoder's image loss at poses ``(A, o)`` plus the encoder's distance to ``(A_target,
     o_target)`` (squared Frobenius of the rotations + squared origin error in px)."""
     dec_loss = _image_loss(net.decoder(A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band).mean()
     enc = net.encoder(ifft2_centered(Y * torch.sign(ctf)).real)
-    enc_loss = ((enc["matrix"] - A_target) ** 2).sum((-2, -1)).mean() + ((enc["shift_px"] - o_target) ** 2).sum(-1).mean()
-    return dec_loss + enc_loss
+    return dec_loss + _pose_distance(enc, A_target, o_target)
 
 
 @torch.no_grad()

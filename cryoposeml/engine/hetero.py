@@ -67,8 +67,8 @@ from ..models.decoders import ConditionalVoxelDecoder
 from ..models.encoders import ConformationEncoder
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
-from .abinitio import (_PoseBank, _PoseSearch, _image_loss, _local_search, _radial_profile, _reference_rows,
-                       _working_set)
+from .abinitio import (_PoseBank, _PoseSearch, _image_loss, _local_search, _pose_distance, _radial_profile,
+                       _reference_rows, _working_set)
 from .plots import hetero_figure, latent_figure, save_figure
 from .reconstruct import half_set_labels, reconstruct_star
 from .train import resolve_device
@@ -211,8 +211,7 @@ def _search_step(net, search, Y, ctf, band, temperature, gen_device, idx):
     net.bank.set(idx, A_best, o_best)
     per = _image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band)
     enc = net.encoder(_phase_flipped(Y, ctf))
-    enc_loss = (((enc["matrix"] - A_best) ** 2).sum((-2, -1)).mean()
-                + ((enc["shift_px"] - o_best) ** 2).sum(-1).mean())
+    enc_loss = _pose_distance(enc, A_best, o_best)
     return per.mean() + enc_loss, moved
 
 
@@ -298,8 +297,7 @@ def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None
     kl = 0.5 * ((torch.diagonal(P, dim1=-2, dim2=-1) * logvar.exp()).sum(-1) + (d.transpose(-2, -1) @ P @ d)[:, 0, 0]
                 - mean.shape[1] - torch.logdet(P) - logvar.sum(-1))
     enc = net.encoder(enc_in)
-    enc_loss = (((enc["matrix"] - A_best) ** 2).sum((-2, -1)).mean()
-                + ((enc["shift_px"] - o_best) ** 2).sum(-1).mean())
+    enc_loss = _pose_distance(enc, A_best, o_best)
     return per.mean() + kl.mean() / cfg.zdim + enc_loss, per.detach(), kl.detach(), (mean, P, o_best), moved
 
 
@@ -320,8 +318,7 @@ def _task2_loss(net, ctf, posterior, gen_device):
         enc_in = _phase_flipped(fft2_centered(x), ctf)
     enc = net.encoder(enc_in)
     mu2, _ = net.conformation(enc_in)
-    return (((enc["matrix"] - A) ** 2).sum((-2, -1)).mean() + ((enc["shift_px"] - origin) ** 2).sum(-1).mean()
-            + ((mu2 - z) ** 2).sum(-1).mean())
+    return _pose_distance(enc, A, origin) + ((mu2 - z) ** 2).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -617,8 +614,7 @@ def _class_search_step(net, cfg, search, Y, ctf, band, temperature, gen_device, 
     net.update_noise(per.detach().mean())
     net.z[torch.as_tensor(idx, device=net.z.device)] = _posterior_z(net, A_best, o_best, Y, ctf, band, cfg.beta)[0]
     enc = net.encoder(_phase_flipped(Y, ctf))
-    enc_loss = (((enc["matrix"] - A_best) ** 2).sum((-2, -1)).mean()
-                + ((enc["shift_px"] - o_best) ** 2).sum(-1).mean())
+    enc_loss = _pose_distance(enc, A_best, o_best)
     return per.mean() + enc_loss, moved
 
 
@@ -688,14 +684,13 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
             idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
             Y = fft2_centered(raw)
-            if phase == "class search":
-                # the restart marches again: the band grows and the temperature falls over its epochs
-                t = min(1.0, ((epoch - r0) * steps + step) / (cfg.n_restart_epochs() * steps))
-                band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
-                temperature = cfg.search_temperature ** (1 - t)
-            elif searching:
-                # both searches share one schedule: the band grows and the temperature falls over search_epochs
-                t = min(1.0, (epoch * steps + step) / (max(1, n_search) * steps))
+            if searching:
+                # the band grows and the temperature falls over search_epochs (both searches share
+                # one schedule), and again over the class restart's epochs
+                if phase == "class search":
+                    t = min(1.0, ((epoch - r0) * steps + step) / (cfg.n_restart_epochs() * steps))
+                else:
+                    t = min(1.0, (epoch * steps + step) / (max(1, n_search) * steps))
                 band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
                 temperature = cfg.search_temperature ** (1 - t)
             if phase == "search":
@@ -745,8 +740,9 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
             sub = np.arange(min(n, 1000))
             al = align_poses_globally(net.bank.matrix[:len(sub)].double().cpu().numpy(), truth[sub])
             row.update(medse=al["medse"], median_deg=al["median_deg"])
-            per_state = per_state if states is None or states.max() > 4 else " (per state: " + ", ".join(
-                f"{np.median(al['errors_deg'][states[sub] == s]):.0f}" for s in np.unique(states[sub])) + ")"
+            if states is not None and states.max() <= 4:
+                per_state = " (per state: " + ", ".join(
+                    f"{np.median(al['errors_deg'][states[sub] == s]):.0f}" for s in np.unique(states[sub])) + ")"
             if phase == "class search" and states is not None:
                 row["misclassified"] = misclassification(net.labels[:len(sub)].cpu().numpy(), states[sub])["misclassified"]
             if phase.startswith("hetero") and states is not None:
