@@ -10,7 +10,7 @@ against the true map, median angular error against the ground truth (junk exclud
 cleanup: the share of junk removed and of good particles lost.
 
 Usage: python benchmarks/bench_refine.py [--model MODEL_DIR] [--n-test 1000] [--junk-fraction 0.2]
-       [--no-priors-too] [--global-time-limit MIN] [--out benchmarks/results]
+       [--no-priors-too] [--oracle] [--global-time-limit MIN] [--skip-global] [--out benchmarks/results]
 """
 from __future__ import annotations
 
@@ -87,6 +87,9 @@ def main():
                          "Relion's 'Estimating accuracies in the orientational assignment' at 30 A")
     ap.add_argument("--no-priors-too", action="store_true",
                     help="also run (B) with the predicted poses as the start only (no prior columns)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also run (C): B's local refinement started from the true poses of the good particles "
+                         "(the floor of the median error any network's handoff can reach on this data)")
     ap.add_argument("--work", help="keep intermediate files here (default: a temporary folder, removed)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -152,6 +155,28 @@ def main():
             result["B_no_priors"] = bn
             print(json.dumps({"B_no_priors": bn}), flush=True)
 
+        if args.oracle:
+            # (C) the floor of any handoff on this data: B's local refinement (same search) started
+            # from the true poses of the good particles, with no junk. A network cannot hand Relion
+            # better poses than these, so C's median error is what Relion's own noise-limited
+            # alignment allows at this SNR and box.
+            good = truth.copy()
+            good.particles = truth.particles[truth.particles["rlnCpmlJunk"] == 0].reset_index(drop=True)
+            c_dir = work / "C"
+            c_dir.mkdir(parents=True)
+            write_star(good, c_dir / "true_poses.star")
+            t = time.perf_counter()
+            rf = refine(c_dir / "true_poses.star", c_dir / "refine",
+                        RefineConfig(sigma_ang=b["search"]["sigma_ang_deg"], healpix_order=b["search"]["healpix_order"]),
+                        progress=False)
+            r = c_dir / "refine"
+            oc = {"refine_s": rf["total_seconds"], "relion_s": rf["relion_seconds"], "wall_s": rf["total_seconds"],
+                  "median_deg": _pose_error(r / "refined.star", truth),
+                  "relion_resolution_A": rf["relion_resolution_angstrom"],
+                  **_maps(r / "map_half1.mrc", r / "map_half2.mrc", r / "map.mrc", true_map, apix)}
+            result["C_true_poses"] = oc
+            print(json.dumps({"C_true_poses": oc}), flush=True)
+
         # (A) Relion global auto-refine from the true map low-passed to 30 A
         if not args.skip_global:
             a_dir = work / "A"
@@ -187,7 +212,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_refine.json").write_text(json.dumps(result, indent=2, default=float))
     print("run | wall clock (min) | half-map FSC 0.143 (A) | Relion resolution (A) | FSC 0.5 vs true (A) | median error (deg)")
-    for k in ("A", "B", "B_no_priors"):
+    for k in ("A", "B", "B_no_priors", "C_true_poses"):
         if k in result:
             r = result[k]
             if "median_deg" not in r:

@@ -37,31 +37,33 @@ def test_d4_transforms_match_the_projector(adk_map):
 
 
 def test_equivariant_family_learns(tiny_training):
-    """The D4-equivariant network learns the tiny noise-free set to under 10 deg (median, held out)."""
+    """The D4-equivariant network learns the tiny noise-free set to under 7 deg (median, held out;
+    4.4 deg when measured, against 9.1 deg with the chordal loss it first had)."""
     d = tiny_training
     r = cli("train", "--particles", d / "train.star", "--out", d / "model_eq", "--model", "equivariant",
             "--epochs", 30, "--box-px", 32, "--widths", 32, 64, 128)
     assert r.returncode == 0, r.stderr
     val = json.loads((d / "model_eq" / "model.json").read_text())["runs"]["full"]["validation"]
-    assert val["median_deg"] < 10, val
+    assert val["median_deg"] < 7, val
     r = cli("predict", "--particles", d / "test.star", "--model", d / "model_eq", "--out", d / "pred_eq.star")
     assert r.returncode == 0, r.stderr
     r = cli("evaluate", "--particles", d / "pred_eq.star", "--reference", d / "test.star", "--out", d / "ev_eq.json")
     ev = json.loads((d / "ev_eq.json").read_text())["poses"]
-    assert ev["median_deg"] < 12, ev   # 200 other particles: the validation figure, give or take
+    assert ev["median_deg"] < 8, ev   # 200 other particles: the validation figure, give or take
     assert ev["shift_error_median_angstrom"] < 1.5, ev   # half a pixel of the network box (3 A/px)
 
 
 @pytest.mark.slow
 def test_bingham_family_learns(tiny_training):
-    """cryo-forum's network is a slow learner on a set this small: 30 epochs bring it from ~126 deg
-    (chance) to ~35 deg; the bound checks it is well on its way."""
+    """cryo-forum's network (QCQP head, geodesic loss) learns the tiny noise-free set to under 10 deg
+    (median, held out), and its Bingham dispersions rank the errors."""
     d = tiny_training
     r = cli("train", "--particles", d / "train.star", "--out", d / "model_bingham", "--model", "bingham",
             "--epochs", 30, "--patience", 30, *TINY)
     assert r.returncode == 0, r.stderr
     val = json.loads((d / "model_bingham" / "model.json").read_text())["runs"]["full"]["validation"]
-    assert val["median_deg"] < 45, val
+    assert val["median_deg"] < 10, val
+    assert val["auroc_error_over_10deg"] > 0.6, val
 
 
 def test_equivariant_network_follows_turns_and_mirrors():
@@ -83,10 +85,12 @@ def test_equivariant_network_follows_turns_and_mirrors():
                 assert torch.allclose(got["confidence"], ref["confidence"], atol=1e-4), T
 
 
-def test_bingham_head_returns_the_smallest_eigenvector():
+@pytest.mark.parametrize("form", ["symmetric", "cholesky"])
+def test_bingham_head_returns_the_smallest_eigenvector(form):
     from cryoposeml.models.heads import BinghamHead
 
-    head = BinghamHead(8)
+    torch.manual_seed(0)
+    head = BinghamHead(8, form=form)
     feats = torch.randn(5, 8, requires_grad=True)
     out = head(feats)
     q = out["quaternion"]
@@ -96,6 +100,23 @@ def test_bingham_head_returns_the_smallest_eigenvector():
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3).expand(5, 3, 3), atol=1e-5)
     out["quaternion"].sum().backward()
     assert torch.isfinite(feats.grad).all()
+
+
+def test_models_written_before_the_symmetric_head_load_as_they_were():
+    """A model.json without pool_grid / head_form is an older bingham or sixd network: 4 x 4 pooled
+    layout and a Cholesky head. Its weights must fit the network built from it, and no other."""
+    from cryoposeml.models import PoseNetConfig, build_model
+
+    new = PoseNetConfig(family="bingham", box=32, widths=(8, 16, 32))
+    old = new.to_dict()
+    del old["pool_grid"], old["head_form"]
+    legacy = PoseNetConfig.from_dict(old)
+    assert (legacy.pool_grid, legacy.head_form) == (4, "cholesky")
+    assert PoseNetConfig.from_dict(new.to_dict()) == new
+    old_weights = build_model(legacy).state_dict()
+    build_model(PoseNetConfig.from_dict(old)).load_state_dict(old_weights)
+    with pytest.raises(RuntimeError):
+        build_model(new).load_state_dict(old_weights)
 
 
 @pytest.fixture(scope="module")

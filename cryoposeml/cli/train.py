@@ -6,6 +6,7 @@ metrics.csv and curves.png. --halfsets trains one network per rlnRandomSubset (g
 An interrupted run continues with --resume. Several GPUs (or CPU processes): launch with
 ``torchrun --nproc_per_node K -m cryoposeml.cli train ...`` (data-parallel, same effective batch).
 """
+import argparse
 import os
 
 from ..engine.train import TrainConfig, train
@@ -28,8 +29,12 @@ def add_args(p):
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping epochs (default: %(default)s)")
     p.add_argument("--halfsets", action="store_true", help="one network per half-set")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no in-plane D4 augmentation")
-    p.add_argument("--no-siamese", dest="siamese", action="store_false", help="no pairwise-distance loss")
+    p.add_argument("--siamese", action=argparse.BooleanOptionalAction, default=d.siamese,
+                   help="add cryo-forum's pairwise-distance loss with its curriculum to the regression heads "
+                        "(bingham, sixd, equivariant); it slowed their learning in our tests (default: off)")
     p.add_argument("--widths", type=int, nargs="+", default=list(d.widths), help="encoder widths (default: %(default)s)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout in the encoder and head (default: 0 for bingham and sixd, 0.1 for the others)")
     p.add_argument("--label-confidence", default=d.label_confidence,
                    help="column weighting each particle's loss (a refinement's confidence in its pose); auto: "
                         "rlnMaxValueProbDistribution, else rlnParticleFigureOfMerit, when present; none: equal "
@@ -45,6 +50,7 @@ def main(args):
     cfg = TrainConfig(model=args.model, sym=args.sym, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       box_px=args.box_px, val_fraction=args.val_fraction, patience=args.patience,
                       halfsets=args.halfsets, augment=args.augment, siamese=args.siamese, widths=tuple(args.widths),
+                      dropout=args.dropout,
                       seed=args.seed, device=args.device,
                       label_confidence=args.label_confidence, precision=args.precision)
     meta = train(args.particles, args.out, cfg, resume=args.resume, overwrite=args.overwrite,

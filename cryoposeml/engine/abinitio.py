@@ -160,8 +160,9 @@ class _AbinitioNet(torch.nn.Module):
     def __init__(self, cfg: AbinitioConfig):
         super().__init__()
         family = {"cnn": "sixd", "equivariant": "equivariant"}[cfg.encoder]
+        # the cnn encoder keeps the 4 x 4 pooled layout it was benchmarked with here
         self.encoder = build_model(PoseNetConfig(family=family, box=cfg.box_px, widths=tuple(cfg.widths),
-                                                 dropout=0.0))
+                                                 dropout=0.0, pool_grid=4))
         self.decoder = build_decoder(cfg.decoder, cfg.box_px)
         self.bank = None
 

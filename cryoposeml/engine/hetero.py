@@ -139,8 +139,9 @@ class _HeteroNet(torch.nn.Module):
     def __init__(self, cfg: HeteroConfig, n: int):
         super().__init__()
         family = {"cnn": "sixd", "equivariant": "equivariant"}[cfg.encoder]
+        # the cnn encoder keeps the 4 x 4 pooled layout it was benchmarked with here
         self.encoder = build_model(PoseNetConfig(family=family, box=cfg.box_px, widths=tuple(cfg.widths),
-                                                 dropout=0.0))
+                                                 dropout=0.0, pool_grid=4))
         self.conformation = ConformationEncoder(cfg.zdim, tuple(cfg.widths[:3]))
         self.decoder = ConditionalVoxelDecoder(cfg.box_px, cfg.zdim)
         self.bank = _PoseBank(n)

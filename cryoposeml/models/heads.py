@@ -1,9 +1,12 @@
 """Rotation and shift heads (torch modules only).
 
-``BinghamHead`` (cryo-forum / QCQP, Peretroukhin et al.): a 10-dim output fills a lower-triangular
-``L``; ``M = L L^T`` is a 4x4 PSD matrix whose eigenvector of the smallest eigenvalue is the unit
-quaternion (differentiable through ``eigh``). ``M`` also defines a Bingham distribution: the
-eigen-gaps ``lambda_i - lambda_1`` are its dispersions, and their sum is the confidence score.
+``BinghamHead`` (cryo-forum / QCQP, Peretroukhin et al.): a 10-dim output fills a symmetric 4x4
+matrix ``M`` whose eigenvector of the smallest eigenvalue is the unit quaternion (differentiable
+through ``eigh``). ``M`` also defines a Bingham distribution: the eigen-gaps ``lambda_i - lambda_1``
+are its dispersions, and their sum is the confidence score. The 10 numbers are ``M``'s upper
+triangle (Peretroukhin's parameterisation, ``form="symmetric"``); the first networks filled a
+Cholesky factor ``L`` with ``M = L L^T`` (``form="cholesky"``, kept to load them), which learned
+more slowly: 43 deg against 35 deg held-out median on the 2,800-particle test set.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from ..core.rotations import quaternion_to_matrix
 __all__ = ["BinghamHead", "ShiftHead"]
 
 _TRIL = torch.tril_indices(4, 4)
+_TRIU = torch.triu_indices(4, 4)
+HEAD_FORMS = ("symmetric", "cholesky")
 
 
 def _mlp(in_features: int, hidden: int, out_features: int, dropout: float) -> nn.Sequential:
@@ -26,15 +31,22 @@ class BinghamHead(nn.Module):
     """``(B, F)`` features -> dict with ``quaternion`` ``(B, 4)`` (x, y, z, w), ``matrix``
     ``(B, 3, 3)``, ``dispersion`` ``(B, 3)`` and ``confidence`` ``(B,)`` = log(sum of dispersions)."""
 
-    def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.1, form: str = "symmetric"):
         super().__init__()
+        if form not in HEAD_FORMS:
+            raise ValueError(f"unknown Bingham head form {form!r} (available: {', '.join(HEAD_FORMS)})")
+        self.form = form
         self.mlp = _mlp(in_features, hidden, 10, dropout)
 
     def forward(self, features: torch.Tensor) -> dict:
         v = self.mlp(features)
-        L = torch.zeros(v.shape[0], 4, 4, dtype=v.dtype, device=v.device)
-        L[:, _TRIL[0], _TRIL[1]] = v
-        M = L @ L.transpose(-1, -2) + 1e-5 * torch.eye(4, dtype=v.dtype, device=v.device)
+        M = torch.zeros(v.shape[0], 4, 4, dtype=v.dtype, device=v.device)
+        if self.form == "symmetric":
+            M[:, _TRIU[0], _TRIU[1]] = v
+            M = M + M.transpose(-1, -2) - torch.diag_embed(torch.diagonal(M, dim1=-2, dim2=-1))
+        else:
+            M[:, _TRIL[0], _TRIL[1]] = v
+            M = M @ M.transpose(-1, -2) + 1e-5 * torch.eye(4, dtype=v.dtype, device=v.device)
         evals, evecs = torch.linalg.eigh(M.float() if M.dtype in (torch.float16, torch.bfloat16) else M)
         q = evecs[..., 0]
         q = q * torch.where(q[..., 3:] < 0, -1.0, 1.0)  # canonical sign (w >= 0)

@@ -22,6 +22,9 @@ class PoseNetConfig:
     dropout: float = 0.1
     blur_sigmas: tuple = (1.0, 2.0, 4.0)
     predict_shifts: bool = True
+    # bingham and sixd only (see the encoder and the head)
+    pool_grid: int = 8
+    head_form: str = "symmetric"
     # image2sphere only
     lmax: int = 6
     sphere_channels: int = 32
@@ -37,6 +40,9 @@ class PoseNetConfig:
     def from_dict(cls, d: dict) -> "PoseNetConfig":
         d = dict(d)
         d["widths"], d["blur_sigmas"] = tuple(d["widths"]), tuple(d["blur_sigmas"])
+        # models written before these fields existed had a 4 x 4 pooled layout and a Cholesky head
+        d.setdefault("pool_grid", 4)
+        d.setdefault("head_form", "cholesky")
         return cls(**d)
 
 
@@ -51,9 +57,11 @@ class PoseNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.blur = BlurStack(cfg.blur_sigmas)
-        self.encoder = VGGEncoder(self.blur.out_channels, cfg.widths, cfg.dropout)
-        head = {"bingham": BinghamHead, "sixd": SixDHead}[cfg.family]
-        self.rotation = head(self.encoder.out_features, dropout=cfg.dropout)
+        self.encoder = VGGEncoder(self.blur.out_channels, cfg.widths, cfg.dropout, grid=cfg.pool_grid)
+        if cfg.family == "bingham":
+            self.rotation = BinghamHead(self.encoder.out_features, dropout=cfg.dropout, form=cfg.head_form)
+        else:
+            self.rotation = SixDHead(self.encoder.out_features, dropout=cfg.dropout)
         self.shift = ShiftHead(self.encoder.out_features) if cfg.predict_shifts else None
         self.learns_confidence = getattr(self.rotation, "learns_confidence", False)
 
