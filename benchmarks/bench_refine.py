@@ -24,9 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 from cryoposeml.core.fourier import lowpass_volume
 from cryoposeml.core.metrics import angular_error_stats, fsc, resolution_at, soft_sphere_mask
+from cryoposeml.core.rotations import random_rotations
 from cryoposeml.data.bundled import resolve_map
 from cryoposeml.data.mrc import read_map, write_map
 from cryoposeml.data.star import read_star, write_star
@@ -72,6 +75,29 @@ def _last_iteration(rel: Path, truth, true_map, apix) -> dict:
     return {"last_iteration": it, "median_deg": _pose_error(f"{root}_data.star", truth),
             "relion_resolution_A": final_resolution(Path(f"{root}_half1_model.star")),
             **_maps(f"{root}_half1_class001.mrc", f"{root}_half2_class001.mrc", full, true_map, apix)}
+
+
+def _stand_in_cleanup(truth, good, c_dir: Path, good_error_deg: float) -> dict:
+    """``cleanup --method auto`` on the stand-in network's poses for all particles: the good ones'
+    from ``good``, the junk at random poses, expected errors ``good_error_deg`` and 40 deg (each
+    plus up to 1 deg of noise): a network that ranks all junk last."""
+    junk = truth.particles["rlnCpmlJunk"].to_numpy() != 0
+    s = truth.copy()
+    A = s.matrices()
+    A[~junk] = good.matrices()
+    A[junk] = random_rotations(int(junk.sum()), 5)
+    s.set_poses(A)
+    noise = np.random.default_rng(0).uniform(0.0, 1.0, len(s))
+    s.particles["rlnCpmlExpectedErrorDeg"] = np.where(junk, 40.0, good_error_deg) + noise
+    s.particles = s.particles.drop(columns=["rlnCpmlJunk", "rlnCpmlState"], errors="ignore")
+    write_star(s, c_dir / "stand_in_all.star")
+    cl = cleanup(c_dir / "stand_in_all.star", c_dir / "kept.star", CleanupConfig(), progress=False)
+    kept = junk[match_particles(read_star(c_dir / "kept.star"), truth)[1]]
+    return {"kept": cl["particles_kept"], "fraction_kept": cl["fraction_kept"],
+            "junk_removed_pct": 100 * (1 - kept.sum() / junk.sum()),
+            "good_lost_pct": 100 * (1 - (~kept).sum() / (~junk).sum()),
+            "resolution_all_A": cl["resolution_all_fsc0143_angstrom"],
+            "resolution_kept_A": cl["resolution_kept_fsc0143_angstrom"]}
 
 
 def main():
@@ -166,27 +192,30 @@ def main():
             print(json.dumps({"B_no_priors": bn}), flush=True)
 
         if args.oracle:
-            # (C) a stand-in network of known quality on the same data: the good particles only (no
-            # junk), their true poses turned by random rotations of median angle --oracle-error-deg
-            # (0: the true poses), each with the expected error --oracle-search-deg (which sets the
-            # search's sigma and sampling). The same handoff as B then shows
-            # what a network of that quality would end at, and with 0 the floor of any handoff
-            # (though priors centred on the truth also pull towards it).
+            # (C) a stand-in network of known quality on the same data: the good particles' true
+            # poses turned by random rotations of median angle --oracle-error-deg (0: the true
+            # poses), each with the expected error --oracle-search-deg (which sets the handoff's
+            # sigma and sampling). Its handoff, on the good particles only, shows what a network of
+            # that quality would end at; with 0, the floor of any handoff (though priors centred on
+            # the truth also pull towards it). Its cleanup adds the junk at random poses, ranked
+            # last: whether the half-map FSC then finds where the junk starts.
+            c_dir = work / "C"
+            c_dir.mkdir(parents=True)
             good = truth.copy()
             good.particles = truth.particles[truth.particles["rlnCpmlJunk"] == 0].reset_index(drop=True)
             if args.oracle_error_deg > 0:   # |N(0, s)| has median 0.674 s
                 good.set_poses(perturb_poses(good.matrices(), args.oracle_error_deg / 0.674, seed=3))
-            c_dir = work / "C"
-            c_dir.mkdir(parents=True)
             good.particles["rlnCpmlExpectedErrorDeg"] = args.oracle_search_deg
             write_star(good, c_dir / "true_poses.star")
+            oc = {"start_median_deg": _pose_error(c_dir / "true_poses.star", truth)}
+            if n_junk:
+                oc["cleanup"] = _stand_in_cleanup(truth, good, c_dir, args.oracle_search_deg)
             rf = refine(c_dir / "true_poses.star", c_dir / "refine", RefineConfig(), progress=False)
             r = c_dir / "refine"
-            oc = {"start_median_deg": _pose_error(c_dir / "true_poses.star", truth), "search": rf["search"], "refine_s": rf["total_seconds"], "relion_s": rf["relion_seconds"],
-                  "wall_s": rf["total_seconds"],
-                  "median_deg": _pose_error(r / "refined.star", truth),
-                  "relion_resolution_A": rf["relion_resolution_angstrom"],
-                  **_maps(r / "map_half1.mrc", r / "map_half2.mrc", r / "map.mrc", true_map, apix)}
+            oc.update({"search": rf["search"], "refine_s": rf["total_seconds"], "relion_s": rf["relion_seconds"],
+                       "wall_s": rf["total_seconds"], "median_deg": _pose_error(r / "refined.star", truth),
+                       "relion_resolution_A": rf["relion_resolution_angstrom"],
+                       **_maps(r / "map_half1.mrc", r / "map_half2.mrc", r / "map.mrc", true_map, apix)})
             result["C_oracle"] = oc
             print(json.dumps({"C_oracle": oc}), flush=True)
 
@@ -238,6 +267,11 @@ def main():
     junk = "no junk" if c["junk_removed_pct"] is None else f"junk removed {c['junk_removed_pct']:.1f}%"
     print(f"cleanup: kept {c['kept']} ({c['fraction_kept']:.0%}); {junk}, "
           f"good lost {c['good_lost_pct']:.1f}%; predicted median {result['B']['predicted_median_deg']:.2f} deg")
+    if "cleanup" in result.get("C_oracle", {}):
+        c = result["C_oracle"]["cleanup"]
+        print(f"C's cleanup (junk ranked last): kept {c['kept']} ({c['fraction_kept']:.0%}); junk removed "
+              f"{c['junk_removed_pct']:.1f}%, good lost {c['good_lost_pct']:.1f}%; "
+              f"{c['resolution_all_A']:.2f} -> {c['resolution_kept_A']:.2f} A")
     if "speedup_A_over_B" in result:
         bound = "" if result["A"]["finished"] else "at least "
         print(f"B is {bound}{result['speedup_A_over_B']:.1f}x faster than A" +
