@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from cryoposeml.core.fourier import lowpass_volume
 from cryoposeml.core.metrics import angular_error_stats, fsc, resolution_at, soft_sphere_mask
 from cryoposeml.core.rotations import random_rotations
@@ -77,6 +76,18 @@ def _last_iteration(rel: Path, truth, true_map, apix) -> dict:
             **_maps(f"{root}_half1_class001.mrc", f"{root}_half2_class001.mrc", full, true_map, apix)}
 
 
+def _cleanup_outcome(cl: dict, kept_path: Path, truth) -> dict:
+    """What a cleanup kept (its summary ``cl`` and ``kept_path``): the share of the junk removed
+    (None without junk) and of the good particles lost, and the resolutions before and after."""
+    junk = truth.particles["rlnCpmlJunk"].to_numpy() != 0
+    kept = junk[match_particles(read_star(kept_path), truth)[1]]
+    return {"kept": cl["particles_kept"], "fraction_kept": cl["fraction_kept"],
+            "junk_removed_pct": 100 * (1 - kept.sum() / junk.sum()) if junk.any() else None,
+            "good_lost_pct": 100 * (1 - (~kept).sum() / (~junk).sum()),
+            "resolution_all_A": cl["resolution_all_fsc0143_angstrom"],
+            "resolution_kept_A": cl["resolution_kept_fsc0143_angstrom"]}
+
+
 def _stand_in_cleanup(truth, good, c_dir: Path, good_error_deg: float) -> dict:
     """``cleanup --method auto`` on the stand-in network's poses for all particles: the good ones'
     from ``good``, the junk at random poses, expected errors ``good_error_deg`` and 40 deg (each
@@ -92,12 +103,7 @@ def _stand_in_cleanup(truth, good, c_dir: Path, good_error_deg: float) -> dict:
     s.particles = s.particles.drop(columns=["rlnCpmlJunk", "rlnCpmlState"], errors="ignore")
     write_star(s, c_dir / "stand_in_all.star")
     cl = cleanup(c_dir / "stand_in_all.star", c_dir / "kept.star", CleanupConfig(), progress=False)
-    kept = junk[match_particles(read_star(c_dir / "kept.star"), truth)[1]]
-    return {"kept": cl["particles_kept"], "fraction_kept": cl["fraction_kept"],
-            "junk_removed_pct": 100 * (1 - kept.sum() / junk.sum()),
-            "good_lost_pct": 100 * (1 - (~kept).sum() / (~junk).sum()),
-            "resolution_all_A": cl["resolution_all_fsc0143_angstrom"],
-            "resolution_kept_A": cl["resolution_kept_fsc0143_angstrom"]}
+    return _cleanup_outcome(cl, c_dir / "kept.star", truth)
 
 
 def main():
@@ -157,15 +163,7 @@ def main():
         t = time.perf_counter()
         cl = cleanup(work / "B" / "pred.star", work / "B" / "kept.star", CleanupConfig(), progress=False)
         b["cleanup_s"] = time.perf_counter() - t
-        kept_star = read_star(work / "B" / "kept.star")
-        kept = truth.particles["rlnCpmlJunk"].to_numpy()[match_particles(kept_star, truth)[1]]
-        n_junk = int((truth.particles["rlnCpmlJunk"] != 0).sum())
-        n_good = len(truth) - n_junk
-        b["cleanup"] = {"kept": cl["particles_kept"], "fraction_kept": cl["fraction_kept"],
-                        "junk_removed_pct": 100 * (1 - (kept != 0).sum() / n_junk) if n_junk else None,
-                        "good_lost_pct": 100 * (1 - (kept == 0).sum() / n_good),
-                        "resolution_all_A": cl["resolution_all_fsc0143_angstrom"],
-                        "resolution_kept_A": cl["resolution_kept_fsc0143_angstrom"]}
+        b["cleanup"] = _cleanup_outcome(cl, work / "B" / "kept.star", truth)
         b["kept_median_deg"] = _pose_error(work / "B" / "kept.star", truth)
         rf = refine(work / "B" / "kept.star", work / "B" / "refine", RefineConfig(), progress=False)
         b["refine_s"] = rf["total_seconds"]
@@ -206,11 +204,11 @@ def main():
             if args.oracle_error_deg > 0:   # |N(0, s)| has median 0.674 s
                 good.set_poses(perturb_poses(good.matrices(), args.oracle_error_deg / 0.674, seed=3))
             good.particles["rlnCpmlExpectedErrorDeg"] = args.oracle_search_deg
-            write_star(good, c_dir / "true_poses.star")
-            oc = {"start_median_deg": _pose_error(c_dir / "true_poses.star", truth)}
-            if n_junk:
+            write_star(good, c_dir / "stand_in_good.star")
+            oc = {"start_median_deg": _pose_error(c_dir / "stand_in_good.star", truth)}
+            if b["cleanup"]["junk_removed_pct"] is not None:   # the test set has junk
                 oc["cleanup"] = _stand_in_cleanup(truth, good, c_dir, args.oracle_search_deg)
-            rf = refine(c_dir / "true_poses.star", c_dir / "refine", RefineConfig(), progress=False)
+            rf = refine(c_dir / "stand_in_good.star", c_dir / "refine", RefineConfig(), progress=False)
             r = c_dir / "refine"
             oc.update({"search": rf["search"], "refine_s": rf["total_seconds"], "relion_s": rf["relion_seconds"],
                        "wall_s": rf["total_seconds"], "median_deg": _pose_error(r / "refined.star", truth),
