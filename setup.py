@@ -38,6 +38,7 @@ setup(
         "tqdm>=4.60",
         "roma>=1.4",
         "safetensors>=0.4",
+        "scikit-learn>=1.3",  # isotonic calibration of the matched uncertainty
     ],
     extras_require={
         "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5.0"],

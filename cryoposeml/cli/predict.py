@@ -6,6 +6,7 @@ rlnCpmlExpectedErrorDeg added), OUT.json (summary, transferability check) and OU
 model that does not transfer to these particles is an error instead of a warning.
 """
 from ..engine.predict import predict
+from ..engine.verify import MATCHING_MODES, MatchConfig
 
 
 def add_args(p):
@@ -20,11 +21,30 @@ def add_args(p):
                    help="also write OUT_topK.star with the K most probable distinct poses per particle "
                         "(image2sphere models)")
     p.add_argument("--strict", action="store_true", help="fail when the model does not transfer")
+    p.add_argument("--matching", default="auto", choices=MATCHING_MODES,
+                   help="verify the network against the reference map: auto (proposals, then an exhaustive "
+                        "search for particles they do not explain), proposals (never exhaustive), exhaustive "
+                        "(no network proposals), none (the network alone) (default: %(default)s)")
+    p.add_argument("--reference", metavar="MAP", help="match against this map (same box and pixel size as the "
+                   "particles) instead of the model folder's reference")
+    p.add_argument("--half-maps", nargs=2, metavar=("HALF1", "HALF2"),
+                   help="match half-set k particles against half-map k (FSC-weighted; the working resolution "
+                        "from their FSC)")
+    p.add_argument("--cross-halves", action="store_true",
+                   help="CESPED's evaluation protocol: half-1 particles go to the half-2 network and map (for "
+                        "scoring a model on its own training particles); default: same half (gold standard)")
+    p.add_argument("--escalate-sigma", type=float, default=MatchConfig.escalate_sigma,
+                   help="auto: search exhaustively when the match falls this many noise SDs short of what a "
+                        "correct match scores (default: %(default)s)")
 
 
 def main(args):
     s = predict(args.particles, args.model, args.out, args.batch_size, args.device, args.sym, args.keep_original,
-                args.strict, args.overwrite, not args.quiet, args.top_k)
+                args.strict, args.overwrite, not args.quiet, args.top_k, args.matching, args.reference, args.half_maps,
+                args.cross_halves, MatchConfig(escalate_sigma=args.escalate_sigma))
     if args.top_k:
         print(f"wrote {s['top_k']['star']}")
-    print(f"wrote {args.out}: {s['particles']} particles, median expected error {s['median_expected_error_deg']:.2f} deg")
+    extra = (f", {100 * s['fraction_escalated']:.0f}% escalated, median match z {s['median_match_z']:.1f}"
+             if "fraction_escalated" in s else "")
+    print(f"wrote {args.out}: {s['particles']} particles, median expected error "
+          f"{s['median_expected_error_deg']:.2f} deg{extra}")

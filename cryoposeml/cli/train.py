@@ -1,7 +1,9 @@
 """Train a pose network on particles whose poses a refinement already found.
 
 The model folder gets model.json (configuration, preprocessing, symmetry, calibration, validation
-metrics: median error, ECE, AUROC), and per network weights.safetensors, checkpoint.pt,
+metrics: median error, ECE, AUROC), reference/ (the consensus half-maps of the training
+particles, their FSC and FSC-weighted maps, which predict verifies poses against; a calibration
+split held out of both calibrates the verified uncertainty), and per network weights.safetensors, checkpoint.pt,
 metrics.csv and curves.png. --halfsets trains one network per rlnRandomSubset (gold standard).
 An interrupted run continues with --resume. Several GPUs (or CPU processes): launch with
 ``torchrun --nproc_per_node K -m cryoposeml.cli train ...`` (data-parallel, same effective batch).
@@ -44,6 +46,12 @@ def add_args(p):
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                    help="auto: bfloat16 mixed precision on CUDA, float32 on CPU (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training in --out")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="do not keep the consensus reference (half-maps of the training particles, used by predict "
+                        "to verify the network's poses) nor calibrate the matched uncertainty")
+    p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
+                   help="particles held out of training and of the reference, on which the matched uncertainty "
+                        "is calibrated (default: %(default)s)")
 
 
 def main(args):
@@ -52,7 +60,8 @@ def main(args):
                       halfsets=args.halfsets, augment=args.augment, siamese=args.siamese, widths=tuple(args.widths),
                       dropout=args.dropout,
                       seed=args.seed, device=args.device,
-                      label_confidence=args.label_confidence, precision=args.precision)
+                      label_confidence=args.label_confidence, precision=args.precision, reference=args.reference,
+                      calibration_fraction=args.calibration_fraction if args.reference else 0.0)
     meta = train(args.particles, args.out, cfg, resume=args.resume, overwrite=args.overwrite,
                  progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:   # torchrun: rank 0 reports
@@ -61,4 +70,9 @@ def main(args):
         v = r["validation"]
         print(f"{run}: validation median {v['median_deg']:.2f} deg, mean {v['mean_deg']:.2f} deg, "
               f"ECE {v['ece_deg']:.2f} deg, AUROC(>10 deg) {v['auroc_error_over_10deg']:.3f}")
+        if "matching_validation" in r:
+            m = r["matching_validation"]
+            print(f"{run}: verified against the reference, calibration split median {m['median_deg']:.2f} deg "
+                  f"(network {m['network_median_deg']:.2f}), ECE {m['ece_deg']:.2f} deg, "
+                  f"{100 * m['fraction_escalated']:.0f}% escalated")
     print(f"wrote {args.out}/model.json")

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Calibration", "fit_calibration", "expected_calibration_error", "auroc"]
+__all__ = ["Calibration", "fit_calibration", "fit_isotonic_calibration", "expected_calibration_error", "auroc",
+           "cross_fitted_ece"]
 
 
 @dataclass
@@ -45,6 +46,34 @@ def fit_calibration(score: np.ndarray, error_deg: np.ndarray, n_bins: int = 10,
     fom = np.maximum.accumulate(fom)
     q = np.percentile(score, [5, 25, 50, 75, 95]).tolist()
     return Calibration(centres.tolist(), err.tolist(), fom.tolist(), fom_threshold_deg, q)
+
+
+def fit_isotonic_calibration(score: np.ndarray, error_deg: np.ndarray, fom_threshold_deg: float = 10.0,
+                             max_knots: int = 64) -> Calibration:
+    """Isotonic regression (scikit-learn) of the error and of ``error < threshold`` on the score:
+    the expected error never increases, nor the FOM decreases, with the score. The fitted steps
+    are kept as knots of the piecewise-linear :class:`Calibration` (at most ``max_knots``, at
+    quantiles of the score)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    score, error_deg = np.asarray(score, np.float64), np.asarray(error_deg, np.float64)
+    err = IsotonicRegression(increasing=False, out_of_bounds="clip").fit(score, error_deg)
+    fom = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(
+        score, (error_deg < fom_threshold_deg).astype(np.float64))
+    knots = np.unique(np.quantile(score, np.linspace(0, 1, max_knots)))
+    q = np.percentile(score, [5, 25, 50, 75, 95]).tolist()
+    return Calibration(knots.tolist(), err.predict(knots).tolist(), fom.predict(knots).tolist(), fom_threshold_deg, q)
+
+
+def cross_fitted_ece(score: np.ndarray, error_deg: np.ndarray, fit=fit_calibration, folds: int = 5,
+                     seed: int = 0) -> tuple[float, np.ndarray]:
+    """ECE of a calibration judged on particles it was not fitted on: each fold's expected errors
+    come from a calibration fitted on the other folds. Returns ``(ece, out_of_fold_expected)``."""
+    fold = np.random.default_rng(seed).permutation(len(error_deg)) % folds
+    out = np.empty(len(error_deg))
+    for f in range(folds):
+        out[fold == f] = fit(score[fold != f], error_deg[fold != f]).expected_error(score[fold == f])
+    return expected_calibration_error(out, error_deg), out
 
 
 def expected_calibration_error(predicted_deg: np.ndarray, actual_deg: np.ndarray, n_bins: int = 10) -> float:

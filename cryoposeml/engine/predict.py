@@ -1,13 +1,24 @@
 """``cryoposeml predict``: poses, shifts and calibrated uncertainties for new particles.
 
 Images stream from their stacks in batches (memory flat in N); a background thread reads and
-preprocesses the next batch while the network runs on the current one. Inference is
-deterministic. With a half-set model, particles of rlnRandomSubset 1 are predicted by the half-2
-network and vice versa (gold standard); others by half 1.
+preprocesses the next batch while the network and the matching run on the current one.
+Inference is deterministic.
+
+With a reference (the training particles' half-maps in the model folder, or ``--reference`` /
+``--half-maps``), the network's proposals are verified and refined against the map
+(:mod:`.verify`; ``--matching auto|proposals|exhaustive``); ``--matching none`` is the network
+alone. Gold standard: a particle of rlnRandomSubset k is proposed by the half-k network and
+matched against the half-k map, so the two half-sets never share data (particles without
+rlnRandomSubset get a fixed random split, written to the output). ``--cross-halves`` is
+CESPED's evaluation protocol instead: half-1 particles go to the half-2 network and map, for
+scoring a model on its own training particles.
 
 Written columns: the poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst; the input's are kept as
 ``...Original`` columns with ``--keep-original``), ``rlnParticleFigureOfMerit`` (probability that
-the error is under 10 deg, from the held-out calibration) and ``rlnCpmlExpectedErrorDeg``.
+the error is under 10 deg, from the held-out calibration) and ``rlnCpmlExpectedErrorDeg``; with
+matching also ``rlnMaxValueProbDistribution`` (the posterior's largest probability, Relion's
+meaning), ``rlnCpmlMatchZ`` (the match z-score: junk matches no view of the map),
+``rlnCpmlMatchScore`` and ``rlnCpmlEscalated`` (1 when the exhaustive search was needed).
 ``top_k`` (distribution models) also writes ``OUT_topK.star``: K rows per particle, the K most
 probable distinct poses with ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``.
 ``OUT.png``: projection directions, expected-error histogram, and the model's held-out error vs
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +36,17 @@ import torch
 from tqdm import tqdm
 
 from ..core.errors import InputError
-from ..core.symmetry import symmetry_group, to_asymmetric_unit
+from ..core.symmetry import symmetric_distance_deg, symmetry_group, to_asymmetric_unit
 from ..data.dataset import ParticleDataset
-from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, read_star, write_star
+from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, ParticleStar, read_star, write_star
 from ._outputs import check_new_file, stamp, write_json
 from .calibration import Calibration
 from .plots import pose_figure, save_figure
+from .reconstruct import half_set_labels
 from .train import load_model, preprocessor_for, resolve_device
+from .verify import MatchConfig, Reference, load_reference, match_config_dict, particle_ctf, verify_batch
 
-__all__ = ["predict", "transfer_check"]
+__all__ = ["predict", "transfer_check", "predict_arrays", "load_models"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +78,101 @@ def _top_k_star(result, mats: np.ndarray, prob: np.ndarray, shifts_angstrom):
     return star
 
 
+def load_models(model_dir, dev) -> tuple[dict, dict]:
+    """The trained networks of a model folder (``full``, or ``half1`` + ``half2``) and its metadata."""
+    models, meta = {}, None
+    for run in ("full", "half1", "half2"):
+        if (Path(model_dir) / run / "weights.safetensors").exists():
+            models[run], meta = load_model(model_dir, run, dev)
+    if not models:
+        raise InputError("no trained network found (full/ or half1/, half2/)", model_dir)
+    return models, meta
+
+
+def predict_arrays(star: ParticleStar, rows: np.ndarray, models: dict, meta: dict, network_of: np.ndarray,
+                   reference: Reference | None, reference_of: np.ndarray | None, cfg: MatchConfig, dev,
+                   batch_size: int = 256, top_k: int = 0, progress: bool = True) -> dict:
+    """Poses of the particles ``rows`` of ``star``: ``network_of[i]`` names the network
+    (``full``/``half1``/``half2``) and ``reference_of[i]`` the reference map (``full``/``half1``/
+    ``half2``) of ``rows[i]``. Returns arrays (one row per particle of ``rows``): ``matrix``,
+    ``shift_px`` (of the input box), ``confidence`` (network), the network's own ``net_matrix``
+    and, with matching, ``score``, ``z``, ``escalated``, ``expected_raw``, ``max_prob``,
+    ``n_scored``; ``top_matrix``/``top_prob`` with ``top_k``."""
+    pre = meta["preprocessing"]
+    prep = preprocessor_for(star, pre["box_px"], pre["pixel_size_angstrom"])
+    ds = ParticleDataset(star)
+    group = torch.as_tensor(symmetry_group(meta["sym"]), dtype=torch.float32, device=dev)
+    net_px = pre["pixel_size_angstrom"] / star.pixel_size_angstrom     # input px per network px
+    matching = cfg.matching != "none" and reference is not None
+    n = len(rows)
+    out = {"matrix": np.empty((n, 3, 3)), "shift_px": np.empty((n, 2)), "confidence": np.empty(n),
+           "net_matrix": np.empty((n, 3, 3)), "net_shift_px": np.empty((n, 2))}
+    if matching:
+        pseudo = reference.pseudo_symmetries(cfg) if cfg.matching != "exhaustive" else np.zeros((0, 3, 3))
+        ctf_params = star.ctf_params() if star.has_ctf() else None
+        flipped = star.phase_flipped() if hasattr(star, "phase_flipped") else False
+        radius = 0.5 * star.box - 0.125 * star.box   # the particle's radius for the background noise estimate
+    k_prop = cfg.top_k if matching and all(hasattr(m, "top_k") for m in models.values()) else 0
+    if top_k:
+        out["top_matrix"], out["top_prob"] = np.empty((n, top_k, 3, 3)), np.empty((n, top_k))
+    batches = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    bar = tqdm(total=n, desc="predict" + (f" + {cfg.matching} matching" if matching else ""), unit="img",
+               disable=not progress)
+
+    def read(b):
+        raw = ds.read_batch(rows[b])
+        return raw, prep(raw, rows[b])
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, torch.inference_mode():
+        future = pool.submit(read, batches[0]) if batches else None
+        for j, idx in enumerate(batches):
+            raw, net_in = future.result()
+            if j + 1 < len(batches):
+                future = pool.submit(read, batches[j + 1])
+            imgs = torch.from_numpy(net_in).to(dev)
+            props = torch.empty(len(idx), max(1, k_prop), 3, 3)
+            for run, model in models.items():
+                sel = network_of[idx] == run
+                if not sel.any():
+                    continue
+                o = model(imgs[torch.as_tensor(sel, device=dev)])
+                out["net_matrix"][idx[sel]] = o["matrix"].double().cpu().numpy()
+                out["net_shift_px"][idx[sel]] = o["shift_px"].double().cpu().numpy() * net_px
+                out["confidence"][idx[sel]] = o["confidence"].double().cpu().numpy()
+                if top_k:
+                    tk = model.top_k(o, top_k, group)
+                    out["top_matrix"][idx[sel]] = tk["matrix"].double().cpu().numpy()
+                    out["top_prob"][idx[sel]] = tk["probability"].double().cpu().numpy()
+                props[torch.as_tensor(sel)] = (model.top_k(o, k_prop, group)["matrix"] if k_prop
+                                               else o["matrix"][:, None]).float().cpu()
+            bar.update(len(idx))
+            if not matching:
+                continue
+            raw_t = torch.from_numpy(raw)
+            for ref_key in np.unique(reference_of[idx]):
+                sel = np.nonzero(reference_of[idx] == ref_key)[0]
+                m = reference.matcher(str(ref_key), cfg, dev)
+                ctf = particle_ctf(ctf_params, rows[idx[sel]], star.box, star.pixel_size_angstrom, flipped)
+                r = verify_batch(m, raw_t[sel], ctf, None if cfg.matching == "exhaustive" else props[sel],
+                                 torch.as_tensor(out["net_shift_px"][idx[sel]]), cfg, pseudo, radius)
+                for key, val in r.items():
+                    v = val.double().cpu().numpy() if val.dtype != torch.bool else val.cpu().numpy()
+                    key = "shift_px" if key == "origin" else key
+                    if key not in out:
+                        out[key] = np.zeros((n, *v.shape[1:]), v.dtype)
+                    out[key][idx[sel]] = v
+        bar.close()
+    if not matching:
+        out["matrix"], out["shift_px"] = out["net_matrix"].copy(), out["net_shift_px"].copy()
+    return out
+
+
 def predict(particles, model_dir, out, batch_size: int = 256, device: str = "auto", sym: str | None = None,
             keep_original: bool = False, strict: bool = False, overwrite: bool = False,
-            progress: bool = True, top_k: int = 0) -> dict:
+            progress: bool = True, top_k: int = 0, matching: str = "auto", reference=None, half_maps=None,
+            cross_halves: bool = False, match_cfg: MatchConfig | None = None) -> dict:
+    cfg = MatchConfig(**{**(asdict(match_cfg) if match_cfg else {}), "matching": matching})
+    cfg.check()
     out = Path(out)
     check_new_file(out, overwrite)
     summary_path = out.with_suffix(".json")
@@ -80,13 +186,7 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         check_new_file(topk_path, overwrite)
     dev = resolve_device(device)
     star = read_star(particles)
-    runs = {}
-    models, meta = {}, None
-    for run in ("full", "half1", "half2"):
-        if (Path(model_dir) / run / "weights.safetensors").exists():
-            models[run], meta = load_model(model_dir, run, dev)
-    if not models:
-        raise InputError("no trained network found (full/ or half1/, half2/)", model_dir)
+    models, meta = load_models(model_dir, dev)
     if sym is not None:
         symmetry_group(sym)
         if sym.strip().upper() != meta["sym"]:
@@ -94,76 +194,91 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
     if top_k and not all(hasattr(m, "top_k") for m in models.values()):
         raise InputError(f"--top-k needs a model that predicts a distribution over poses (image2sphere); this "
                          f"{meta['network']['family']} model predicts one pose per particle", model_dir)
-    group = torch.as_tensor(symmetry_group(meta["sym"]), dtype=torch.float32, device=dev)
     inp = meta["input"]
     if star.box != inp["box"] or abs(star.pixel_size_angstrom - inp["pixel_size_angstrom"]) > 1e-3:
         raise InputError(f"particles are {star.box} px at {star.pixel_size_angstrom:.3f} A/px but the model was "
                          f"trained on {inp['box']} px at {inp['pixel_size_angstrom']:.3f} A/px; rescale the "
                          "particles (or train a model for them)", particles)
-    pre = meta["preprocessing"]
-    prep = preprocessor_for(star, pre["box_px"], pre["pixel_size_angstrom"])
-    ds = ParticleDataset(star, transform=prep)
+    ref = None
+    if cfg.matching != "none":
+        ref = load_reference(model_dir, reference, half_maps, meta["sym"], star.box, star.pixel_size_angstrom)
+        if ref is None:
+            if cfg.matching != "auto":
+                raise InputError(f"--matching {cfg.matching} needs a reference: this model folder has none "
+                                 "(trained before references were kept); give --reference MAP", model_dir)
+            log.warning("no reference in the model folder and none given: the network's poses are not verified "
+                        "(retrain, or pass --reference MAP)")
+            cfg.matching = "none"
     subset = star.random_subset()
-    if "full" in models:
-        which = np.array(["full"] * len(star))
-    else:
-        which = np.where(subset == 1, "half2", "half1") if subset is not None else np.array(["half1"] * len(star))
+    made_up = False
+    if subset is None and (ref is not None or "full" not in models):
+        subset, made_up = half_set_labels(star)
     n = len(star)
-    mats = np.empty((n, 3, 3))
-    shifts = np.empty((n, 2))
-    score = np.empty(n)
-    if top_k:
-        top_mats, top_prob = np.empty((n, top_k, 3, 3)), np.empty((n, top_k))
-    batches = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
-    bar = tqdm(total=n, desc="predict", unit="img", disable=not progress)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, torch.inference_mode():
-        future = pool.submit(ds.read_batch, batches[0]) if batches else None
-        for k, idx in enumerate(batches):
-            imgs = torch.from_numpy(future.result()).to(dev)
-            if k + 1 < len(batches):
-                future = pool.submit(ds.read_batch, batches[k + 1])
-            for run, model in models.items():
-                sel = which[idx] == run
-                if not sel.any():
-                    continue
-                o = model(imgs[torch.as_tensor(sel, device=dev)])
-                mats[idx[sel]] = o["matrix"].double().cpu().numpy()
-                shifts[idx[sel]] = o["shift_px"].double().cpu().numpy()
-                score[idx[sel]] = o["confidence"].double().cpu().numpy()
-                if top_k:
-                    tk = model.top_k(o, top_k, group)
-                    top_mats[idx[sel]] = tk["matrix"].double().cpu().numpy()
-                    top_prob[idx[sel]] = tk["probability"].double().cpu().numpy()
-            bar.update(len(idx))
-    bar.close()
+    if "full" in models:
+        network_of = np.array(["full"] * n)
+    else:
+        mine = np.where(subset == 1, "half1", "half2")
+        network_of = np.where(subset == 1, "half2", "half1") if cross_halves else mine
+    reference_of = None
+    if ref is not None:
+        if "half1" in ref.maps and subset is not None:
+            h = np.where(subset == 1, "half2", "half1") if cross_halves else np.where(subset == 1, "half1", "half2")
+            reference_of = h
+        else:
+            reference_of = np.array(["full"] * n)
+    arr = predict_arrays(star, np.arange(n), models, meta, network_of, ref, reference_of, cfg, dev, batch_size,
+                         top_k, progress)
+    mats, shifts, score = arr["matrix"], arr["shift_px"], arr["confidence"]
 
     # one representative per symmetry orbit (no-op for C1)
     mats = to_asymmetric_unit(mats, meta["sym"])
     if top_k:
-        top_mats = to_asymmetric_unit(top_mats, meta["sym"])
+        top_mats, top_prob = to_asymmetric_unit(arr["top_matrix"], meta["sym"]), arr["top_prob"]
     result = star.copy()
     p = result.particles
+    if made_up:
+        p["rlnRandomSubset"] = subset
     if keep_original:
         for c in ANGLE_COLUMNS + SHIFT_COLUMNS:
             if c in p:
                 p[c + "Original"] = p[c]
-    predicts_shifts = meta["network"].get("predict_shifts", True)
-    result.set_poses(mats, shifts * pre["pixel_size_angstrom"] if predicts_shifts else None)
+    pre = meta["preprocessing"]
+    predicts_shifts = meta["network"].get("predict_shifts", True) or ref is not None
+    result.set_poses(mats, shifts * star.pixel_size_angstrom if predicts_shifts else None)
     if not predicts_shifts:
         log.warning("this model does not predict shifts: the input's origins are kept")
     expected = np.empty(n)
     fom = np.empty(n)
+    runs = {}
+    matched = ref is not None
     for run in models:
-        sel = which == run
+        sel = network_of == run
         calib = Calibration(**meta["runs"][run]["calibration"])
-        expected[sel] = calib.expected_error(score[sel])
-        fom[sel] = calib.figure_of_merit(score[sel])
+        if matched:
+            mc = meta["runs"][run].get("matching_calibration")
+            if mc is not None:
+                mcal = Calibration(**mc)
+                expected[sel] = mcal.expected_error(-arr["expected_raw"][sel])
+                fom[sel] = mcal.figure_of_merit(-arr["expected_raw"][sel])
+            else:
+                expected[sel], fom[sel] = arr["expected_raw"][sel], arr["max_prob"][sel]
+        else:
+            expected[sel] = calib.expected_error(score[sel])
+            fom[sel] = calib.figure_of_merit(score[sel])
         runs[run] = {"particles": int(sel.sum()), **(transfer_check(score[sel], calib) if sel.any() else {})}
+    if matched and not all("matching_calibration" in meta["runs"][r] for r in models):
+        log.warning("this model has no calibration of the matched uncertainty (trained before it existed): "
+                    "rlnCpmlExpectedErrorDeg is the raw posterior spread, not calibrated")
     p["rlnParticleFigureOfMerit"] = fom
     p["rlnCpmlExpectedErrorDeg"] = expected
     p["rlnCpmlConfidence"] = score   # the network's raw score (higher: surer); ranks ties of the above
+    if matched:
+        p["rlnMaxValueProbDistribution"] = arr["max_prob"]
+        p["rlnCpmlMatchZ"] = arr["z"]
+        p["rlnCpmlMatchScore"] = arr["score"]
+        p["rlnCpmlEscalated"] = arr["escalated"].astype(int)
     bad = [r for r, v in runs.items() if v.get("transfers") is False]
-    if bad:
+    if bad and not matched:
         msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "
                "confident than its held-out validation particles (median below the validation 25th percentile, "
                "or over 20% below its 5th). Poses are likely unreliable (another protein, another pixel size or "
@@ -171,16 +286,25 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         if strict:
             raise InputError(msg, particles)
         log.warning("WARNING: %s", msg)
-    summary = {**stamp(particles=particles, model=str(model_dir), batch_size=batch_size, device=str(dev)),
-               "particles": n, "runs": runs, "median_expected_error_deg": float(np.median(expected))}
+    summary = {**stamp(particles=particles, model=str(model_dir), batch_size=batch_size, device=str(dev),
+                       reference=reference, half_maps=half_maps, cross_halves=cross_halves, **match_config_dict(cfg)),
+               "particles": n, "runs": runs, "median_expected_error_deg": float(np.median(expected)),
+               "matching": cfg.matching}
+    if matched:
+        summary.update(reference=ref.source, reference_resolution_angstrom=ref.resolution_angstrom,
+                       bands_shells=list(ref.bands(cfg)), fraction_escalated=float(arr["escalated"].mean()),
+                       poses_scored_per_particle=float(arr["n_scored"].mean()),
+                       median_match_z=float(np.median(arr["z"])), halves_assigned_randomly=made_up,
+                       median_network_to_matched_deg=float(np.median(
+                           symmetric_distance_deg(arr["net_matrix"], arr["matrix"], meta["sym"]))))
     if top_k:
         summary["top_k"] = {"k": top_k, "star": str(topk_path),
                             "median_probability_by_rank": np.median(top_prob, axis=0).tolist()}
-        write_star(_top_k_star(result, top_mats, top_prob, shifts * pre["pixel_size_angstrom"] if predicts_shifts
-                               else None), topk_path)
+        write_star(_top_k_star(result, top_mats, top_prob, arr["net_shift_px"] * star.pixel_size_angstrom
+                               if predicts_shifts else None), topk_path)
     main_run = max(runs, key=lambda r: runs[r]["particles"])
     save_figure(pose_figure(result.angles_deg(), expected, Calibration(**meta["runs"][main_run]["calibration"]),
-                            score[which == main_run]), plot_path)
+                            score[network_of == main_run]), plot_path)
     summary["plot"] = str(plot_path)
     write_star(result, out)
     write_json(summary_path, summary)

@@ -32,7 +32,7 @@ from ..models.losses import (confidence_regression_loss, grid_cross_entropy, sia
                              symmetric_geodesic_loss)
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
-from .calibration import auroc, expected_calibration_error, fit_calibration
+from .calibration import auroc, cross_fitted_ece, fit_calibration
 from .plots import save_figure, training_figure
 
 __all__ = ["TrainConfig", "train", "load_model", "preprocessor_for", "resolve_device"]
@@ -63,6 +63,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"           # auto: bfloat16 autocast on CUDA, float32 on CPU; or fp32, bf16
     label_confidence: str = "auto"    # column weighting each particle's loss; auto: Relion's, if present
+    reference: bool = True            # keep the consensus reference (half-maps) and calibrate the matching
+    calibration_fraction: float = 0.1  # held out of training and of the reference, for that calibration
     extra: dict = field(default_factory=dict)
 
 
@@ -304,11 +306,7 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
     score = pred["confidence"].double().numpy()
     err = symmetric_distance_deg(pred["matrix"].double().numpy(), A[val_idx], cfg.sym)
     # ECE cross-fitted: each fold's expected errors come from a calibration fitted on the others
-    fold = np.random.default_rng(cfg.seed).permutation(len(err)) % 5
-    out_of_fold = np.empty(len(err))
-    for f in range(5):
-        out_of_fold[fold == f] = fit_calibration(score[fold != f], err[fold != f]).expected_error(score[fold == f])
-    ece = expected_calibration_error(out_of_fold, err)
+    ece, _ = cross_fitted_ece(score, err, seed=cfg.seed)
     calib = fit_calibration(score, err)
     shift_err = np.linalg.norm(pred["shift_px"].numpy() - origins[val_idx], axis=1)
     return {
@@ -352,25 +350,36 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
         raise InputError(f"--dropout must be in [0, 1) (got {dropout})")
     net_cfg = PoseNetConfig(family=cfg.model, box=cfg.box_px, widths=tuple(cfg.widths), dropout=dropout)
     rng = np.random.default_rng(cfg.seed)
+    cal_rng = np.random.default_rng(cfg.seed + 1)
+    if not 0.0 <= cfg.calibration_fraction < 0.5:
+        raise InputError(f"--calibration-fraction must be in [0, 0.5) (got {cfg.calibration_fraction})")
 
     def split(idx):
+        """Validation (early stopping), then a calibration split of the rest that neither the
+        network nor the reference sees (the matched uncertainty is calibrated on it)."""
         idx = rng.permutation(idx)
         n_val = max(2, int(round(cfg.val_fraction * len(idx))))
-        return np.sort(idx[n_val:]), np.sort(idx[:n_val])
+        tr, va = idx[n_val:], idx[:n_val]
+        n_cal = int(round(cfg.calibration_fraction * len(idx)))
+        tr = cal_rng.permutation(tr)
+        return np.sort(tr[n_cal:]), np.sort(va), np.sort(tr[:n_cal])
 
-    runs = {}
+    runs, calib_rows = {}, {}
     if cfg.halfsets:
         subset = star.random_subset()
         if subset is None:
             raise InputError("--halfsets needs rlnRandomSubset (1/2) in the particles", particles)
         for h in (1, 2):
-            tr, va = split(np.nonzero(subset == h)[0])
+            tr, va, calib_rows[f"half{h}"] = split(np.nonzero(subset == h)[0])
             runs[f"half{h}"] = _train_one(cfg, net_cfg, images, A, origins, weights, tr, va, out / f"half{h}", resume,
                                           progress, ddp)
     else:
-        tr, va = split(np.arange(n))
+        tr, va, calib_rows["full"] = split(np.arange(n))
         runs["full"] = _train_one(cfg, net_cfg, images, A, origins, weights, tr, va, out / "full", resume, progress,
                                   ddp)
+    del images
+    if ddp.main and cfg.reference:
+        _consensus_reference(star, cfg, net_cfg, runs, calib_rows, out, progress)
 
     meta = {
         **stamp(particles=particles, **{k: v for k, v in asdict(cfg).items() if k != "extra"}),
@@ -385,6 +394,67 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
     if ddp.main:
         write_json(out / "model.json", meta)
     return meta
+
+
+def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetConfig, runs: dict, calib_rows: dict,
+                         out: Path, progress: bool) -> None:
+    """Reconstruct the half-maps of the training particles (calibration split left out) into
+    ``out/reference``, then verify the calibration particles' poses against them with the trained
+    networks (same half) and fit the matched uncertainty's calibration (isotonic) on their errors."""
+    from scipy.stats import spearmanr
+
+    from .calibration import fit_isotonic_calibration
+    from .predict import predict_arrays
+    from .reconstruct import half_set_labels, reconstruct_star
+    from .verify import MatchConfig, load_reference, reference_dir, write_reference
+
+    held = np.concatenate([r for r in calib_rows.values()]) if calib_rows else np.zeros(0, int)
+    keep = np.setdiff1d(np.arange(len(star)), held)
+    subset, made_up = half_set_labels(star)
+    ref_star = ParticleStar(star.particles.iloc[keep].reset_index(drop=True), star.optics, star.path,
+                            star.other_blocks)
+    ref_star.particles["rlnRandomSubset"] = subset[keep]
+    log.info("reconstructing the consensus reference from %d particles (%d held out for calibration)", len(keep),
+             len(held))
+    rec = reconstruct_star(ref_star, cfg.sym, halves=True, progress=progress)
+    info = write_reference(reference_dir(out), rec.half1, rec.half2, star.pixel_size_angstrom, cfg.sym,
+                           {"particles": int(len(keep)), "half_counts": rec.info["half_counts"],
+                            "halves_assigned_randomly": made_up})
+    log.info("reference: half-map FSC 0.143 at %.2f A", info["resolution_fsc0143_angstrom"])
+    ref = load_reference(out, sym=cfg.sym, box=star.box, apix=star.pixel_size_angstrom)
+    device = resolve_device(cfg.device)
+    mcfg = MatchConfig()
+    for run, rows in calib_rows.items():
+        if len(rows) < 20:
+            log.warning("%s: only %d calibration particles; the matched uncertainty is not calibrated", run, len(rows))
+            continue
+        model = build_model(net_cfg)
+        model.load_state_dict(load_file(str(out / run / "weights.safetensors"), device="cpu"))
+        model = model.to(device).eval()
+        meta = {"sym": cfg.sym.upper(), "preprocessing": {"box_px": cfg.box_px,
+                                                           "pixel_size_angstrom": star.pixel_size_angstrom * star.box
+                                                           / cfg.box_px}}
+        ref_of = np.where(subset[rows] == 1, "half1", "half2")
+        arr = predict_arrays(star, rows, {run: model}, meta, np.array([run] * len(rows)), ref, ref_of, mcfg, device,
+                             progress=progress)
+        true_A = star.matrices()[rows]
+        err = symmetric_distance_deg(arr["matrix"], true_A, cfg.sym)
+        net_err = symmetric_distance_deg(arr["net_matrix"], true_A, cfg.sym)
+        shift_err = np.linalg.norm(arr["shift_px"] - star.shifts_px()[rows], axis=1) * star.pixel_size_angstrom
+        score = -arr["expected_raw"]
+        ece, oof = cross_fitted_ece(score, err, fit_isotonic_calibration, seed=cfg.seed)
+        runs[run]["matching_calibration"] = fit_isotonic_calibration(score, err).to_dict()
+        runs[run]["matching_validation"] = {
+            "particles": int(len(rows)), "median_deg": float(np.median(err)), "mean_deg": float(np.mean(err)),
+            "pct_under_5deg": float(100 * np.mean(err < 5)), "network_median_deg": float(np.median(net_err)),
+            "shift_median_angstrom": float(np.median(shift_err)), "ece_deg": ece,
+            "spearman_expected_vs_error": float(spearmanr(oof, err).correlation),
+            "fraction_escalated": float(arr["escalated"].mean()),
+            "poses_scored_per_particle": float(arr["n_scored"].mean()),
+            "match_z_quantiles_5_25_50": np.percentile(arr["z"], [5, 25, 50]).tolist()}
+        log.info("%s calibration split (%d particles): matched median %.2f deg (network %.2f), ECE %.2f deg, "
+                 "%.0f%% escalated", run, len(rows), np.median(err), np.median(net_err), ece,
+                 100 * arr["escalated"].mean())
 
 
 def load_model(model_dir, run: str, device) -> tuple[torch.nn.Module, dict]:

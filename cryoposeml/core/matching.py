@@ -1,0 +1,374 @@
+"""Pose scoring against a reference map: the one owner of "how well does this pose explain this
+particle" (semi-amortized verification, cryoPARES / cryoSPIN).
+
+Model. A particle's spectrum is ``Y = a * CTF * S(A) * ph(-o) + n`` with ``S(A)`` the reference's
+central slice at pose ``A`` (:mod:`.projection`'s convention), ``o`` the Relion origin (px),
+``a`` an unknown contrast scale and ``n`` complex Gaussian noise of variance ``sigma2(|k|)`` per
+Fourier point. Only the half-plane of frequencies (``0 < |k| <= kmax``) is used: a real image's
+Fourier coefficients are independent there. With the scale fitted per particle, the
+log-likelihood of a pose is ``s(A)^2`` with the *match score*
+
+    s(A) = cross / sqrt(power),  cross = Re sum conj(Y ph(o)) CTF S(A) / sigma2,
+                                 power = sum CTF^2 |S(A)|^2 / sigma2,
+
+whose noise has standard deviation ``1/sqrt(2)`` whatever the particle. For a batch of particles
+and a library of poses both sums are matrix products (one GEMM each), so an exhaustive search
+over a HEALPix SO(3) grid is two matrix products per batch; a local search computes its slices
+on the fly.
+
+Everything here is numpy/torch on arrays: no files, no Scipion.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fourier import fft2_centered, fftn_centered, frequency_index_2d, ifftn_centered, trilinear_apodization
+from .grids import healpix_so3_grid
+from .symmetry import symmetry_group, to_asymmetric_unit
+
+__all__ = ["Band", "ReferenceMatcher", "noise_power", "local_moves", "pseudo_symmetries", "fsc_weighting_filter",
+           "MatchBatch"]
+
+#: standard deviation of the match score's noise (complex Gaussian noise, real part)
+SCORE_NOISE_SD = 1.0 / math.sqrt(2.0)
+
+
+class Band:
+    """Frequency points of a working band: the half-plane ``(ky > 0) or (ky == 0 and kx > 0)`` with
+    ``0 < |k| <= kmax`` (index units of a ``box`` image; Fourier cropping is choosing ``kmax``).
+
+    ``k`` ``(M, 2)`` float (kx, ky); ``flat`` ``(M,)`` indices into a centred ``(box, box)``
+    spectrum; ``shell`` ``(M,)`` rounded radius."""
+
+    def __init__(self, box: int, kmax: float, device=None):
+        kmax = float(min(kmax, box // 2 - 1))
+        kx, ky = frequency_index_2d(box, torch.float32, device)
+        r = torch.sqrt(kx**2 + ky**2)
+        half = (ky > 0) | ((ky == 0) & (kx > 0))
+        keep = half & (r <= kmax)
+        self.box, self.kmax = box, kmax
+        self.flat = torch.nonzero(keep.flatten()).flatten()
+        self.k = torch.stack([kx.flatten()[self.flat], ky.flatten()[self.flat]], -1)
+        self.shell = r.flatten()[self.flat].round().long()
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def take(self, spectra: torch.Tensor) -> torch.Tensor:
+        """``(..., box, box)`` centred spectra (or CTFs) -> ``(..., M)`` values at the band."""
+        return spectra.flatten(-2)[..., self.flat]
+
+    def phase(self, origins_px: torch.Tensor) -> torch.Tensor:
+        """``(..., 2)`` origins -> ``(..., M)`` phase factors that re-centre a particle whose Relion
+        origin is ``o`` (multiply the data by it: ``exp(-2 pi i k.o / box)``)."""
+        arg = origins_px[..., 0:1] * self.k[:, 0] + origins_px[..., 1:2] * self.k[:, 1]
+        return torch.polar(torch.ones_like(arg), -2 * math.pi * arg / self.box)
+
+
+def noise_power(images: torch.Tensor, band: Band, radius_px: float) -> torch.Tensor:
+    """Noise power per shell ``(kmax + 1,)`` from the images' background: the power spectrum of
+    the pixels beyond ``radius_px`` (the particle's), scaled by the fraction of the box they cover.
+    Pose-free, so it can be estimated for every batch of new particles."""
+    box = images.shape[-1]
+    c = torch.arange(box, dtype=torch.float32) - box // 2
+    outside = ((c[:, None] ** 2 + c[None, :] ** 2) > radius_px**2).to(images.dtype)
+    frac = float(outside.mean())
+    x = images - (images * outside).sum((-2, -1), keepdim=True) / outside.sum()
+    p = band.take(fft2_centered(x * outside).abs() ** 2).mean(0) / max(frac, 1e-3)
+    n_shell = int(band.shell.max()) + 1
+    num = torch.zeros(n_shell, dtype=p.dtype).index_add_(0, band.shell, p)
+    cnt = torch.zeros(n_shell, dtype=p.dtype).index_add_(0, band.shell, torch.ones_like(p))
+    prof = num / cnt.clamp(min=1)
+    prof[0] = prof[1] if n_shell > 1 else 1.0
+    return prof.clamp(min=float(prof[1:].mean()) * 1e-3 if n_shell > 1 else 1e-12)
+
+
+def fsc_weighting_filter(fsc_curve: np.ndarray) -> np.ndarray:
+    """Relion's reference weighting per shell, ``sqrt(2 FSC / (1 + FSC))`` (FSC clipped at 0):
+    the expected correlation of a half-map with the truth."""
+    f = np.clip(np.asarray(fsc_curve, np.float64), 0.0, 0.9999)
+    return np.sqrt(2 * f / (1 + f))
+
+
+def local_moves(step_deg: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(27, 3, 3)`` small rotations: rotation vectors ``step * {-1, 0, 1}^3``; index 13 is the
+    identity."""
+    from scipy.spatial.transform import Rotation
+
+    g = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij")).reshape(3, -1).T
+    return torch.as_tensor(Rotation.from_rotvec(g * np.radians(step_deg)).as_matrix(), dtype=dtype, device=device)
+
+
+_SHIFT_MOVES = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [-1, 1], [-1, -1]])
+
+
+@dataclass
+class MatchBatch:
+    """A batch of particles prepared for scoring in one band: whitened, CTF-weighted data."""
+
+    Y: torch.Tensor       # (B, M) complex: the particles' spectra at the band (not yet re-centred)
+    w: torch.Tensor       # (B, M) real: CTF / sigma2 (the data's weight per point)
+    c2: torch.Tensor      # (B, M) real: CTF^2 / sigma2 (the power weight)
+    band: Band
+    y2: torch.Tensor | None = None   # (B,) sum |Y|^2 / sigma2 - M: the particle's signal power above the noise
+
+
+class ReferenceMatcher:
+    """Scores poses of particles against one reference map.
+
+    Args:
+        volume: ``(N, N, N)`` reference (``(z, y, x)``, centre ``N // 2``), already filtered as wanted.
+        sym: point group; the exhaustive library covers one asymmetric unit.
+        coarse_kmax / fine_kmax: the bands (Fourier shells of the ``N`` box) of the exhaustive
+            library and of local refinement.
+        order: HEALPix order of the exhaustive library (3: 36,864 rotations in C1).
+    """
+
+    def __init__(self, volume, sym: str = "C1", coarse_kmax: float = 16, fine_kmax: float = 24, order: int = 3,
+                 pad: int = 2, device=None, null_poses: int = 512):
+        vol = torch.as_tensor(np.asarray(volume), dtype=torch.float64)
+        n = vol.shape[0]
+        if vol.ndim != 3 or len(set(vol.shape)) != 1:
+            raise ValueError(f"expected a cubic volume, got shape {tuple(vol.shape)}")
+        self.box, self.pad, self.sym, self.order = n, pad, sym.upper(), order
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        m = pad * n
+        vol = vol / trilinear_apodization(n, m)
+        padded = torch.zeros((m, m, m), dtype=torch.float64)
+        lo = m // 2 - n // 2
+        padded[lo:lo + n, lo:lo + n, lo:lo + n] = vol
+        spec = fftn_centered(padded)
+        self._grid = torch.stack([spec.real, spec.imag])[None].float().to(self.device)
+        self.coarse = Band(n, coarse_kmax, self.device)
+        self.fine = Band(n, max(fine_kmax, coarse_kmax), self.device)
+        self.group = torch.as_tensor(symmetry_group(sym), dtype=torch.float32, device=self.device)
+        self._library = None
+        self.n_null = null_poses
+
+    # -- slices ------------------------------------------------------------------------------
+    def slices(self, A: torch.Tensor, band: Band) -> torch.Tensor:
+        """Central slices ``(..., M)`` complex of the reference at poses ``A`` ``(..., 3, 3)``."""
+        lead = A.shape[:-2]
+        A = A.reshape(-1, 3, 3).to(self.device, torch.float32)
+        m = self.box * self.pad
+        k3 = torch.cat([band.k, torch.zeros(len(band), 1, device=self.device)], -1)        # (M, 3)
+        pts = torch.einsum("bji,mj->bmi", A, k3) * self.pad                                  # A.T @ k
+        norm = (pts + m // 2) * (2.0 / (m - 1)) - 1.0
+        out = []
+        for s in range(0, len(A), 4096):
+            g = norm[s:s + 4096]
+            v = F.grid_sample(self._grid, g.reshape(1, 1, len(g), len(band), 3), mode="bilinear",
+                              padding_mode="zeros", align_corners=True)                     # (1, 2, 1, b, M)
+            out.append(torch.complex(v[0, 0, 0], v[0, 1, 0]))
+        return torch.cat(out).reshape(*lead, len(band))
+
+    # -- library -------------------------------------------------------------------------------
+    @property
+    def library(self) -> dict:
+        """The exhaustive library (built on first use): grid poses of one asymmetric unit
+        ``(P, 3, 3)``, their coarse-band slices as ``[Re; Im]`` ``(2M, P)`` and ``|S|^2`` ``(M, P)``,
+        and the fixed poses whose scores are every particle's null distribution."""
+        if self._library is None:
+            grid = torch.as_tensor(healpix_so3_grid(self.order), dtype=torch.float32)
+            if len(self.group) > 1:
+                canon = to_asymmetric_unit(grid.double(), self.sym).float()
+                grid = grid[((canon - grid).abs().amax((-2, -1)) < 1e-4)]
+            grid = grid.to(self.device)
+            S = self.slices(grid, self.coarse)
+            gen = torch.Generator().manual_seed(0)
+            null = torch.randperm(len(grid), generator=gen)[: min(self.n_null, len(grid))].to(self.device)
+            self._library = {"poses": grid, "S": torch.cat([S.real, S.imag], -1).T.contiguous(),
+                             "power": (S.abs() ** 2).T.contiguous(), "null": null,
+                             "quat": _quaternions(grid)}
+        return self._library
+
+    # -- data ----------------------------------------------------------------------------------
+    def prepare(self, spectra: torch.Tensor, ctf: torch.Tensor | None, sigma2: torch.Tensor, band: Band) -> MatchBatch:
+        """``spectra`` ``(B, N, N)`` centred spectra of the raw particles, ``ctf`` ``(B, N, N)``
+        (None: no CTF), ``sigma2`` per shell (:func:`noise_power`) -> a :class:`MatchBatch`."""
+        Y = band.take(spectra.to(self.device)).to(torch.complex64)
+        s2 = sigma2.to(self.device, torch.float32)[band.shell.clamp(max=len(sigma2) - 1)]
+        c = band.take(ctf.to(self.device)).float() if ctf is not None else torch.ones(len(Y), len(band), device=self.device)
+        y2 = (Y.abs() ** 2 / s2).sum(1) - len(band)
+        return MatchBatch(Y, c / s2, c**2 / s2, band, y2)
+
+    # -- scoring -------------------------------------------------------------------------------
+    @staticmethod
+    def _scores(data: MatchBatch, idx, origins: torch.Tensor, S: torch.Tensor, with_power: bool = False):
+        """Match scores of particles ``idx`` at origins ``(b, O, 2)`` against their own slices
+        ``S`` ``(b, C, M)`` -> ``(b, O, C)`` (and the power ``(b, C)`` with ``with_power``)."""
+        Yc = data.Y[idx, None] * data.band.phase(origins)                                 # (b, O, M)
+        W = Yc.conj() * data.w[idx, None]                                                 # (b, O, M)
+        cross = torch.einsum("bom,bcm->boc", W.real, S.real) - torch.einsum("bom,bcm->boc", W.imag, S.imag)
+        power = torch.einsum("bm,bcm->bc", data.c2[idx], S.real**2 + S.imag**2)
+        s = cross / power.clamp(min=1e-20).sqrt()[:, None]
+        return (s, power) if with_power else s
+
+    def score_poses(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, C)`` of each particle at its own poses ``A`` ``(B, C, 3, 3)`` and origin
+        ``(B, 2)``."""
+        S = self.slices(A, data.band)
+        idx = torch.arange(len(A), device=self.device)
+        return self._scores(data, idx, origins[:, None].to(self.device), S)[:, 0]
+
+    def score_library(self, data: MatchBatch, origins: torch.Tensor, columns=None) -> torch.Tensor:
+        """Scores ``(B, P)`` of every particle against the library poses (all, or ``columns``),
+        at one origin per particle ``(B, 2)``: two matrix products."""
+        lib = self.library
+        S, P2 = (lib["S"], lib["power"]) if columns is None else (lib["S"][:, columns], lib["power"][:, columns])
+        W = data.Y * data.band.phase(origins.to(self.device))
+        W = W.conj() * data.w
+        cross = torch.cat([W.real, -W.imag], -1) @ S
+        power = data.c2 @ P2
+        return cross / power.clamp(min=1e-20).sqrt()
+
+    def score_library_subset(self, data: MatchBatch, origins: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, C)`` of each particle against its own library entries ``idx`` ``(B, C)``."""
+        lib = self.library
+        M = len(data.band)
+        S2 = lib["S"].T[idx]                                                              # (B, C, 2M)
+        S = torch.complex(S2[..., :M], S2[..., M:])
+        b = torch.arange(len(idx), device=self.device)
+        return self._scores(data, b, origins[:, None].to(self.device), S)[:, 0]
+
+    def nearest_library(self, A: torch.Tensor, n: int) -> torch.Tensor:
+        """Indices ``(..., n)`` of the ``n`` library poses nearest to each pose ``A`` ``(..., 3, 3)``
+        (up to symmetry)."""
+        lib = self.library
+        lead = A.shape[:-2]
+        mates = A.reshape(-1, 1, 3, 3).to(self.device, torch.float32) @ self.group[None]     # (b, G, 3, 3)
+        q = _quaternions(mates.reshape(-1, 3, 3))                                            # (b*G, 4)
+        sim = (q @ lib["quat"].T).abs().reshape(-1, len(self.group), len(lib["poses"])).amax(1)
+        return sim.topk(min(n, sim.shape[1]), -1).indices.reshape(*lead, -1)
+
+    def null_stats(self, data: MatchBatch, origins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation ``(B,)`` of each particle's scores over the fixed null poses
+        (a random sample of the library): what a pose unrelated to the particle scores."""
+        s = self.score_library(data, origins, self.library["null"])
+        return s.mean(1), s.std(1).clamp(min=1e-6)
+
+    # -- local refinement ------------------------------------------------------------------------
+    def refine(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, steps_deg, shift_steps_px,
+               repeats: int = 2) -> dict:
+        """Local refinement of each particle's pose and origin: at each step, the 27 rotations
+        ``step * {-1,0,1}^3`` about the current pose (turns in the image frame) times 9 origins
+        ``shift_step * {-1,0,1}^2``; the best becomes the centre (up to ``repeats`` times per step
+        while it moves). Returns the final ``matrix`` ``(B, 3, 3)``, ``origin`` ``(B, 2)``,
+        ``score`` ``(B,)`` and every evaluated candidate's ``log_likelihood`` (``s^2``) and its
+        angular distance to the final pose (degrees), for the posterior; ``power`` is the final
+        pose's ``sum CTF^2 |S|^2 / sigma2`` (a correct match scores about ``a * sqrt(power)``)."""
+        A = A.to(self.device, torch.float32).clone()
+        o = origins.to(self.device, torch.float32).clone()
+        B = len(A)
+        b = torch.arange(B, device=self.device)
+        cand_A, cand_ll = [], []
+        best = None
+        for step, sstep in zip(steps_deg, shift_steps_px):
+            turns = local_moves(step, self.device)
+            moves = _SHIFT_MOVES.to(self.device) * sstep
+            for _ in range(repeats):
+                C = turns[None] @ A[:, None]                                                 # (B, 27, 3, 3)
+                O = o[:, None] + moves[None]                                                  # (B, 9, 2)
+                s, pw = self._scores(data, b, O, self.slices(C, data.band), True)          # (B, 9, 27)
+                flat = s.reshape(B, -1)
+                best = flat.argmax(1)
+                bo, bc = best // 27, best % 27
+                cand_A.append(C.unsqueeze(1).expand(B, 9, 27, 3, 3).reshape(B, -1, 3, 3))
+                cand_ll.append(flat**2 * torch.sign(flat))
+                moved = (bo != 0) | (bc != 13)
+                A, o = C[b, bc], O[b, bo]
+                if not bool(moved.any()):
+                    break
+        score = flat[b, best]
+        power = pw[b, best % 27]
+        cA = torch.cat(cand_A, 1)
+        ll = torch.cat(cand_ll, 1)
+        dist = _angle_deg(A[:, None].transpose(-1, -2) @ cA)
+        return {"matrix": A, "origin": o, "score": score, "power": power, "log_likelihood": ll,
+                "distance_deg": dist}
+
+
+def _quaternions(A: torch.Tensor) -> torch.Tensor:
+    import roma
+
+    return roma.rotmat_to_unitquat(A.float())
+
+
+def _angle_deg(R: torch.Tensor) -> torch.Tensor:
+    cos = ((R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2).clamp(-1, 1)
+    return torch.rad2deg(torch.arccos(cos))
+
+
+def pseudo_symmetries(volume, order: int = 2, threshold: float = 0.75, exclude_deg: float = 20.0,
+                      size: int = 24, group: str = "C1", max_count: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Rotations ``g`` under which the map nearly maps onto itself (``V(g x) ~ V(x)``): the local
+    maxima of the real-space correlation of the map with its rotated copy over a HEALPix SO(3)
+    grid, refined locally, above ``threshold`` and more than ``exclude_deg`` from the identity and
+    from the true symmetry operators. A pose ``A`` and ``A @ g`` then give nearly the same image,
+    which is where a regression network's single pose can land on the wrong mate. Returns
+    ``(rotations (n, 3, 3), correlations (n,))``, best first."""
+    from scipy.spatial.transform import Rotation
+
+    v = torch.as_tensor(np.asarray(volume), dtype=torch.float32)
+    n = v.shape[0]
+    if n != size:   # Fourier-crop to a small box: the comparison is at low resolution anyway
+        spec = fftn_centered(v.double())
+        lo = n // 2 - size // 2
+        spec = spec[lo:lo + size, lo:lo + size, lo:lo + size]
+        v = ifftn_centered(spec).real.float()
+    v = v - v.mean()
+    c = torch.arange(size, dtype=torch.float32) - size // 2
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    inside = (xx**2 + yy**2 + zz**2) <= (size / 2 - 1) ** 2
+    xyz = torch.stack([xx[inside], yy[inside], zz[inside]], -1)                  # (V, 3)
+    ref = v[inside]
+    ref = (ref - ref.mean()) / ref.norm()
+    vol5 = v[None, None]
+    sym = torch.as_tensor(symmetry_group(group), dtype=torch.float32)
+
+    def corr(R: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s in range(0, len(R), 256):
+            # sample V at R @ x: grid_sample's (x, y, z) in [-1, 1], voxel i at -1 + 2 i / (size - 1)
+            p = (torch.einsum("rij,vj->rvi", R[s:s + 256], xyz) + size // 2) * (2.0 / (size - 1)) - 1.0
+            smp = F.grid_sample(vol5.expand(1, -1, -1, -1, -1), p.reshape(1, 1, 1, -1, 3), align_corners=True)
+            smp = smp.reshape(len(R[s:s + 256]), -1)
+            smp = smp - smp.mean(1, keepdim=True)
+            out.append((smp @ ref) / smp.norm(dim=1).clamp(min=1e-12))
+        return torch.cat(out)
+
+    grid = torch.as_tensor(healpix_so3_grid(order), dtype=torch.float32)
+    cc = corr(grid)
+    # local maxima over 25-degree neighbourhoods
+    tr = torch.einsum("aij,bij->ab", grid, grid)
+    near = ((tr - 1) / 2) > math.cos(math.radians(25.0))
+    peaks = [i for i in torch.nonzero(cc >= torch.where(near, cc[None, :], torch.tensor(-2.0)).amax(1)).flatten().tolist()]
+    found = []
+    for i in sorted(peaks, key=lambda i: -float(cc[i])):
+        R, best = grid[i:i + 1], float(cc[i])
+        step = 60.0 / 2**order / 2
+        for _ in range(6):   # hill-climb with shrinking steps
+            C = local_moves(step) @ R
+            v_c = corr(C)
+            j = int(v_c.argmax())
+            if float(v_c[j]) > best:
+                R, best = C[j:j + 1], float(v_c[j])
+            else:
+                step /= 2
+        ang_to_sym = _angle_deg(sym.transpose(-1, -2) @ R).min()
+        if best < threshold or float(ang_to_sym) < exclude_deg:
+            continue
+        if any(float(_angle_deg(f.T @ R[0])) < exclude_deg for f, _ in found):
+            continue
+        found.append((R[0], best))
+        if len(found) >= max_count:
+            break
+    if not found:
+        return np.zeros((0, 3, 3)), np.zeros(0)
+    mats = torch.stack([f for f, _ in found]).double().numpy()
+    return Rotation.from_matrix(mats).as_matrix(), np.array([c for _, c in found])

@@ -1,0 +1,363 @@
+"""Reference-verified prediction: the network proposes, the map decides (semi-amortized inference).
+
+For each particle (in batches, memory bounded):
+
+1. **Proposals**: the network's top-K distinct poses (distribution families) or its pose
+   (regression families), each with the map's pseudo-symmetric alternatives ``A @ g`` (rotations
+   under which the reference nearly maps onto itself, :func:`~cryoposeml.core.matching.pseudo_symmetries`),
+   at the network's shift.
+2. **Neighbourhoods**: the ``neighbours`` library poses nearest each proposal, and the proposal
+   itself, scored in the coarse band; the two best distinct basins (more than
+   ``basin_separation_deg`` apart) are refined locally in the fine band (rotation and sub-pixel
+   origin), and the better refined one wins.
+3. **Escalation** (``auto``): a particle whose winning score falls short of what a correct match
+   of its signal strength scores (``a * sqrt(power)``, ``a`` the batch's median contrast scale)
+   by more than ``escalate_sigma`` noise standard deviations is searched exhaustively (the whole
+   library of one asymmetric unit, two matrix products), and its two best basins refined too.
+4. **Uncertainty**: the posterior over the refined candidates (log-likelihood ``s^2``) gives the
+   local spread; the competing basin's posterior weight ``p_alt`` the chance of a wrong basin;
+   their combination is the raw expected error, calibrated on held-out particles. The match
+   z-score (the final pose's coarse score against the particle's null distribution over 512
+   fixed library poses) tells junk from particles.
+
+``matching``: ``auto`` (1-3), ``proposals`` (1-2, never escalate), ``exhaustive`` (no network
+proposals: every particle searched exhaustively, then 2 and 4), ``none`` (the network alone).
+
+The reference: :class:`Reference` (the training particles' half-maps in the model folder, or a
+user's map), filtered per half by Relion's FSC weighting, with working bands chosen from its
+half-map FSC.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.ctf import ctf_2d
+from ..core.errors import InputError
+from ..core.fourier import fft2_centered, fftn_centered, ifftn_centered
+from ..core.matching import (SCORE_NOISE_SD, ReferenceMatcher, fsc_weighting_filter, noise_power,
+                             pseudo_symmetries)
+from ..core.metrics import fsc, resolution_at, soft_sphere_mask
+from ..core.symmetry import symmetry_group
+from ..data.mrc import read_map, write_map
+from ._outputs import write_json
+
+__all__ = ["MatchConfig", "Reference", "write_reference", "load_reference", "MATCHING_MODES", "verify_batch",
+           "reference_dir"]
+
+log = logging.getLogger(__name__)
+
+MATCHING_MODES = ("auto", "proposals", "exhaustive", "none")
+
+
+@dataclass
+class MatchConfig:
+    matching: str = "auto"
+    order: int = 3                    # HEALPix order of the exhaustive library (36,864 rotations in C1)
+    coarse_kmax_cap: int = 16         # coarse band: at most this many Fourier shells (a 32 px crop)
+    fine_kmax_cap: int = 40           # fine band (local refinement): at most this many shells
+    neighbours: int = 24              # library poses scored around each proposal
+    top_k: int = 8                    # network proposals (distribution families)
+    basin_separation_deg: float = 15.0
+    escalate_sigma: float = 6.0       # auto: escalate when the score falls this many noise SDs short
+    refine_steps_deg: tuple = (3.75, 1.875, 0.94, 0.47, 0.23)
+    refine_shift_steps_px: tuple = (1.0, 0.5, 0.25, 0.125, 0.0625)
+    pseudo_symmetry_threshold: float = 0.75
+
+    def check(self) -> None:
+        if self.matching not in MATCHING_MODES:
+            raise InputError(f"--matching must be one of {', '.join(MATCHING_MODES)} (got {self.matching!r})")
+
+
+def reference_dir(model_dir) -> Path:
+    return Path(model_dir) / "reference"
+
+
+def _half_fsc(h1: np.ndarray, h2: np.ndarray, apix: float) -> tuple[np.ndarray, np.ndarray]:
+    return fsc(h1, h2, apix, soft_sphere_mask(h1.shape[0]))
+
+
+def _filter(volume: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Multiply a map's spectrum by per-shell ``weights`` (shell = rounded radius)."""
+    n = volume.shape[0]
+    k = np.arange(n) - n // 2
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2).round().astype(int)
+    w = np.zeros(r.max() + 1)
+    w[: len(weights)] = weights
+    spec = fftn_centered(torch.as_tensor(volume, dtype=torch.float64)) * torch.as_tensor(w[r])
+    return ifftn_centered(spec).real.numpy().astype(np.float32)
+
+
+def write_reference(folder: Path, half1: np.ndarray, half2: np.ndarray, apix: float, sym: str, info: dict) -> dict:
+    """Write the consensus reference: half-maps, their FSC, and each half's FSC-weighted map."""
+    folder.mkdir(parents=True, exist_ok=True)
+    freq, curve = _half_fsc(half1, half2, apix)
+    w = fsc_weighting_filter(curve)
+    write_map(folder / "half1.mrc", half1, apix)
+    write_map(folder / "half2.mrc", half2, apix)
+    write_map(folder / "half1_filtered.mrc", _filter(half1, w), apix)
+    write_map(folder / "half2_filtered.mrc", _filter(half2, w), apix)
+    meta = {**info, "sym": sym.upper(), "box": int(half1.shape[0]), "pixel_size_angstrom": apix,
+            "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
+            "resolution_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
+            "resolution_fsc05_angstrom": resolution_at(freq, curve, 0.5)}
+    write_json(folder / "reference.json", meta)
+    return meta
+
+
+class Reference:
+    """The maps particles are matched against: one per half-set (``half1``, ``half2``) or one
+    for all (``full``), each already filtered; the working bands from the half-map FSC."""
+
+    def __init__(self, maps: dict, apix: float, sym: str, resolution_angstrom: float, source: str):
+        self.maps, self.apix, self.sym, self.source = maps, apix, sym.upper(), source
+        self.box = next(iter(maps.values())).shape[0]
+        self.resolution_angstrom = resolution_angstrom
+        self._matchers: dict = {}
+        self._pseudo = None
+
+    def bands(self, cfg: MatchConfig) -> tuple[float, float]:
+        """``(coarse_kmax, fine_kmax)`` in Fourier shells of the box: the fine band reaches the
+        half-map FSC 0.143 resolution (capped), the coarse band is at most ``coarse_kmax_cap``."""
+        k_res = self.box * self.apix / max(self.resolution_angstrom, 2 * self.apix)
+        fine = float(min(k_res, cfg.fine_kmax_cap, self.box // 2 - 1))
+        return float(min(fine, cfg.coarse_kmax_cap)), fine
+
+    def matcher(self, which: str, cfg: MatchConfig, device) -> ReferenceMatcher:
+        key = which if which in self.maps else "full"
+        if key not in self._matchers:
+            coarse, fine = self.bands(cfg)
+            self._matchers[key] = ReferenceMatcher(self.maps[key], self.sym, coarse, fine, cfg.order, device=device)
+        return self._matchers[key]
+
+    def pseudo_symmetries(self, cfg: MatchConfig) -> np.ndarray:
+        """The map's near-symmetries (from the first map; the halves share them)."""
+        if self._pseudo is None:
+            vol = next(iter(self.maps.values()))
+            size = int(min(self.box, max(16, 2 * round(self.bands(cfg)[0]))))
+            self._pseudo, cc = pseudo_symmetries(vol, threshold=cfg.pseudo_symmetry_threshold, size=size,
+                                                 group=self.sym)
+            if len(cc):
+                log.info("the reference has %d near-symmetries (correlation %s): their mates are proposed too",
+                         len(cc), ", ".join(f"{c:.2f}" for c in cc))
+        return self._pseudo
+
+
+def load_reference(model_dir=None, reference=None, half_maps=None, sym: str = "C1", box: int | None = None,
+                   apix: float | None = None) -> Reference | None:
+    """The model folder's reference, or the user's ``reference`` map (and optional ``half_maps``),
+    checked against the particles' ``box`` and pixel size ``apix`` and the symmetry."""
+    if reference is None and half_maps is None:
+        folder = reference_dir(model_dir) if model_dir is not None else None
+        if folder is None or not (folder / "reference.json").exists():
+            return None
+        meta = json.loads((folder / "reference.json").read_text())
+        if meta["sym"] != sym.upper():
+            raise InputError(f"the reference was made with symmetry {meta['sym']}, not {sym}", folder)
+        maps = {h: read_map(folder / f"{h}_filtered.mrc")[0] for h in ("half1", "half2")}
+        rec_apix = meta["pixel_size_angstrom"]
+        _check_map(folder / "half1_filtered.mrc", maps["half1"], rec_apix, box, apix)
+        return Reference(maps, rec_apix, sym, meta["resolution_fsc0143_angstrom"], str(folder))
+    symmetry_group(sym)
+    maps, res = {}, None
+    if half_maps is not None:
+        if len(half_maps) != 2:
+            raise InputError("--half-maps takes two maps (half 1, half 2)")
+        vols = []
+        for p in half_maps:
+            v, a = read_map(p)
+            _check_map(p, v, a, box, apix)
+            vols.append(v)
+        freq, curve = _half_fsc(vols[0], vols[1], apix)
+        res = resolution_at(freq, curve, 0.143)
+        w = fsc_weighting_filter(curve)
+        maps = {"half1": _filter(vols[0], w), "half2": _filter(vols[1], w)}
+    if reference is not None:
+        v, a = read_map(reference)
+        _check_map(reference, v, a, box, apix)
+        maps = {"full": v.astype(np.float32)} if not maps else {**maps, "full": v.astype(np.float32)}
+        if res is None:
+            # no half-maps: the map is taken as it is (a user's filtered map), matched to 2 px
+            res = 2 * apix
+    return Reference(maps, apix, sym, res, str(reference or half_maps[0]))
+
+
+def _check_map(path, vol: np.ndarray, map_apix: float, box, apix) -> None:
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise InputError(f"a reference map must be cubic; this one is {vol.shape}", path)
+    if box is not None and vol.shape[0] != box:
+        raise InputError(f"the map is {vol.shape[0]} px but the particles are {box} px (same box and pixel size "
+                         "needed: rescale the map, e.g. relion_image_handler --new_box/--rescale_angpix)", path)
+    if apix is not None and abs(map_apix - apix) > 1e-2 * apix:
+        raise InputError(f"the map's pixel size is {map_apix:.3f} A but the particles' is {apix:.3f} A", path)
+    if not np.isfinite(vol).all() or float(np.abs(vol).max()) == 0:
+        raise InputError("the map is empty or holds non-finite values", path)
+
+
+# -- the matching of one batch ---------------------------------------------------------------------
+def _two_basins(scores: torch.Tensor, poses: torch.Tensor, group: torch.Tensor, separation_deg: float):
+    """Each particle's best candidate and the best one more than ``separation_deg`` from it (up to
+    symmetry; the best itself when none is). ``scores`` ``(B, C)``, ``poses`` ``(B, C, 3, 3)``."""
+    b = torch.arange(len(scores))
+    i1 = scores.argmax(1)
+    A1 = poses[b, i1]
+    R = A1[:, None].transpose(-1, -2) @ poses                                           # (B, C, 3, 3)
+    tr = torch.einsum("bcij,gji->bcg", R, group).amax(-1)
+    far = ((tr - 1) / 2) < math.cos(math.radians(separation_deg))
+    s2 = scores.masked_fill(~far, -float("inf"))
+    i2 = s2.argmax(1)
+    has = far.any(1)
+    i2 = torch.where(has, i2, i1)
+    return A1, poses[b, i2], has
+
+
+def _refine_basins(m: ReferenceMatcher, data, A1, A2, origins, cfg: MatchConfig) -> dict:
+    """Refine both basins; the better refined one wins. Returns the winner's refinement, the
+    loser's score and pose, and the candidates scored."""
+    B = len(A1)
+    both = torch.arange(B, device=A1.device).repeat(2)
+    r = m.refine(_subset(data, both), torch.cat([A1, A2]), torch.cat([origins, origins]), cfg.refine_steps_deg,
+                 cfg.refine_shift_steps_px)
+    s1, s2 = r["score"][:B], r["score"][B:]
+    first = s1 >= s2
+    pick = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[:B], x[B:])   # noqa: E731
+    other = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[B:], x[:B])  # noqa: E731
+    return {"matrix": pick(r["matrix"]), "origin": pick(r["origin"]), "score": pick(r["score"]),
+            "log_likelihood": pick(r["log_likelihood"]), "distance_deg": pick(r["distance_deg"]),
+            "power": pick(r["power"]), "alt_matrix": other(r["matrix"]), "alt_score": other(r["score"]),
+            "n_scored": 2 * r["log_likelihood"].shape[1]}
+
+
+def _replace(dst: dict, src: dict, sel: torch.Tensor) -> None:
+    for k, v in src.items():
+        if k == "n_scored" or not torch.is_tensor(v):
+            continue
+        dst[k] = dst[k].clone()
+        if dst[k].shape[1:] == v.shape[1:]:
+            dst[k][sel] = v
+        else:   # candidate lists of another length: keep the longer, pad with the worst
+            width = max(dst[k].shape[1], v.shape[1])
+            pad_val = -float("inf") if k == "log_likelihood" else 0.0
+            grow = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad_val)  # noqa: E731
+            d = grow(dst[k])
+            d[sel] = grow(v)
+            dst[k] = d
+
+
+@torch.no_grad()
+def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | None, proposals: torch.Tensor | None,
+                 shifts_px: torch.Tensor, cfg: MatchConfig, pseudo: np.ndarray, mask_radius_px: float) -> dict:
+    """Match one batch. ``images`` ``(B, N, N)`` raw particles, ``ctf`` ``(B, N, N)`` (centred;
+    None without CTF), ``proposals`` ``(B, K, 3, 3)`` (None in ``exhaustive`` mode), ``shifts_px``
+    ``(B, 2)`` starting origins (px). Returns per-particle tensors: ``matrix``, ``origin``,
+    ``score``, ``z``, ``escalated``, ``expected_raw`` (uncalibrated expected error, deg),
+    ``max_prob``, ``p_alt`` and the number of poses scored ``n_scored``."""
+    dev = m.device
+    B = len(images)
+    images = images.to(dev, torch.float32)
+    spectra = fft2_centered(images - images.mean((-2, -1), keepdim=True))
+    sigma2 = noise_power(images, m.fine, mask_radius_px)
+    dc = m.prepare(spectra, ctf, sigma2, m.coarse)
+    df = m.prepare(spectra, ctf, sigma2, m.fine)
+    origins = shifts_px.to(dev, torch.float32)
+    mu, sd = m.null_stats(dc, origins)
+    n_scored = torch.full((B,), float(len(m.library["null"])), device=dev)
+    lib_poses = m.library["poses"]
+    group = m.group
+
+    def exhaustive(sel: torch.Tensor) -> dict:
+        d = _subset(dc, sel)
+        s = m.score_library(d, origins[sel])
+        top = s.topk(min(64, s.shape[1]), 1)
+        A1, A2, _ = _two_basins(top.values, lib_poses[top.indices], group, cfg.basin_separation_deg)
+        out = _refine_basins(m, _subset(df, sel), A1, A2, origins[sel], cfg)
+        out["n_scored"] += s.shape[1]
+        return out
+
+    if proposals is None:
+        res = exhaustive(torch.arange(B, device=dev))
+        n_scored += res["n_scored"]
+        escalated = torch.ones(B, dtype=torch.bool, device=dev)
+    else:
+        props = proposals.to(dev, torch.float32)
+        if len(pseudo):
+            g = torch.as_tensor(pseudo, dtype=torch.float32, device=dev)
+            props = torch.cat([props, (props[:, :1, None] @ g[None, None])[:, 0]], 1)       # A @ g
+        K = props.shape[1]
+        near = m.nearest_library(props, cfg.neighbours).reshape(B, -1)                     # (B, K*n)
+        s_lib = m.score_library_subset(dc, origins, near)
+        s_own = m.score_poses(dc, props, origins)
+        scores = torch.cat([s_own, s_lib], 1)
+        poses = torch.cat([props, lib_poses[near]], 1)
+        n_scored += scores.shape[1]
+        A1, A2, _ = _two_basins(scores, poses, group, cfg.basin_separation_deg)
+        res = _refine_basins(m, df, A1, A2, origins, cfg)
+        n_scored += res["n_scored"]
+        escalated = torch.zeros(B, dtype=torch.bool, device=dev)
+        if cfg.matching == "auto":
+            # a correct match explains the particle's signal: it scores about sqrt(signal power)
+            deficit = (df.y2.clamp(min=0).sqrt() - res["score"]) / SCORE_NOISE_SD
+            escalated = deficit > cfg.escalate_sigma
+            if bool(escalated.any()):
+                sel = torch.nonzero(escalated).flatten()
+                ex = exhaustive(sel)
+                n_scored[sel] += ex["n_scored"]
+                better = ex["score"] > res["score"][sel]
+                # the exhaustive winner replaces the proposals' where it scores higher; the loser
+                # of the two becomes the competing basin
+                keep_old = {k: v[sel] for k, v in res.items() if torch.is_tensor(v)}
+                merged = {k: v.clone() for k, v in keep_old.items()}
+                _replace(merged, {k: v[better] for k, v in ex.items() if torch.is_tensor(v)}, better)
+                # competing basin: the better of the two losers
+                alt_s = torch.where(better, torch.maximum(ex["alt_score"], keep_old["score"]),
+                                    torch.maximum(keep_old["alt_score"], ex["score"]))
+                alt_A = torch.where(better[:, None, None],
+                                    torch.where((ex["alt_score"] >= keep_old["score"])[:, None, None],
+                                                ex["alt_matrix"], keep_old["matrix"]),
+                                    torch.where((keep_old["alt_score"] >= ex["score"])[:, None, None],
+                                                keep_old["alt_matrix"], ex["matrix"]))
+                merged["alt_score"], merged["alt_matrix"] = alt_s, alt_A
+                _replace(res, merged, sel)
+    # z-score of the final pose against the particle's null distribution (coarse band)
+    s_final = m.score_poses(dc, res["matrix"][:, None], res["origin"])[:, 0]
+    z = (s_final - mu) / sd
+    # posterior over the refined candidates, and the competing basin's weight
+    ll = res["log_likelihood"]
+    p = torch.softmax(ll - ll.amax(1, keepdim=True), 1)
+    local = (p * res["distance_deg"]).sum(1)
+    d_alt = torch.rad2deg(torch.arccos(((torch.einsum("bij,gjk,bik->bg", res["alt_matrix"], group, res["matrix"])
+                                         .amax(-1) - 1) / 2).clamp(-1, 1)))
+    p_alt = torch.sigmoid(res["alt_score"] ** 2 - res["score"] ** 2)
+    p_alt = torch.where(d_alt > 1.0, p_alt, torch.zeros_like(p_alt))
+    expected = (1 - p_alt) * local + p_alt * d_alt
+    return {"matrix": res["matrix"], "origin": res["origin"], "score": res["score"], "z": z,
+            "escalated": escalated, "expected_raw": expected, "max_prob": p.amax(1) * (1 - p_alt),
+            "p_alt": p_alt, "n_scored": n_scored, "mu": mu, "sd": sd, "s_coarse": s_final, "y2": df.y2,
+            "power": res["power"]}
+
+
+def _subset(d, sel):
+    from ..core.matching import MatchBatch
+
+    return MatchBatch(d.Y[sel], d.w[sel], d.c2[sel], d.band, None if d.y2 is None else d.y2[sel])
+
+
+def particle_ctf(ctf_params, idx, box: int, apix: float, phase_flipped: bool = False):
+    """The CTFs ``(B, box, box)`` the matching multiplies the projections by (``|CTF|`` for
+    phase-flipped particles); None without CTF parameters."""
+    if ctf_params is None:
+        return None
+    c = ctf_2d(ctf_params.subset(idx), box, apix)
+    return c.abs() if phase_flipped else c
+
+
+def match_config_dict(cfg: MatchConfig) -> dict:
+    d = asdict(cfg)
+    d["refine_steps_deg"], d["refine_shift_steps_px"] = list(cfg.refine_steps_deg), list(cfg.refine_shift_steps_px)
+    return d
