@@ -189,7 +189,7 @@ def test_a_model_of_another_protein_does_not_transfer(tiny_training, tmp_path):
 def test_top_k_poses_are_distinct_and_ranked(tiny_training, tmp_path):
     d = tiny_training
     r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--out", tmp_path / "p.star",
-            "--top-k", 3)
+            "--top-k", 3, "--matching", "none")
     assert r.returncode == 0, r.stderr
     main, top = read_star(tmp_path / "p.star"), read_star(tmp_path / "p_top3.star")
     n = len(main)
@@ -282,8 +282,10 @@ def test_a_pickle_that_would_run_code_is_refused(tiny_training, tmp_path, monkey
     assert not (tmp_path / "pwned_by_pickle").exists()
 
 
-def test_halfsets_predict_the_other_half(tiny_training, tmp_path):
-    """Gold standard: one network per rlnRandomSubset; each predicts the particles of the other."""
+def test_halfsets_predict_their_own_half(tiny_training, tmp_path):
+    """Gold standard: one network and one reference half-map per rlnRandomSubset; new particles of
+    half k are proposed by the half-k network and matched against the half-k map. --cross-halves
+    (CESPED's evaluation of a model on its own training particles) sends them to the other half."""
     d = tiny_training
     r = cli("train", "--particles", d / "train.star", "--out", tmp_path / "gs", "--model", "sixd", "--halfsets",
             "--epochs", 2, *TINY)
@@ -294,15 +296,23 @@ def test_halfsets_predict_the_other_half(tiny_training, tmp_path):
     subset = train.random_subset()
     for h in (1, 2):
         assert meta["runs"][f"half{h}"]["validation"]["particles"] == round(0.1 * (subset == h).sum())
+        assert meta["runs"][f"half{h}"]["matching_validation"]["particles"] == round(0.1 * (subset == h).sum())
+    ref = json.loads((tmp_path / "gs" / "reference" / "reference.json").read_text())
+    # the reference leaves the calibration particles out
+    assert sum(ref["half_counts"]) == len(train) - sum(round(0.1 * (subset == h).sum()) for h in (1, 2))
     r = cli("predict", "--particles", d / "test.star", "--model", tmp_path / "gs", "--out", tmp_path / "p.star",
             "--top-k", 2)
     assert r.returncode == 1 and "image2sphere" in r.stderr and not (tmp_path / "p.star").exists(), r.stderr
-    r = cli("predict", "--particles", d / "test.star", "--model", tmp_path / "gs", "--out", tmp_path / "p.star")
-    assert r.returncode == 0, r.stderr
-    runs = json.loads((tmp_path / "p.json").read_text())["runs"]
     test_subset = read_star(d / "test.star").random_subset()
-    assert runs["half2"]["particles"] == (test_subset == 1).sum()
-    assert runs["half1"]["particles"] == (test_subset == 2).sum()
+    for flag, half_of_1 in (([], "half1"), (["--cross-halves"], "half2")):
+        out = tmp_path / f"p{len(flag)}.star"
+        r = cli("predict", "--particles", d / "test.star", "--model", tmp_path / "gs", "--out", out,
+                "--matching", "none", *flag)
+        assert r.returncode == 0, r.stderr
+        runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+        other = {"half1": "half2", "half2": "half1"}[half_of_1]
+        assert runs[half_of_1]["particles"] == (test_subset == 1).sum()
+        assert runs[other]["particles"] == (test_subset == 2).sum()
 
 
 def test_label_confidence_weights(tiny_training):

@@ -33,15 +33,15 @@ def add_args(p):
     p.add_argument("--cross-halves", action="store_true",
                    help="CESPED's evaluation protocol: half-1 particles go to the half-2 network and map (for "
                         "scoring a model on its own training particles); default: same half (gold standard)")
-    p.add_argument("--escalate-sigma", type=float, default=MatchConfig.escalate_sigma,
-                   help="auto: search exhaustively when the match falls this many noise SDs short of what a "
-                        "correct match scores (default: %(default)s)")
+    p.add_argument("--escalate-z", type=float, default=None,
+                   help="auto: search exhaustively the particles whose proposals match with a z-score below this "
+                        "(default: the model's threshold calibrated on its held-out particles)")
 
 
 def main(args):
     s = predict(args.particles, args.model, args.out, args.batch_size, args.device, args.sym, args.keep_original,
                 args.strict, args.overwrite, not args.quiet, args.top_k, args.matching, args.reference, args.half_maps,
-                args.cross_halves, MatchConfig(escalate_sigma=args.escalate_sigma))
+                args.cross_halves, MatchConfig(escalate_z=args.escalate_z))
     if args.top_k:
         print(f"wrote {s['top_k']['star']}")
     extra = (f", {100 * s['fraction_escalated']:.0f}% escalated, median match z {s['median_match_z']:.1f}"

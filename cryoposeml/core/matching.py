@@ -80,12 +80,14 @@ def noise_power(images: torch.Tensor, band: Band, radius_px: float) -> torch.Ten
     frac = float(outside.mean())
     x = images - (images * outside).sum((-2, -1), keepdim=True) / outside.sum()
     p = band.take(fft2_centered(x * outside).abs() ** 2).mean(0) / max(frac, 1e-3)
+    # floor: 1e-4 of the images' whole power (noise-free data would otherwise divide by ~0)
+    p = torch.maximum(p, 1e-4 * band.take(fft2_centered(x).abs() ** 2).mean())
     n_shell = int(band.shell.max()) + 1
     num = torch.zeros(n_shell, dtype=p.dtype).index_add_(0, band.shell, p)
     cnt = torch.zeros(n_shell, dtype=p.dtype).index_add_(0, band.shell, torch.ones_like(p))
     prof = num / cnt.clamp(min=1)
     prof[0] = prof[1] if n_shell > 1 else 1.0
-    return prof.clamp(min=float(prof[1:].mean()) * 1e-3 if n_shell > 1 else 1e-12)
+    return prof
 
 
 def fsc_weighting_filter(fsc_curve: np.ndarray) -> np.ndarray:
@@ -246,11 +248,11 @@ class ReferenceMatcher:
         sim = (q @ lib["quat"].T).abs().reshape(-1, len(self.group), len(lib["poses"])).amax(1)
         return sim.topk(min(n, sim.shape[1]), -1).indices.reshape(*lead, -1)
 
-    def null_stats(self, data: MatchBatch, origins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation ``(B,)`` of each particle's scores over the fixed null poses
-        (a random sample of the library): what a pose unrelated to the particle scores."""
+    def null_stats(self, data: MatchBatch, origins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, standard deviation and maximum ``(B,)`` of each particle's scores over the fixed
+        null poses (a random sample of the library): what a pose unrelated to the particle scores."""
         s = self.score_library(data, origins, self.library["null"])
-        return s.mean(1), s.std(1).clamp(min=1e-6)
+        return s.mean(1), s.std(1).clamp(min=1e-6), s.amax(1)
 
     # -- local refinement ------------------------------------------------------------------------
     def refine(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, steps_deg, shift_steps_px,

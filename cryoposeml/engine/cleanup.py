@@ -8,7 +8,9 @@ Methods
   the subset with the best half-map FSC-0.143 resolution. Resolutions within ``tie_shells`` Fourier
   shells of the best count as ties, and ties go to the larger subset.
 
-The score is ``rlnCpmlExpectedErrorDeg`` (smaller is better) unless another column is named; for
+The score is ``rlnCpmlMatchZ`` (the verified prediction's match z-score, larger is better: junk
+matches no view of the map) when the STAR has it, else ``rlnCpmlExpectedErrorDeg`` (smaller is
+better), unless another column is named; for
 ``rlnParticleFigureOfMerit``-like columns larger is better. Ties (the calibration is flat at its
 ends) are ordered by the network's raw score ``rlnCpmlConfidence`` when the STAR has it.
 
@@ -39,7 +41,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_COLUMN = "rlnCpmlExpectedErrorDeg"
 LARGER_IS_BETTER = {"rlnParticleFigureOfMerit", "rlnMaxValueProbDistribution", "rlnCpmlPoseProbability",
-                    "rlnLogLikeliContribution"}
+                    "rlnLogLikeliContribution", "rlnCpmlMatchZ"}
+#: verified poses are ranked by their match z (junk matches no view of the map) unless a column is named
+MATCH_COLUMN = "rlnCpmlMatchZ"
 METHODS = ("auto", "quantile", "max-error")
 TIE_BREAK = "rlnCpmlConfidence"
 
@@ -140,6 +144,9 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
         log.warning("%s has no rlnRandomSubset: assigning a fixed random split (written to the outputs)",
                     star.path)
         star.particles["rlnRandomSubset"] = subset
+    if cfg.column == DEFAULT_COLUMN and MATCH_COLUMN in star.particles:
+        cfg.column = MATCH_COLUMN
+        log.info("ranking by %s (the verified prediction's match z-score)", MATCH_COLUMN)
     order, score, larger = score_order(star, cfg.column, cfg.larger_is_better)
     n = len(star)
     sizes = _sizes(cfg, n, score[order], larger)

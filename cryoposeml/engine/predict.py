@@ -219,6 +219,14 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
     else:
         mine = np.where(subset == 1, "half1", "half2")
         network_of = np.where(subset == 1, "half2", "half1") if cross_halves else mine
+    if cfg.matching == "auto" and cfg.escalate_z is None and ref is not None:
+        zs = [meta["runs"][r].get("matching_escalate_z") for r in models]
+        if all(z is not None for z in zs):
+            cfg.escalate_z = max(zs)   # the stricter of the halves' thresholds
+        else:
+            log.warning("no calibrated escalation threshold (model without a calibration split, or too few "
+                        "right proposals on it): --matching auto searches every particle exhaustively; "
+                        "set --escalate-z to trust the proposals")
     reference_of = None
     if ref is not None:
         if "half1" in ref.maps and subset is not None:
@@ -278,7 +286,7 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         p["rlnCpmlMatchScore"] = arr["score"]
         p["rlnCpmlEscalated"] = arr["escalated"].astype(int)
     bad = [r for r, v in runs.items() if v.get("transfers") is False]
-    if bad and not matched:
+    if bad:
         msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "
                "confident than its held-out validation particles (median below the validation 25th percentile, "
                "or over 20% below its 5th). Poses are likely unreliable (another protein, another pixel size or "

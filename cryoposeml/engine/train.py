@@ -423,7 +423,6 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
     log.info("reference: half-map FSC 0.143 at %.2f A", info["resolution_fsc0143_angstrom"])
     ref = load_reference(out, sym=cfg.sym, box=star.box, apix=star.pixel_size_angstrom)
     device = resolve_device(cfg.device)
-    mcfg = MatchConfig()
     for run, rows in calib_rows.items():
         if len(rows) < 20:
             log.warning("%s: only %d calibration particles; the matched uncertainty is not calibrated", run, len(rows))
@@ -435,8 +434,18 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
                                                            "pixel_size_angstrom": star.pixel_size_angstrom * star.box
                                                            / cfg.box_px}}
         ref_of = np.where(subset[rows] == 1, "half1", "half2")
-        arr = predict_arrays(star, rows, {run: model}, meta, np.array([run] * len(rows)), ref, ref_of, mcfg, device,
-                             progress=progress)
+        true_A = star.matrices()[rows]
+
+        def run_matching(cfg_m):
+            return predict_arrays(star, rows, {run: model}, meta, np.array([run] * len(rows)), ref, ref_of, cfg_m,
+                                  device, progress=progress)
+
+        # the escalation threshold: 95% of the proposals that were right keep their pose
+        prop = run_matching(MatchConfig(matching="proposals"))
+        right = symmetric_distance_deg(prop["matrix"], true_A, cfg.sym) < 5.0
+        escalate_z = float(np.percentile(prop["z_proposals"][right], 5)) if right.sum() >= 10 else None
+        runs[run]["matching_escalate_z"] = escalate_z
+        arr = run_matching(MatchConfig(matching="auto", escalate_z=escalate_z))
         true_A = star.matrices()[rows]
         err = symmetric_distance_deg(arr["matrix"], true_A, cfg.sym)
         net_err = symmetric_distance_deg(arr["net_matrix"], true_A, cfg.sym)
@@ -451,6 +460,7 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
             "spearman_expected_vs_error": float(spearmanr(oof, err).correlation),
             "fraction_escalated": float(arr["escalated"].mean()),
             "poses_scored_per_particle": float(arr["n_scored"].mean()),
+            "proposals_right_pct": float(100 * right.mean()), "escalate_z": escalate_z,
             "match_z_quantiles_5_25_50": np.percentile(arr["z"], [5, 25, 50]).tolist()}
         log.info("%s calibration split (%d particles): matched median %.2f deg (network %.2f), ECE %.2f deg, "
                  "%.0f%% escalated", run, len(rows), np.median(err), np.median(net_err), ece,
