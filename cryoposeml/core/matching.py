@@ -261,15 +261,11 @@ class ReferenceMatcher:
         ``step * {-1,0,1}^3`` about the current pose (turns in the image frame) times 9 origins
         ``shift_step * {-1,0,1}^2``; the best becomes the centre (up to ``repeats`` times per step
         while it moves). Returns the final ``matrix`` ``(B, 3, 3)``, ``origin`` ``(B, 2)``,
-        ``score`` ``(B,)`` and every evaluated candidate's ``log_likelihood`` (``s^2``) and its
-        angular distance to the final pose (degrees), for the posterior; ``power`` is the final
-        pose's ``sum CTF^2 |S|^2 / sigma2`` (a correct match scores about ``a * sqrt(power)``)."""
+        ``score`` ``(B,)`` and ``power`` (the final pose's ``sum CTF^2 |S|^2 / sigma2``)."""
         A = A.to(self.device, torch.float32).clone()
         o = origins.to(self.device, torch.float32).clone()
         B = len(A)
         b = torch.arange(B, device=self.device)
-        cand_A, cand_ll = [], []
-        best = None
         for step, sstep in zip(steps_deg, shift_steps_px):
             turns = local_moves(step, self.device)
             moves = _SHIFT_MOVES.to(self.device) * sstep
@@ -280,19 +276,29 @@ class ReferenceMatcher:
                 flat = s.reshape(B, -1)
                 best = flat.argmax(1)
                 bo, bc = best // 27, best % 27
-                cand_A.append(C.unsqueeze(1).expand(B, 9, 27, 3, 3).reshape(B, -1, 3, 3))
-                cand_ll.append(flat**2 * torch.sign(flat))
                 moved = (bo != 0) | (bc != 13)
                 A, o = C[b, bc], O[b, bo]
                 if not bool(moved.any()):
                     break
-        score = flat[b, best]
-        power = pw[b, best % 27]
-        cA = torch.cat(cand_A, 1)
-        ll = torch.cat(cand_ll, 1)
-        dist = _angle_deg(A[:, None].transpose(-1, -2) @ cA)
-        return {"matrix": A, "origin": o, "score": score, "power": power, "log_likelihood": ll,
-                "distance_deg": dist}
+        return {"matrix": A, "origin": o, "score": flat[b, best], "power": pw[b, bc]}
+
+    def posterior(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, step_deg: float = 1.0,
+                  half_width: int = 2) -> dict:
+        """The posterior (log-likelihood ``s^2``, scale fitted per pose) on a uniform grid of
+        rotation vectors ``step * {-h..h}^3`` about each pose, at its origin: ``probability``
+        ``(B, (2h+1)^3)`` and each grid pose's angle to the centre ``distance_deg``. A uniform grid,
+        so the expected angular distance is a fair quadrature of the posterior's spread."""
+        from scipy.spatial.transform import Rotation
+
+        r = np.arange(-half_width, half_width + 1)
+        g = np.array(np.meshgrid(r, r, r, indexing="ij")).reshape(3, -1).T * np.radians(step_deg)
+        T = torch.as_tensor(Rotation.from_rotvec(g).as_matrix(), dtype=torch.float32, device=self.device)
+        C = T[None] @ A.to(self.device, torch.float32)[:, None]
+        s = self.score_poses(data, C, origins)
+        ll = s.clamp(min=0) ** 2
+        p = torch.softmax(ll - ll.amax(1, keepdim=True), 1)
+        dist = torch.as_tensor(np.degrees(np.linalg.norm(g, axis=1)), dtype=torch.float32, device=self.device)
+        return {"probability": p, "distance_deg": dist.expand_as(p)}
 
 
 def _quaternions(A: torch.Tensor) -> torch.Tensor:

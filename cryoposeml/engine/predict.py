@@ -250,7 +250,6 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         for c in ANGLE_COLUMNS + SHIFT_COLUMNS:
             if c in p:
                 p[c + "Original"] = p[c]
-    pre = meta["preprocessing"]
     predicts_shifts = meta["network"].get("predict_shifts", True) or ref is not None
     result.set_poses(mats, shifts * star.pixel_size_angstrom if predicts_shifts else None)
     if not predicts_shifts:

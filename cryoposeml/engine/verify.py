@@ -10,15 +10,15 @@ For each particle (in batches, memory bounded):
    itself, scored in the coarse band; the two best distinct basins (more than
    ``basin_separation_deg`` apart) are refined locally in the fine band (rotation and sub-pixel
    origin), and the better refined one wins.
-3. **Escalation** (``auto``): a particle whose proposals' best coarse score stands less than
+3. **Escalation** (``auto``): a particle whose refined proposal's coarse score stands less than
    ``escalate_z`` noise standard deviations above its null mean (the match z) is searched
    exhaustively (the whole library of one asymmetric unit, two matrix products), and its two best
    basins refined too. The threshold is calibrated at training time: the 5th percentile of the
    match z of calibration particles whose proposals were right (within 5 degrees), so 95% of
    right proposals are trusted. At SNR 0.1 a right and a wrong proposal differ by only a few
    noise SDs (measured: right 14, wrong 7.5 median), so a fixed threshold cannot be set a priori.
-4. **Uncertainty**: the posterior over the refined candidates (log-likelihood ``s^2``) gives the
-   local spread; the competing basin's posterior weight ``p_alt`` the chance of a wrong basin;
+4. **Uncertainty**: the posterior on a uniform 5^3 grid of rotations (``posterior_step_deg``
+   apart) about the final pose (log-likelihood ``s^2``) gives the local spread; the competing basin's posterior weight ``p_alt`` the chance of a wrong basin;
    their combination is the raw expected error, calibrated on held-out particles. The match
    z-score (the final pose's coarse score against the particle's null distribution over 512
    fixed library poses) tells junk from particles.
@@ -73,6 +73,7 @@ class MatchConfig:
     refine_steps_deg: tuple = (3.75, 1.875, 0.94, 0.47, 0.23)
     refine_shift_steps_px: tuple = (1.0, 0.5, 0.25, 0.125, 0.0625)
     pseudo_symmetry_threshold: float = 0.75
+    posterior_step_deg: float = 1.0   # spacing of the uniform 5^3 posterior grid about the final pose
 
     def check(self) -> None:
         if self.matching not in MATCHING_MODES:
@@ -223,35 +224,40 @@ def _two_basins(scores: torch.Tensor, poses: torch.Tensor, group: torch.Tensor, 
 
 def _refine_basins(m: ReferenceMatcher, data, A1, A2, origins, cfg: MatchConfig) -> dict:
     """Refine both basins; the better refined one wins. Returns the winner's refinement, the
-    loser's score and pose, and the candidates scored."""
+    loser's pose and score (``alt_matrix``, ``alt_score``) and the candidates scored."""
     B = len(A1)
     both = torch.arange(B, device=A1.device).repeat(2)
     r = m.refine(_subset(data, both), torch.cat([A1, A2]), torch.cat([origins, origins]), cfg.refine_steps_deg,
                  cfg.refine_shift_steps_px)
-    s1, s2 = r["score"][:B], r["score"][B:]
-    first = s1 >= s2
-    pick = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[:B], x[B:])   # noqa: E731
-    other = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[B:], x[:B])  # noqa: E731
-    return {"matrix": pick(r["matrix"]), "origin": pick(r["origin"]), "score": pick(r["score"]),
-            "log_likelihood": pick(r["log_likelihood"]), "distance_deg": pick(r["distance_deg"]),
-            "power": pick(r["power"]), "alt_matrix": other(r["matrix"]), "alt_score": other(r["score"]),
-            "n_scored": 2 * r["log_likelihood"].shape[1]}
+    first = r["score"][:B] >= r["score"][B:]
+    win = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[:B], x[B:])   # noqa: E731
+    lose = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[B:], x[:B])  # noqa: E731
+    out = {k: win(v) for k, v in r.items()}
+    out.update(alt_matrix=lose(r["matrix"]), alt_score=lose(r["score"]))
+    # every refinement step scores 27 rotations x 9 origins, up to `repeats` (2) times
+    out["n_scored"] = 2 * 2 * 243 * len(cfg.refine_steps_deg)
+    return out
 
 
-def _replace(dst: dict, src: dict, sel: torch.Tensor) -> None:
-    for k, v in src.items():
-        if k == "n_scored" or not torch.is_tensor(v):
-            continue
-        dst[k] = dst[k].clone()
-        if dst[k].shape[1:] == v.shape[1:]:
-            dst[k][sel] = v
-        else:   # candidate lists of another length: keep the longer, pad with the worst
-            width = max(dst[k].shape[1], v.shape[1])
-            pad_val = -float("inf") if k == "log_likelihood" else 0.0
-            grow = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad_val)  # noqa: E731
-            d = grow(dst[k])
-            d[sel] = grow(v)
-            dst[k] = d
+def _merge_escalated(res: dict, ex: dict, sel: torch.Tensor) -> None:
+    """Particles ``sel`` were also searched exhaustively (``ex``): the higher-scoring refined pose
+    wins; the best of the rest becomes the competing basin."""
+    old = {k: v[sel] for k, v in res.items() if torch.is_tensor(v)}
+    better = ex["score"] > old["score"]
+    win, lose = (ex, old), (old, ex)
+    for k in ("matrix", "origin", "score", "power"):
+        res[k] = res[k].clone()
+        res[k][sel] = torch.where(better.reshape(-1, *[1] * (ex[k].dim() - 1)), ex[k], old[k])
+    # the competing basin: the better of the winner's own alternative and the loser's pose
+    cand_s = torch.stack([torch.where(better, win[0]["alt_score"], win[1]["alt_score"]),
+                          torch.where(better, lose[0]["score"], lose[1]["score"])])
+    cand_A = torch.stack([torch.where(better[:, None, None], win[0]["alt_matrix"], win[1]["alt_matrix"]),
+                          torch.where(better[:, None, None], lose[0]["matrix"], lose[1]["matrix"])])
+    pick = cand_s.argmax(0)
+    ar = torch.arange(len(sel), device=sel.device)
+    res["alt_score"], res["alt_matrix"] = res["alt_score"].clone(), res["alt_matrix"].clone()
+    res["alt_score"][sel] = cand_s[pick, ar]
+    res["alt_matrix"][sel] = cand_A[pick, ar]
 
 
 @torch.no_grad()
@@ -293,7 +299,6 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
         if len(pseudo):
             g = torch.as_tensor(pseudo, dtype=torch.float32, device=dev)
             props = torch.cat([props, (props[:, :1, None] @ g[None, None])[:, 0]], 1)       # A @ g
-        K = props.shape[1]
         near = m.nearest_library(props, cfg.neighbours).reshape(B, -1)                     # (B, K*n)
         s_lib = m.score_library_subset(dc, origins, near)
         s_own = m.score_poses(dc, props, origins)
@@ -303,51 +308,36 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
         A1, A2, _ = _two_basins(scores, poses, group, cfg.basin_separation_deg)
         res = _refine_basins(m, df, A1, A2, origins, cfg)
         n_scored += res["n_scored"]
-        s_prop = scores.amax(1)
+        z_prop = (m.score_poses(dc, res["matrix"][:, None], res["origin"])[:, 0] - mu) / SCORE_NOISE_SD
         escalated = torch.zeros(B, dtype=torch.bool, device=dev)
         if cfg.matching == "auto":
             if cfg.escalate_z is None:
                 escalated = torch.ones(B, dtype=torch.bool, device=dev)
             else:
-                escalated = (s_prop - mu) / SCORE_NOISE_SD < cfg.escalate_z
+                escalated = z_prop < cfg.escalate_z
             if bool(escalated.any()):
                 sel = torch.nonzero(escalated).flatten()
                 ex = exhaustive(sel)
                 n_scored[sel] += ex["n_scored"]
-                better = ex["score"] > res["score"][sel]
-                # the exhaustive winner replaces the proposals' where it scores higher; the loser
-                # of the two becomes the competing basin
-                keep_old = {k: v[sel] for k, v in res.items() if torch.is_tensor(v)}
-                merged = {k: v.clone() for k, v in keep_old.items()}
-                _replace(merged, {k: v[better] for k, v in ex.items() if torch.is_tensor(v)}, better)
-                # competing basin: the better of the two losers
-                alt_s = torch.where(better, torch.maximum(ex["alt_score"], keep_old["score"]),
-                                    torch.maximum(keep_old["alt_score"], ex["score"]))
-                alt_A = torch.where(better[:, None, None],
-                                    torch.where((ex["alt_score"] >= keep_old["score"])[:, None, None],
-                                                ex["alt_matrix"], keep_old["matrix"]),
-                                    torch.where((keep_old["alt_score"] >= ex["score"])[:, None, None],
-                                                keep_old["alt_matrix"], ex["matrix"]))
-                merged["alt_score"], merged["alt_matrix"] = alt_s, alt_A
-                _replace(res, merged, sel)
+                _merge_escalated(res, ex, sel)
     # match z: the final pose's coarse score above the particle's null mean, in noise SDs (junk:
     # noise or another protein matches no view much better than a random one)
     s_final = m.score_poses(dc, res["matrix"][:, None], res["origin"])[:, 0]
     z = (s_final - mu) / SCORE_NOISE_SD
-    # posterior over the refined candidates, and the competing basin's weight
-    ll = res["log_likelihood"]
-    p = torch.softmax(ll - ll.amax(1, keepdim=True), 1)
-    local = (p * res["distance_deg"]).sum(1)
+    # the posterior on a uniform grid about the final pose, and the competing basin's weight
+    post = m.posterior(df, res["matrix"], res["origin"], cfg.posterior_step_deg)
+    p = post["probability"]
+    n_scored += p.shape[1]
+    local = (p * post["distance_deg"]).sum(1)
     d_alt = torch.rad2deg(torch.arccos(((torch.einsum("bij,gjk,bik->bg", res["alt_matrix"], group, res["matrix"])
                                          .amax(-1) - 1) / 2).clamp(-1, 1)))
-    p_alt = torch.sigmoid(res["alt_score"] ** 2 - res["score"] ** 2)
-    p_alt = torch.where(d_alt > 1.0, p_alt, torch.zeros_like(p_alt))
+    p_alt = torch.sigmoid(res["alt_score"].clamp(min=0) ** 2 - res["score"].clamp(min=0) ** 2)
+    p_alt = torch.where(d_alt > cfg.basin_separation_deg / 2, p_alt, torch.zeros_like(p_alt))
     expected = (1 - p_alt) * local + p_alt * d_alt
     return {"matrix": res["matrix"], "origin": res["origin"], "score": res["score"], "z": z,
             "escalated": escalated, "expected_raw": expected, "max_prob": p.amax(1) * (1 - p_alt),
             "p_alt": p_alt, "n_scored": n_scored,
-            "z_proposals": ((s_prop if proposals is not None else s_final) - mu) / SCORE_NOISE_SD,
-            "power": res["power"]}
+            "z_proposals": z_prop if proposals is not None else z}
 
 
 def _subset(d, sel):
