@@ -16,6 +16,10 @@ ATTRIBUTES = {
     "rlnCpmlConfidence": "_cryoposemlConfidence",
     "rlnCpmlExpectedErrorDeg": "_cryoposemlExpectedError",
     "rlnParticleFigureOfMerit": "_cryoposemlFigureOfMerit",
+    # the verified prediction (predict with a reference)
+    "rlnCpmlMatchZ": "_cryoposemlMatchZ",
+    "rlnMaxValueProbDistribution": "_cryoposemlMaxProb",
+    "rlnCpmlEscalated": "_cryoposemlEscalated",
 }
 #: ``rlnCpmlZ1..d`` (a conformation from ``cryoposeml hetero``) -> one comma-separated list
 Z_ATTRIBUTE = "_cryoposemlZ"

@@ -120,3 +120,51 @@ def test_d2_search_covers_one_asymmetric_unit():
                      np.zeros((0, 3, 3)), 24)
     err = symmetric_distance_deg(r["matrix"].double().numpy(), A, "D2")
     assert np.median(err) < 1.5 and err.max() < 3, err
+
+
+def test_half_set_particles_are_matched_against_their_own_half_map(tmp_path, adk):
+    """Gold standard: a particle of rlnRandomSubset k is matched against half-map k only. The model
+    folder's half-2 map is AdK turned by 90 degrees about z, so half-2 particles come out 90 degrees
+    off and half-1 particles right; --cross-halves (CESPED's evaluation protocol) swaps that. The
+    networks are untrained: --matching exhaustive ignores their rotations."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from cryoposeml.data.mrc import write_map
+    from cryoposeml.data.star import read_star
+    from cryoposeml.engine.calibration import fit_calibration
+    from cryoposeml.models import PoseNetConfig, build_model
+    from conftest import cli
+
+    r = cli("simulate", "--n", 24, "--no-noise", "--shift-sigma", 1.5, "--seed", 8, "--out", tmp_path / "sim")
+    assert r.returncode == 0, r.stderr
+    model = tmp_path / "model"
+    net = PoseNetConfig(family="sixd", box=32, widths=(8, 16))
+    calib = fit_calibration(np.linspace(0, 1, 50), np.linspace(30, 1, 50)).to_dict()
+    for h in ("half1", "half2"):
+        (model / h).mkdir(parents=True)
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in build_model(net).state_dict().items()},
+                  str(model / h / "weights.safetensors"))
+    (model / "model.json").write_text(json.dumps({
+        "network": net.to_dict(), "sym": "C1", "input": {"box": 64, "pixel_size_angstrom": APIX},
+        "preprocessing": {"box_px": 32, "pixel_size_angstrom": 2 * APIX},
+        "runs": {h: {"calibration": calib} for h in ("half1", "half2")}}))
+    ref = model / "reference"
+    ref.mkdir()
+    write_map(ref / "half1_filtered.mrc", adk, APIX)
+    write_map(ref / "half2_filtered.mrc", np.ascontiguousarray(np.rot90(adk, 1, axes=(1, 2))), APIX)
+    (ref / "reference.json").write_text(json.dumps({"sym": "C1", "box": 64, "pixel_size_angstrom": APIX,
+                                                    "resolution_fsc0143_angstrom": 4.0}))
+    truth = read_star(tmp_path / "sim" / "ground_truth.star")
+    subset = truth.random_subset()
+    assert set(subset) == {1, 2}
+    for flag, right_half in (([], 1), (["--cross-halves"], 2)):
+        out = tmp_path / f"p{len(flag)}.star"
+        r = cli("predict", "--particles", tmp_path / "sim" / "particles.star", "--model", model, "--out", out,
+                "--matching", "exhaustive", *flag)
+        assert r.returncode == 0, r.stderr
+        err = symmetric_distance_deg(read_star(out).matrices(), truth.matrices())
+        assert np.all(err[subset == right_half] < 2), err[subset == right_half]
+        assert np.all(np.abs(err[subset != right_half] - 90) < 5), err[subset != right_half]

@@ -1,7 +1,8 @@
 """``cryoposeml demo``: the whole pipeline on bundled data, ending in a Markdown report.
 
-simulate (a training set, and new particles with 20% junk) -> train (image2sphere) -> predict the
-new particles -> cleanup --method auto -> refine (Relion local auto-refine from the predicted poses)
+simulate (a training set, and new particles with 20% junk) -> train (image2sphere; the model keeps
+the training particles' half-maps) -> predict the new particles (the network alone, for the
+report, then verified against the map: ``--matching auto``) -> cleanup --method auto -> refine (Relion local auto-refine from the predicted poses)
 -> evaluate each stage against the ground truth and the true map -> ``report.md``.
 """
 from __future__ import annotations
@@ -59,8 +60,10 @@ def run_demo(out="demo_out", n_train: int = 4000, n: int = 1000, snr: float = 0.
         meta = timed("train", train, tmp / "simulated" / "train" / "ground_truth.star", tmp / "model",
                      TrainConfig(model="image2sphere", epochs=epochs, box_px=32, widths=(32, 64, 128)),
                      progress=progress)
+        timed("predict_network", predict, tmp / "simulated" / "new" / "particles.star", tmp / "model",
+              tmp / "predicted_network.star", progress=progress, matching="none")
         pred = timed("predict", predict, tmp / "simulated" / "new" / "particles.star", tmp / "model",
-                     tmp / "predicted.star", progress=progress)
+                     tmp / "predicted.star", progress=progress, matching="auto")
         cl = timed("cleanup", cleanup, tmp / "predicted.star", tmp / "cleanup" / "kept.star", CleanupConfig(),
                    progress=progress)
         rf = timed("refine", refine, tmp / "cleanup" / "kept.star", tmp / "refine", RefineConfig(),
@@ -68,7 +71,8 @@ def run_demo(out="demo_out", n_train: int = 4000, n: int = 1000, snr: float = 0.
 
         junk = truth.particles["rlnCpmlJunk"].to_numpy() != 0
         kept_junk = junk[match_particles(read_star(tmp / "cleanup" / "kept.star"), truth)[1]]
-        stages = [("predicted (all particles)", tmp / "predicted.star", "predicted"),
+        stages = [("network alone (all particles)", tmp / "predicted_network.star", "network"),
+                  ("verified against the map (all particles)", tmp / "predicted.star", "predicted"),
                   ("after cleanup", tmp / "cleanup" / "kept.star", "cleanup"),
                   ("after Relion local refinement", tmp / "refine" / "refined.star", "refined")]
         rows = []
@@ -93,7 +97,8 @@ Data (simulated from the bundled adenylate kinase map `adk_open`): box 64 px at 
 |---|---|---|
 | simulate | {times['simulate']:.0f} | `simulated/train`, `simulated/new` |
 | train (image2sphere, {meta['runs']['full']['epochs_run']} epochs, 32 px) | {times['train']:.0f} | validation median error {val['median_deg']:.1f} deg, ECE {val['ece_deg']:.1f} deg |
-| predict | {times['predict']:.1f} | {n / times['predict']:.0f} particles/s; transfer check: {'passed' if all(v.get('transfers', True) for v in pred['runs'].values()) else 'warned (expected with junk)'} |
+| predict, network alone | {times['predict_network']:.1f} | {n / times['predict_network']:.0f} particles/s; transfer check: {'passed' if all(v.get('transfers', True) for v in pred['runs'].values()) else 'warned (expected with junk)'} |
+| predict, verified against the map | {times['predict']:.1f} | {n / times['predict']:.0f} particles/s; {100 * pred['fraction_escalated']:.0f}% searched exhaustively, {pred['poses_scored_per_particle']:.0f} poses scored per particle; reference at {pred['reference_resolution_angstrom']:.1f} A |
 | cleanup (auto) | {times['cleanup']:.0f} | kept {cl['particles_kept']} of {n} ({cl['fraction_kept']:.0%}); junk removed {100 * (1 - kept_junk.sum() / max(junk.sum(), 1)):.0f}%, good particles lost {100 * (1 - (~kept_junk).sum() / (~junk).sum()):.0f}% |
 | refine (Relion) | {times['refine']:.0f} | sigma_ang {rf['search']['sigma_ang_deg']:.1f} deg, HEALPix order {rf['search']['healpix_order']}; Relion's resolution {rf['relion_resolution_angstrom']:.2f} A |
 
@@ -105,9 +110,11 @@ Data (simulated from the bundled adenylate kinase map `adk_open`): box 64 px at 
 
 How to read it: angular errors are geodesic distances to the true poses, over the real (not junk)
 particles. The half-map FSC 0.143 resolution is what a user without the truth would report; FSC 0.5
-against the true map says how right the map is (Nyquist is 3.0 A). The network's poses are a
-starting point: cleanup drops the particles it is least sure of (the threshold chosen by the
-half-map FSC, see `cleanup/kept_cleanup.png`), and Relion's local refinement, searching around them
+against the true map says how right the map is (Nyquist is 3.0 A). The network's poses are
+proposals: each is checked against the map the training particles define (projections, CTF and
+noise taken into account), refined locally, and replaced by an exhaustive search where it does not
+explain the particle. Cleanup then drops the particles that match no view of the map (the match
+z-score; the threshold chosen by the half-map FSC, see `cleanup/kept_cleanup.png`), and Relion's local refinement, searching around them
 (`refine/relion.log`), brings the errors down to what the data allow.
 
 Plots: ![training](model/full/curves.png) ![poses and uncertainty](predicted.png)

@@ -13,6 +13,8 @@ from ..objects import readModelMetadata
 from .protocol_base import CryoPoseMLProtBase
 
 SOURCE_RUN, SOURCE_FOLDER = 0, 1
+#: the choices of the "Verify against the map" field, as `cryoposeml predict --matching` names them
+MATCHING_CHOICES = ("auto", "proposals", "exhaustive", "none")
 
 
 class PredictOutputs(enum.Enum):
@@ -21,9 +23,13 @@ class PredictOutputs(enum.Enum):
 
 
 class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D):
-    """Predict the pose (rotation, shift) of every particle with a trained network, with an
-    uncertainty: each output particle carries `_cryoposemlExpectedError` (calibrated expected
-    angular error, degrees), `_cryoposemlFigureOfMerit` (0..1) and `_cryoposemlConfidence`.
+    """Predict the pose (rotation, shift) of every particle with a trained network, verified
+    against the consensus map the model keeps (or a map you give): the network proposes poses, the
+    map scores them, refines them locally and searches exhaustively where they do not explain the
+    particle. Each output particle carries `_cryoposemlExpectedError` (calibrated expected angular
+    error, degrees), `_cryoposemlFigureOfMerit` (0..1), `_cryoposemlMatchZ` (how much better the
+    pose matches than a random view, in noise SDs: junk scores low), `_cryoposemlMaxProb`
+    (Relion's rlnMaxValueProbDistribution), `_cryoposemlEscalated` and `_cryoposemlConfidence`.
 
     Streaming: while the input set is still open (particles arriving from the microscope), new
     particles are predicted in batches as they come and appended to an open output, which is
@@ -50,6 +56,18 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                            "(and the rest when the input closes).")
         form.addParam("reconstruct", params.BooleanParam, default=True, label="Reconstruct a volume?",
                       help="At the end, reconstruct the map and half-maps from the predicted poses.")
+        form.addParam("matching", params.EnumParam, choices=list(MATCHING_CHOICES), default=0,
+                      label="Verify against the map",
+                      help="auto: the network proposes, the map decides; particles the proposals do not explain "
+                           "are searched exhaustively (the threshold was calibrated when the model was trained). "
+                           "proposals: never search exhaustively (fastest). exhaustive: ignore the network's "
+                           "rotations and search every particle against the map. none: the network alone (use it "
+                           "for a model trained before references were kept, or to compare).")
+        form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume", allowsNull=True,
+                      condition="matching != 3", label="Reference map (optional)",
+                      help="Match against this map (same box and pixel size as the particles; with half-maps, "
+                           "half k particles go to half-map k and the working resolution comes from their FSC). "
+                           "Empty: the consensus map of the training particles kept in the model.")
         form.addParam("symmetry", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
                       label="Symmetry check", help="If given, the model must have been trained with this symmetry.")
         self._defineGpuParams(form)
@@ -123,6 +141,8 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         args = f"--particles {star_in} --model {self._modelPath()} --out {star_out}"
         if self.symmetry.get():
             args += f" --sym {self.symmetry.get()}"
+        args += f" --matching {MATCHING_CHOICES[self.matching.get()]}"
+        args += self._referenceArgs()
         self.runCryoposeml("predict", args)
         with self._lock:
             done = self._doneIds()
@@ -164,6 +184,17 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         self._defineOutputs(**{PredictOutputs.outputVolume.name: vol})
         self._defineSourceRelation(self.inputParticles, vol)
 
+    def _referenceArgs(self):
+        """``--reference`` (and ``--half-maps`` when the volume has them) for a user's map."""
+        vol = self.referenceVolume.get() if MATCHING_CHOICES[self.matching.get()] != "none" else None
+        if vol is None:
+            return ""
+        args = f" --reference {os.path.abspath(vol.getFileName())}"
+        if vol.hasHalfMaps():
+            h1, h2 = list(vol.getHalfMaps(asList=True))[:2]
+            args += f" --half-maps {os.path.abspath(h1)} {os.path.abspath(h2)}"
+        return args
+
     def _modelSymmetry(self):
         return readModelMetadata(self._modelPath())["sym"]
 
@@ -185,6 +216,11 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
             if parts.getXDim() != box or abs(parts.getSamplingRate() - apix) > 1e-3:
                 errors.append(f"The model was trained on {box} px particles at {apix:.3f} A/px; these are "
                               f"{parts.getXDim()} px at {parts.getSamplingRate():.3f} A/px.")
+        vol = self.referenceVolume.get() if MATCHING_CHOICES[self.matching.get()] != "none" else None
+        if vol is not None and parts is not None and (vol.getXDim() != parts.getXDim()
+                                                      or abs(vol.getSamplingRate() - parts.getSamplingRate()) > 1e-2):
+            errors.append(f"The reference map is {vol.getXDim()} px at {vol.getSamplingRate():.3f} A/px; the "
+                          f"particles are {parts.getXDim()} px at {parts.getSamplingRate():.3f} A/px.")
         if self.symmetry.get() and self.symmetry.get().upper() != meta["sym"]:
             errors.append(f"The model was trained with symmetry {meta['sym']}, not {self.symmetry.get()}.")
         return errors
@@ -213,15 +249,28 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         s = [f"{out.getSize()} particles predicted" + (" (streaming, open)" if out.isStreamOpen() else "") + "."]
         import numpy as np
 
-        err = [p._cryoposemlExpectedError.get() for p in out.iterItems() if hasattr(p, "_cryoposemlExpectedError")]
+        err, esc = [], []
+        for p in out.iterItems():
+            if hasattr(p, "_cryoposemlExpectedError"):
+                err.append(p._cryoposemlExpectedError.get())
+            if hasattr(p, "_cryoposemlEscalated"):
+                esc.append(p._cryoposemlEscalated.get())
         if err:
             s.append(f"Expected angular error: median {np.median(err):.1f} deg (10-90%: "
                      f"{np.percentile(err, 10):.1f}-{np.percentile(err, 90):.1f} deg).")
+        if esc:
+            s.append(f"Verified against the map; {100 * np.mean(esc):.0f}% of the particles needed the exhaustive "
+                     "search.")
         return s
 
     def _methods(self):
-        return ["Particle poses were predicted with a cryoposeml network, each with a calibrated expected "
-                "angular error."]
+        if MATCHING_CHOICES[self.matching.get()] == "none":
+            return ["Particle poses were predicted with a cryoposeml network, each with a calibrated expected "
+                    "angular error."]
+        return ["Particle poses were proposed by a cryoposeml network and verified against a reference map "
+                "(CTF-aware, noise-whitened matching, local refinement, exhaustive search where the proposals "
+                "did not explain the particle; semi-amortized inference as in cryoPARES), each with a calibrated "
+                "expected angular error."]
 
     def _citations(self):
         return ["Cesped2024"]
