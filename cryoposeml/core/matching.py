@@ -31,8 +31,8 @@ from .fourier import fft2_centered, fftn_centered, frequency_index_2d, ifftn_cen
 from .grids import healpix_so3_grid
 from .symmetry import symmetry_group, to_asymmetric_unit
 
-__all__ = ["Band", "ReferenceMatcher", "noise_power", "local_moves", "pseudo_symmetries", "fsc_weighting_filter",
-           "MatchBatch"]
+__all__ = ["Band", "ReferenceMatcher", "noise_power", "local_moves", "axis_moves", "pseudo_symmetries",
+           "fsc_weighting_filter", "MatchBatch"]
 
 #: standard deviation of the match score's noise (complex Gaussian noise, real part)
 SCORE_NOISE_SD = 1.0 / math.sqrt(2.0)
@@ -150,31 +150,58 @@ class ReferenceMatcher:
         self.fine = Band(n, max(fine_kmax, coarse_kmax), self.device)
         self.group = torch.as_tensor(symmetry_group(sym), dtype=torch.float32, device=self.device)
         self._library = None
+        self._crops: dict = {}
         self.n_null = null_poses
 
     # -- slices ------------------------------------------------------------------------------
     def slices(self, A: torch.Tensor, band: Band) -> torch.Tensor:
-        """Central slices ``(..., M)`` complex of the reference at poses ``A`` ``(..., 3, 3)``."""
+        """Central slices of the reference at poses ``A`` ``(..., 3, 3)``: ``(..., 2M)`` real, the
+        real parts of the band's ``M`` points then the imaginary parts."""
         lead = A.shape[:-2]
         A = A.reshape(-1, 3, 3).to(self.device, torch.float32)
-        m = self.box * self.pad
-        k3 = torch.cat([band.k, torch.zeros(len(band), 1, device=self.device)], -1)        # (M, 3)
-        pts = torch.einsum("bji,mj->bmi", A, k3) * self.pad                                  # A.T @ k
-        norm = (pts + m // 2) * (2.0 / (m - 1)) - 1.0
-        out = []
-        for s in range(0, len(A), 4096):
-            g = norm[s:s + 4096]
-            v = F.grid_sample(self._grid, g.reshape(1, 1, len(g), len(band), 3), mode="bilinear",
+        M = len(band)
+        grid, half = self._band_grid(band)
+        # A.T @ (kx, ky, 0): the first two columns of A.T times the band's (kx, ky)
+        pts = (A.transpose(1, 2)[:, :, :2] @ band.k.T).transpose(1, 2) * self.pad            # (B, M, 3)
+        norm = pts * (1.0 / half)           # the crop's centre voxel is at 0, its edges at +-1
+        out = torch.empty(len(A), 2 * M, device=self.device)
+
+        def sample(lo: int, hi: int) -> None:
+            g = norm[lo:hi]
+            v = F.grid_sample(grid, g.reshape(1, 1, len(g), M, 3), mode="bilinear",
                               padding_mode="zeros", align_corners=True)                     # (1, 2, 1, b, M)
-            out.append(torch.complex(v[0, 0, 0], v[0, 1, 0]))
-        return torch.cat(out).reshape(*lead, len(band))
+            out[lo:hi] = v[0, :, 0].permute(1, 0, 2).reshape(len(g), 2 * M)
+
+        # torch's 3D grid_sample runs on one CPU thread: split the poses over the intra-op threads
+        # (it releases the GIL; each thread writes its own rows, so the result is the same)
+        n_threads = torch.get_num_threads() if self.device.type == "cpu" and len(A) * M > 50_000 else 1
+        bounds = np.linspace(0, len(A), n_threads + 1).round().astype(int)
+        chunks = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        if len(chunks) > 1:
+            list(_pool(len(chunks)).map(lambda c: sample(*c), chunks))
+        else:
+            for lo in range(0, len(A), 4096):
+                sample(lo, min(len(A), lo + 4096))
+        return out.reshape(*lead, 2 * M)
+
+    def _band_grid(self, band: Band) -> tuple[torch.Tensor, int]:
+        """The padded spectrum cropped to the cube a band's slices can reach (``+-(kmax pad + 2)``
+        voxels about the centre): the same values, a smaller array that stays in cache."""
+        key = round(band.kmax * self.pad) + 2
+        if key not in self._crops:
+            m = self.box * self.pad
+            half = min(key, m // 2 - 1)
+            c = m // 2
+            self._crops[key] = (self._grid[..., c - half:c + half + 1, c - half:c + half + 1,
+                                           c - half:c + half + 1].contiguous(), half)
+        return self._crops[key]
 
     # -- library -------------------------------------------------------------------------------
     @property
     def library(self) -> dict:
         """The exhaustive library (built on first use): grid poses of one asymmetric unit
-        ``(P, 3, 3)``, their coarse-band slices as ``[Re; Im]`` ``(2M, P)`` and ``|S|^2`` ``(M, P)``,
-        and the fixed poses whose scores are every particle's null distribution."""
+        ``(P, 3, 3)``, their coarse-band slices ``S`` ``(P, 2M)`` and ``|S|^2`` ``(P, M)``, and the
+        fixed poses whose scores are every particle's null distribution."""
         if self._library is None:
             grid = torch.as_tensor(healpix_so3_grid(self.order), dtype=torch.float32)
             if len(self.group) > 1:
@@ -184,9 +211,7 @@ class ReferenceMatcher:
             S = self.slices(grid, self.coarse)
             gen = torch.Generator().manual_seed(0)
             null = torch.randperm(len(grid), generator=gen)[: min(self.n_null, len(grid))].to(self.device)
-            self._library = {"poses": grid, "S": torch.cat([S.real, S.imag], -1).T.contiguous(),
-                             "power": (S.abs() ** 2).T.contiguous(), "null": null,
-                             "quat": _quaternions(grid)}
+            self._library = {"poses": grid, "S": S, "power": _power(S), "null": null, "quat": _quaternions(grid)}
         return self._library
 
     # -- data ----------------------------------------------------------------------------------
@@ -201,13 +226,25 @@ class ReferenceMatcher:
 
     # -- scoring -------------------------------------------------------------------------------
     @staticmethod
-    def _scores(data: MatchBatch, idx, origins: torch.Tensor, S: torch.Tensor, with_power: bool = False):
-        """Match scores of particles ``idx`` at origins ``(b, O, 2)`` against their own slices
-        ``S`` ``(b, C, M)`` -> ``(b, O, C)`` (and the power ``(b, C)`` with ``with_power``)."""
-        Yc = data.Y[idx, None] * data.band.phase(origins)                                 # (b, O, M)
-        W = Yc.conj() * data.w[idx, None]                                                 # (b, O, M)
-        cross = torch.einsum("bom,bcm->boc", W.real, S.real) - torch.einsum("bom,bcm->boc", W.imag, S.imag)
-        power = torch.einsum("bm,bcm->bc", data.c2[idx], S.real**2 + S.imag**2)
+    def _weighted(data: MatchBatch, idx, origins: torch.Tensor, moves: torch.Tensor | None = None) -> torch.Tensor:
+        """The re-centred, weighted data ``(b, O, 2M)`` of particles ``idx`` at origins ``(b, O, 2)``
+        (or, with ``moves`` ``(O, 2)``, at ``origins`` ``(b, 2)`` plus each move: the moves' phases are
+        computed once), laid out so that its dot product with a slice ``[Re S, Im S]`` is
+        ``Re sum conj(Y) w S``."""
+        if moves is None:
+            W = data.Y[idx, None] * data.band.phase(origins)
+        else:
+            W = (data.Y[idx] * data.band.phase(origins))[:, None] * data.band.phase(moves)[None]
+        W = W.conj() * data.w[idx, None]
+        return torch.cat([W.real, -W.imag], -1)
+
+    def _scores(self, data: MatchBatch, idx, origins: torch.Tensor, S: torch.Tensor, with_power: bool = False,
+                moves: torch.Tensor | None = None):
+        """Match scores of particles ``idx`` at origins ``(b, O, 2)`` (or ``(b, 2)`` plus ``moves``
+        ``(O, 2)``) against their own slices ``S`` ``(b, C, 2M)`` -> ``(b, O, C)`` (and the power
+        ``(b, C)`` with ``with_power``)."""
+        cross = torch.bmm(self._weighted(data, idx, origins, moves), S.transpose(1, 2))
+        power = torch.bmm(_power(S), data.c2[idx, :, None])[..., 0]
         s = cross / power.clamp(min=1e-20).sqrt()[:, None]
         return (s, power) if with_power else s
 
@@ -222,21 +259,16 @@ class ReferenceMatcher:
         """Scores ``(B, P)`` of every particle against the library poses (all, or ``columns``),
         at one origin per particle ``(B, 2)``: two matrix products."""
         lib = self.library
-        S, P2 = (lib["S"], lib["power"]) if columns is None else (lib["S"][:, columns], lib["power"][:, columns])
-        W = data.Y * data.band.phase(origins.to(self.device))
-        W = W.conj() * data.w
-        cross = torch.cat([W.real, -W.imag], -1) @ S
-        power = data.c2 @ P2
+        S, P2 = (lib["S"], lib["power"]) if columns is None else (lib["S"][columns], lib["power"][columns])
+        b = torch.arange(len(origins), device=self.device)
+        cross = self._weighted(data, b, origins.to(self.device)[:, None])[:, 0] @ S.T
+        power = data.c2 @ P2.T
         return cross / power.clamp(min=1e-20).sqrt()
 
     def score_library_subset(self, data: MatchBatch, origins: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, C)`` of each particle against its own library entries ``idx`` ``(B, C)``."""
-        lib = self.library
-        M = len(data.band)
-        S2 = lib["S"].T[idx]                                                              # (B, C, 2M)
-        S = torch.complex(S2[..., :M], S2[..., M:])
         b = torch.arange(len(idx), device=self.device)
-        return self._scores(data, b, origins[:, None].to(self.device), S)[:, 0]
+        return self._scores(data, b, origins[:, None].to(self.device), self.library["S"][idx])[:, 0]
 
     def nearest_library(self, A: torch.Tensor, n: int) -> torch.Tensor:
         """Indices ``(..., n)`` of the ``n`` library poses nearest to each pose ``A`` ``(..., 3, 3)``
@@ -255,50 +287,91 @@ class ReferenceMatcher:
         return s.mean(1), s.std(1).clamp(min=1e-6), s.amax(1)
 
     # -- local refinement ------------------------------------------------------------------------
-    def refine(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, steps_deg, shift_steps_px,
-               repeats: int = 2) -> dict:
-        """Local refinement of each particle's pose and origin: at each step, the 27 rotations
-        ``step * {-1,0,1}^3`` about the current pose (turns in the image frame) times 9 origins
-        ``shift_step * {-1,0,1}^2``; the best becomes the centre (up to ``repeats`` times per step
-        while it moves). Returns the final ``matrix`` ``(B, 3, 3)``, ``origin`` ``(B, 2)``,
-        ``score`` ``(B,)`` and ``power`` (the final pose's ``sum CTF^2 |S|^2 / sigma2``)."""
+    def refine(self, datas, A: torch.Tensor, origins: torch.Tensor, steps_deg, shift_steps_px,
+               repeats: int = 3) -> dict:
+        """Local refinement of each particle's pose and origin by a pattern search: at each step,
+        the pose and its turns by ``+-step`` about x, y and z (image frame) times the origin and
+        its moves by ``shift_step`` (3 x 3); the best becomes the centre, again (up to ``repeats``
+        times) for the particles that moved. ``datas`` gives the band of each step (a
+        :class:`MatchBatch` per step: coarse for the large steps, fine for the small ones).
+        Returns the final ``matrix`` ``(B, 3, 3)``, ``origin`` ``(B, 2)``, ``score`` ``(B,)`` and
+        ``power`` (``sum CTF^2 |S|^2 / sigma2`` at the final pose) in the last step's band, and
+        ``n_scored`` ``(B,)``, the poses x origins each particle scored."""
         A = A.to(self.device, torch.float32).clone()
         o = origins.to(self.device, torch.float32).clone()
         B = len(A)
-        b = torch.arange(B, device=self.device)
-        for step, sstep in zip(steps_deg, shift_steps_px):
-            turns = local_moves(step, self.device)
-            moves = _SHIFT_MOVES.to(self.device) * sstep
+        score = torch.full((B,), -float("inf"), device=self.device)
+        power = torch.zeros(B, device=self.device)
+        n_scored = torch.zeros(B, device=self.device)
+        for data, step, sstep in zip(datas, steps_deg, shift_steps_px):
+            turns = axis_moves(step, self.device)                                           # (7, 3, 3)
+            moves = _SHIFT_MOVES.to(self.device) * sstep                                   # (9, 2)
+            active = torch.arange(B, device=self.device)
             for _ in range(repeats):
-                C = turns[None] @ A[:, None]                                                 # (B, 27, 3, 3)
-                O = o[:, None] + moves[None]                                                  # (B, 9, 2)
-                s, pw = self._scores(data, b, O, self.slices(C, data.band), True)          # (B, 9, 27)
-                flat = s.reshape(B, -1)
+                C = turns[None] @ A[active, None]                                          # (b, 7, 3, 3)
+                s, pw = self._scores(data, active, o[active], self.slices(C, data.band), True, moves)  # (b, 9, 7)
+                n_scored[active] += s.shape[1] * s.shape[2]
+                flat = s.reshape(len(active), -1)
                 best = flat.argmax(1)
-                bo, bc = best // 27, best % 27
-                moved = (bo != 0) | (bc != 13)
-                A, o = C[b, bc], O[b, bo]
-                if not bool(moved.any()):
+                bo, bc = best // len(turns), best % len(turns)
+                ar = torch.arange(len(active), device=self.device)
+                A[active], o[active] = C[ar, bc], o[active] + moves[bo]
+                score[active], power[active] = flat[ar, best], pw[ar, bc]
+                active = active[(bo != 0) | (bc != 0)]
+                if len(active) == 0:
                     break
-        return {"matrix": A, "origin": o, "score": flat[b, best], "power": pw[b, bc]}
+        return {"matrix": A, "origin": o, "score": score, "power": power, "n_scored": n_scored}
 
-    def posterior(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, step_deg: float = 1.0,
-                  half_width: int = 2) -> dict:
-        """The posterior (log-likelihood ``s^2``, scale fitted per pose) on a uniform grid of
-        rotation vectors ``step * {-h..h}^3`` about each pose, at its origin: ``probability``
-        ``(B, (2h+1)^3)`` and each grid pose's angle to the centre ``distance_deg``. A uniform grid,
-        so the expected angular distance is a fair quadrature of the posterior's spread."""
+    def posterior(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, step_deg: float = 1.0) -> dict:
+        """A Laplace approximation of the posterior about each (refined) pose: the log-likelihood
+        ``s^2`` at turns by ``+-step`` and ``+-2 step`` about x, y and z, a parabola fitted per axis
+        (``LL(0) - LL(t) = t^2 / (2 sigma^2)``). Returns ``sigma_deg`` ``(B, 3)`` (capped at 30
+        degrees for flat directions), ``expected_deg`` (the mean angular error of that Gaussian,
+        ``sqrt(8 / pi) * sqrt(mean sigma^2)``), ``max_probability`` (the mass of a ``step``-wide cell at
+        the peak, Relion's rlnMaxValueProbDistribution at that sampling) and ``n_scored``."""
+        t = torch.tensor([1.0, -1.0, 2.0, -2.0], device=self.device) * math.radians(step_deg)
         from scipy.spatial.transform import Rotation
 
-        r = np.arange(-half_width, half_width + 1)
-        g = np.array(np.meshgrid(r, r, r, indexing="ij")).reshape(3, -1).T * np.radians(step_deg)
-        T = torch.as_tensor(Rotation.from_rotvec(g).as_matrix(), dtype=torch.float32, device=self.device)
-        C = T[None] @ A.to(self.device, torch.float32)[:, None]
-        s = self.score_poses(data, C, origins)
+        vecs = torch.zeros(13, 3)
+        for axis in range(3):
+            vecs[1 + 4 * axis:5 + 4 * axis, axis] = t.cpu()
+        T = torch.as_tensor(Rotation.from_rotvec(vecs.numpy()).as_matrix(), dtype=torch.float32, device=self.device)
+        s = self.score_poses(data, T[None] @ A.to(self.device, torch.float32)[:, None], origins)
         ll = s.clamp(min=0) ** 2
-        p = torch.softmax(ll - ll.amax(1, keepdim=True), 1)
-        dist = torch.as_tensor(np.degrees(np.linalg.norm(g, axis=1)), dtype=torch.float32, device=self.device)
-        return {"probability": p, "distance_deg": dist.expand_as(p)}
+        drop = (ll[:, :1] - ll[:, 1:]).reshape(-1, 3, 4)                                   # (B, 3, 4)
+        t2 = t**2
+        a = (drop * t2).sum(-1) / (t2**2).sum()                                            # LL drop = a t^2
+        sigma = (1.0 / (2 * a.clamp(min=1e-12))).sqrt().rad2deg().clamp(max=30.0)
+        expected = math.sqrt(8 / math.pi) * (sigma**2).mean(1).sqrt()
+        cell = torch.erf(step_deg / (2 * math.sqrt(2) * sigma)).prod(1)
+        return {"sigma_deg": sigma, "expected_deg": expected, "max_probability": cell,
+                "n_scored": torch.full((len(A),), 13.0, device=self.device)}
+
+
+_POOLS: dict = {}
+
+
+def _pool(n: int):
+    """A thread pool of ``n`` workers, made once per process."""
+    import concurrent.futures
+
+    if n not in _POOLS:
+        _POOLS[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="cryoposeml-slices")
+    return _POOLS[n]
+
+
+def _power(S: torch.Tensor) -> torch.Tensor:
+    """``|S|^2`` ``(..., M)`` of slices ``(..., 2M)`` laid out as ``[Re, Im]``."""
+    M = S.shape[-1] // 2
+    return S[..., :M] ** 2 + S[..., M:] ** 2
+
+
+def axis_moves(step_deg: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(7, 3, 3)``: the identity (index 0), then turns by ``+-step`` about x, y and z."""
+    from scipy.spatial.transform import Rotation
+
+    vecs = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)]) * np.radians(step_deg)
+    return torch.as_tensor(Rotation.from_rotvec(vecs).as_matrix(), dtype=dtype, device=device)
 
 
 def _quaternions(A: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ For each particle (in batches, memory bounded):
    under which the reference nearly maps onto itself, :func:`~cryoposeml.core.matching.pseudo_symmetries`),
    at the network's shift.
 2. **Neighbourhoods**: the ``neighbours`` library poses nearest each proposal, and the proposal
-   itself, scored in the coarse band; the two best distinct basins (more than
-   ``basin_separation_deg`` apart) are refined locally in the fine band (rotation and sub-pixel
-   origin), and the better refined one wins.
+   itself, scored in the coarse band; the best is refined locally (a pattern search over
+   rotation and sub-pixel origin, coarse band for the large steps, fine band for the small
+   ones). The best basin more than ``basin_separation_deg`` away is refined too when it scores
+   within ``alt_refine_sd`` noise SDs (a near-symmetric mate), and the better refined one wins.
 3. **Escalation** (``auto``): a particle whose refined proposal's coarse score stands less than
    ``escalate_z`` noise standard deviations above its null mean (the match z) is searched
    exhaustively (the whole library of one asymmetric unit, two matrix products), and its two best
@@ -17,8 +18,9 @@ For each particle (in batches, memory bounded):
    match z of calibration particles whose proposals were right (within 5 degrees), so 95% of
    right proposals are trusted. At SNR 0.1 a right and a wrong proposal differ by only a few
    noise SDs (measured: right 14, wrong 7.5 median), so a fixed threshold cannot be set a priori.
-4. **Uncertainty**: the posterior on a uniform 5^3 grid of rotations (``posterior_step_deg``
-   apart) about the final pose (log-likelihood ``s^2``) gives the local spread; the competing basin's posterior weight ``p_alt`` the chance of a wrong basin;
+4. **Uncertainty**: a Laplace approximation of the posterior about the final pose
+   (log-likelihood ``s^2`` at turns of 1 and 2 ``posterior_step_deg`` about each axis) gives the
+   local spread; the competing basin's posterior weight ``p_alt`` the chance of a wrong basin;
    their combination is the raw expected error, calibrated on held-out particles. The match
    z-score (the final pose's coarse score against the particle's null distribution over 512
    fixed library poses) tells junk from particles.
@@ -70,10 +72,12 @@ class MatchConfig:
     basin_separation_deg: float = 15.0
     escalate_z: float | None = None   # auto: escalate when the proposals' best match z is below this;
                                       # None: every particle (the model's calibrated value is used when it has one)
-    refine_steps_deg: tuple = (3.75, 1.875, 0.94, 0.47, 0.23)
-    refine_shift_steps_px: tuple = (1.0, 0.5, 0.25, 0.125, 0.0625)
+    refine_steps_deg: tuple = (3.75, 1.875, 0.94, 0.47)   # finer gains nothing at realistic SNR: the
+    refine_shift_steps_px: tuple = (1.0, 0.5, 0.25, 0.125)  # posterior is ~1 deg wide at SNR 0.1
+    fine_below_deg: float = 2.0       # refinement steps larger than this use the coarse band
+    alt_refine_sd: float = 3.0        # refine the second basin too when it scores this close (noise SDs)
     pseudo_symmetry_threshold: float = 0.75
-    posterior_step_deg: float = 1.0   # spacing of the uniform 5^3 posterior grid about the final pose
+    posterior_step_deg: float = 1.0   # turns of 1 and 2 steps about each axis fit the posterior's width
 
     def check(self) -> None:
         if self.matching not in MATCHING_MODES:
@@ -208,8 +212,9 @@ def _check_map(path, vol: np.ndarray, map_apix: float, box, apix) -> None:
 # -- the matching of one batch ---------------------------------------------------------------------
 def _two_basins(scores: torch.Tensor, poses: torch.Tensor, group: torch.Tensor, separation_deg: float):
     """Each particle's best candidate and the best one more than ``separation_deg`` from it (up to
-    symmetry; the best itself when none is). ``scores`` ``(B, C)``, ``poses`` ``(B, C, 3, 3)``."""
-    b = torch.arange(len(scores))
+    symmetry). ``scores`` ``(B, C)``, ``poses`` ``(B, C, 3, 3)`` -> ``(A1, s1, A2, s2)``; ``s2`` is
+    -inf where no candidate is that far."""
+    b = torch.arange(len(scores), device=scores.device)
     i1 = scores.argmax(1)
     A1 = poses[b, i1]
     R = A1[:, None].transpose(-1, -2) @ poses                                           # (B, C, 3, 3)
@@ -217,47 +222,59 @@ def _two_basins(scores: torch.Tensor, poses: torch.Tensor, group: torch.Tensor, 
     far = ((tr - 1) / 2) < math.cos(math.radians(separation_deg))
     s2 = scores.masked_fill(~far, -float("inf"))
     i2 = s2.argmax(1)
-    has = far.any(1)
-    i2 = torch.where(has, i2, i1)
-    return A1, poses[b, i2], has
+    return A1, scores[b, i1], poses[b, i2], s2[b, i2]
 
 
-def _refine_basins(m: ReferenceMatcher, data, A1, A2, origins, cfg: MatchConfig) -> dict:
-    """Refine both basins; the better refined one wins. Returns the winner's refinement, the
-    loser's pose and score (``alt_matrix``, ``alt_score``) and the candidates scored."""
-    B = len(A1)
-    both = torch.arange(B, device=A1.device).repeat(2)
-    r = m.refine(_subset(data, both), torch.cat([A1, A2]), torch.cat([origins, origins]), cfg.refine_steps_deg,
-                 cfg.refine_shift_steps_px)
-    first = r["score"][:B] >= r["score"][B:]
-    win = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[:B], x[B:])   # noqa: E731
-    lose = lambda x: torch.where(first.reshape(-1, *[1] * (x.dim() - 1)), x[B:], x[:B])  # noqa: E731
-    out = {k: win(v) for k, v in r.items()}
-    out.update(alt_matrix=lose(r["matrix"]), alt_score=lose(r["score"]))
-    # every refinement step scores 27 rotations x 9 origins, up to `repeats` (2) times
-    out["n_scored"] = 2 * 2 * 243 * len(cfg.refine_steps_deg)
+def _refine_basins(m: ReferenceMatcher, dc, df, A1, s1, A2, s2, origins, cfg: MatchConfig) -> dict:
+    """Refine each particle's best basin; the second basin too where its coarse score comes
+    within ``alt_refine_sd`` noise SDs of the best (a near-symmetric mate, say), and the better
+    refined one wins. Returns the winner's ``matrix``, ``origin``, ``score``, ``power``, the
+    competing basin's ``alt_matrix`` and ``alt_score`` (-inf where it was not refined) and
+    ``n_scored``."""
+    steps = cfg.refine_steps_deg
+    datas = [dc if st > cfg.fine_below_deg else df for st in steps]
+    r = m.refine(datas, A1, origins, steps, cfg.refine_shift_steps_px)
+    # a second basin that was not refined scored over alt_refine_sd noise SDs below the best: its
+    # posterior weight, exp(s2^2 - s1^2), is negligible
+    out = dict(r, alt_matrix=A2, alt_score=torch.full_like(s2, -float("inf")))
+    close = torch.nonzero(s2 > s1 - cfg.alt_refine_sd * SCORE_NOISE_SD).flatten()
+    if len(close):
+        sub = lambda d: _subset(d, close)  # noqa: E731
+        r2 = m.refine([sub(d) for d in datas], A2[close], origins[close], steps, cfg.refine_shift_steps_px)
+        out["n_scored"] = out["n_scored"].clone()
+        out["n_scored"][close] += r2["n_scored"]
+        second = r2["score"] > r["score"][close]
+        win = close[second]
+        for k in ("matrix", "origin", "score", "power"):
+            out[k] = out[k].clone()
+        out["alt_matrix"], out["alt_score"] = out["alt_matrix"].clone(), out["alt_score"].clone()
+        # where the second basin wins, the first becomes the competitor; else the refined second is
+        out["alt_matrix"][close] = torch.where(second[:, None, None], r["matrix"][close], r2["matrix"])
+        out["alt_score"][close] = torch.where(second, r["score"][close], r2["score"])
+        for k in ("matrix", "origin", "score", "power"):
+            out[k][win] = r2[k][second]
     return out
 
 
 def _merge_escalated(res: dict, ex: dict, sel: torch.Tensor) -> None:
     """Particles ``sel`` were also searched exhaustively (``ex``): the higher-scoring refined pose
     wins; the best of the rest becomes the competing basin."""
-    old = {k: v[sel] for k, v in res.items() if torch.is_tensor(v)}
+    old = {k: v[sel] for k, v in res.items()}
     better = ex["score"] > old["score"]
-    win, lose = (ex, old), (old, ex)
+    w = lambda x, y: torch.where(better.reshape(-1, *[1] * (x.dim() - 1)), x, y)  # noqa: E731
     for k in ("matrix", "origin", "score", "power"):
         res[k] = res[k].clone()
-        res[k][sel] = torch.where(better.reshape(-1, *[1] * (ex[k].dim() - 1)), ex[k], old[k])
+        res[k][sel] = w(ex[k], old[k])
     # the competing basin: the better of the winner's own alternative and the loser's pose
-    cand_s = torch.stack([torch.where(better, win[0]["alt_score"], win[1]["alt_score"]),
-                          torch.where(better, lose[0]["score"], lose[1]["score"])])
-    cand_A = torch.stack([torch.where(better[:, None, None], win[0]["alt_matrix"], win[1]["alt_matrix"]),
-                          torch.where(better[:, None, None], lose[0]["matrix"], lose[1]["matrix"])])
+    cand_s = torch.stack([w(ex["alt_score"], old["alt_score"]), w(old["score"], ex["score"])])
+    cand_A = torch.stack([w(ex["alt_matrix"], old["alt_matrix"]), w(old["matrix"], ex["matrix"])])
     pick = cand_s.argmax(0)
     ar = torch.arange(len(sel), device=sel.device)
     res["alt_score"], res["alt_matrix"] = res["alt_score"].clone(), res["alt_matrix"].clone()
     res["alt_score"][sel] = cand_s[pick, ar]
     res["alt_matrix"][sel] = cand_A[pick, ar]
+    res["n_scored"] = res["n_scored"].clone()
+    res["n_scored"][sel] += ex["n_scored"]
 
 
 @torch.no_grad()
@@ -266,7 +283,8 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     """Match one batch. ``images`` ``(B, N, N)`` raw particles, ``ctf`` ``(B, N, N)`` (centred;
     None without CTF), ``proposals`` ``(B, K, 3, 3)`` (None in ``exhaustive`` mode), ``shifts_px``
     ``(B, 2)`` starting origins (px). Returns per-particle tensors: ``matrix``, ``origin``,
-    ``score``, ``z``, ``escalated``, ``expected_raw`` (uncalibrated expected error, deg),
+    ``score``, ``z`` (the match z-score), ``z_proposals`` (the same for the refined proposal,
+    before any escalation), ``escalated``, ``expected_raw`` (uncalibrated expected error, deg),
     ``max_prob``, ``p_alt`` and the number of poses scored ``n_scored``."""
     dev = m.device
     B = len(images)
@@ -277,67 +295,57 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     df = m.prepare(spectra, ctf, sigma2, m.fine)
     origins = shifts_px.to(dev, torch.float32)
     mu, _, _ = m.null_stats(dc, origins)
-    n_scored = torch.full((B,), float(len(m.library["null"])), device=dev)
     lib_poses = m.library["poses"]
     group = m.group
 
     def exhaustive(sel: torch.Tensor) -> dict:
-        d = _subset(dc, sel)
-        s = m.score_library(d, origins[sel])
+        s = m.score_library(_subset(dc, sel), origins[sel])
         top = s.topk(min(64, s.shape[1]), 1)
-        A1, A2, _ = _two_basins(top.values, lib_poses[top.indices], group, cfg.basin_separation_deg)
-        out = _refine_basins(m, _subset(df, sel), A1, A2, origins[sel], cfg)
-        out["n_scored"] += s.shape[1]
+        A1, s1, A2, s2 = _two_basins(top.values, lib_poses[top.indices], group, cfg.basin_separation_deg)
+        out = _refine_basins(m, _subset(dc, sel), _subset(df, sel), A1, s1, A2, s2, origins[sel], cfg)
+        out["n_scored"] = out["n_scored"] + s.shape[1]
         return out
+
+    def coarse_z(res):
+        return (m.score_poses(dc, res["matrix"][:, None], res["origin"])[:, 0] - mu) / SCORE_NOISE_SD
 
     if proposals is None:
         res = exhaustive(torch.arange(B, device=dev))
-        n_scored += res["n_scored"]
         escalated = torch.ones(B, dtype=torch.bool, device=dev)
+        z_prop = None
     else:
         props = proposals.to(dev, torch.float32)
         if len(pseudo):
             g = torch.as_tensor(pseudo, dtype=torch.float32, device=dev)
             props = torch.cat([props, (props[:, :1, None] @ g[None, None])[:, 0]], 1)       # A @ g
         near = m.nearest_library(props, cfg.neighbours).reshape(B, -1)                     # (B, K*n)
-        s_lib = m.score_library_subset(dc, origins, near)
-        s_own = m.score_poses(dc, props, origins)
-        scores = torch.cat([s_own, s_lib], 1)
+        scores = torch.cat([m.score_poses(dc, props, origins), m.score_library_subset(dc, origins, near)], 1)
         poses = torch.cat([props, lib_poses[near]], 1)
-        n_scored += scores.shape[1]
-        A1, A2, _ = _two_basins(scores, poses, group, cfg.basin_separation_deg)
-        res = _refine_basins(m, df, A1, A2, origins, cfg)
-        n_scored += res["n_scored"]
-        z_prop = (m.score_poses(dc, res["matrix"][:, None], res["origin"])[:, 0] - mu) / SCORE_NOISE_SD
+        A1, s1, A2, s2 = _two_basins(scores, poses, group, cfg.basin_separation_deg)
+        res = _refine_basins(m, dc, df, A1, s1, A2, s2, origins, cfg)
+        res["n_scored"] = res["n_scored"] + scores.shape[1]
+        z_prop = coarse_z(res)
         escalated = torch.zeros(B, dtype=torch.bool, device=dev)
         if cfg.matching == "auto":
-            if cfg.escalate_z is None:
-                escalated = torch.ones(B, dtype=torch.bool, device=dev)
-            else:
-                escalated = z_prop < cfg.escalate_z
+            escalated = (torch.ones_like(escalated) if cfg.escalate_z is None else z_prop < cfg.escalate_z)
             if bool(escalated.any()):
                 sel = torch.nonzero(escalated).flatten()
-                ex = exhaustive(sel)
-                n_scored[sel] += ex["n_scored"]
-                _merge_escalated(res, ex, sel)
+                _merge_escalated(res, exhaustive(sel), sel)
     # match z: the final pose's coarse score above the particle's null mean, in noise SDs (junk:
     # noise or another protein matches no view much better than a random one)
-    s_final = m.score_poses(dc, res["matrix"][:, None], res["origin"])[:, 0]
-    z = (s_final - mu) / SCORE_NOISE_SD
-    # the posterior on a uniform grid about the final pose, and the competing basin's weight
+    z = coarse_z(res)
+    # the posterior about the final pose (Laplace), and the competing basin's weight
     post = m.posterior(df, res["matrix"], res["origin"], cfg.posterior_step_deg)
-    p = post["probability"]
-    n_scored += p.shape[1]
-    local = (p * post["distance_deg"]).sum(1)
     d_alt = torch.rad2deg(torch.arccos(((torch.einsum("bij,gjk,bik->bg", res["alt_matrix"], group, res["matrix"])
                                          .amax(-1) - 1) / 2).clamp(-1, 1)))
     p_alt = torch.sigmoid(res["alt_score"].clamp(min=0) ** 2 - res["score"].clamp(min=0) ** 2)
-    p_alt = torch.where(d_alt > cfg.basin_separation_deg / 2, p_alt, torch.zeros_like(p_alt))
-    expected = (1 - p_alt) * local + p_alt * d_alt
+    p_alt = torch.where(torch.isfinite(res["alt_score"]) & (d_alt > cfg.basin_separation_deg / 2), p_alt,
+                        torch.zeros_like(p_alt))
+    expected = (1 - p_alt) * post["expected_deg"] + p_alt * d_alt
+    n_scored = res["n_scored"] + len(m.library["null"]) + post["n_scored"] + (2 if proposals is not None else 1)
     return {"matrix": res["matrix"], "origin": res["origin"], "score": res["score"], "z": z,
-            "escalated": escalated, "expected_raw": expected, "max_prob": p.amax(1) * (1 - p_alt),
-            "p_alt": p_alt, "n_scored": n_scored,
-            "z_proposals": z_prop if proposals is not None else z}
+            "z_proposals": z if z_prop is None else z_prop, "escalated": escalated, "expected_raw": expected,
+            "max_prob": post["max_probability"] * (1 - p_alt), "p_alt": p_alt, "n_scored": n_scored}
 
 
 def _subset(d, sel):
