@@ -160,28 +160,27 @@ class ReferenceMatcher:
         lead = A.shape[:-2]
         A = A.reshape(-1, 3, 3).to(self.device, torch.float32)
         M = len(band)
+        if len(A) == 0:
+            return torch.zeros(*lead, 2 * M, device=self.device)
         grid, half = self._band_grid(band)
         # A.T @ (kx, ky, 0): the first two columns of A.T times the band's (kx, ky)
         pts = (A.transpose(1, 2)[:, :, :2] @ band.k.T).transpose(1, 2) * self.pad            # (B, M, 3)
         norm = pts * (1.0 / half)           # the crop's centre voxel is at 0, its edges at +-1
-        out = torch.empty(len(A), 2 * M, device=self.device)
-
-        def sample(lo: int, hi: int) -> None:
+        def sample(lo: int, hi: int) -> torch.Tensor:
             g = norm[lo:hi]
             v = F.grid_sample(grid, g.reshape(1, 1, len(g), M, 3), mode="bilinear",
                               padding_mode="zeros", align_corners=True)                     # (1, 2, 1, b, M)
-            out[lo:hi] = v[0, :, 0].permute(1, 0, 2).reshape(len(g), 2 * M)
+            return v[0, :, 0].permute(1, 0, 2).reshape(len(g), 2 * M)
 
         # torch's 3D grid_sample runs on one CPU thread: split the poses over the intra-op threads
-        # (it releases the GIL; each thread writes its own rows, so the result is the same)
+        # (it releases the GIL; the pieces are joined in order, so the result is the same)
         n_threads = torch.get_num_threads() if self.device.type == "cpu" and len(A) * M > 50_000 else 1
         bounds = np.linspace(0, len(A), n_threads + 1).round().astype(int)
         chunks = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         if len(chunks) > 1:
-            list(_pool(len(chunks)).map(lambda c: sample(*c), chunks))
+            out = torch.cat(list(_pool(len(chunks)).map(lambda c: sample(*c), chunks)))
         else:
-            for lo in range(0, len(A), 4096):
-                sample(lo, min(len(A), lo + 4096))
+            out = torch.cat([sample(lo, min(len(A), lo + 4096)) for lo in range(0, len(A), 4096)])
         return out.reshape(*lead, 2 * M)
 
     def _band_grid(self, band: Band) -> tuple[torch.Tensor, int]:
