@@ -32,7 +32,7 @@ from .grids import healpix_so3_grid
 from .symmetry import symmetry_group, to_asymmetric_unit
 
 __all__ = ["Band", "ReferenceMatcher", "noise_power", "local_moves", "axis_moves", "pseudo_symmetries",
-           "fsc_weighting_filter", "MatchBatch"]
+           "MatchBatch"]
 
 #: standard deviation of the match score's noise (complex Gaussian noise, real part)
 SCORE_NOISE_SD = 1.0 / math.sqrt(2.0)
@@ -88,13 +88,6 @@ def noise_power(images: torch.Tensor, band: Band, radius_px: float) -> torch.Ten
     prof = num / cnt.clamp(min=1)
     prof[0] = prof[1] if n_shell > 1 else 1.0
     return prof
-
-
-def fsc_weighting_filter(fsc_curve: np.ndarray) -> np.ndarray:
-    """Relion's reference weighting per shell, ``sqrt(2 FSC / (1 + FSC))`` (FSC clipped at 0):
-    the expected correlation of a half-map with the truth."""
-    f = np.clip(np.asarray(fsc_curve, np.float64), 0.0, 0.9999)
-    return np.sqrt(2 * f / (1 + f))
 
 
 def local_moves(step_deg: float, device=None, dtype=torch.float32) -> torch.Tensor:

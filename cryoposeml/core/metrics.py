@@ -6,7 +6,7 @@ import numpy as np
 from .symmetry import symmetric_distance_deg
 
 __all__ = ["fsc", "resolution_at", "pcc", "soft_sphere_mask", "soft_circle_mask", "mask_outside_sphere",
-           "angular_error_stats", "align_poses_globally"]
+           "angular_error_stats", "align_poses_globally", "particle_radius_px"]
 
 
 def _shell_index(box: int) -> np.ndarray:
@@ -72,6 +72,25 @@ def _soft_edge(r: np.ndarray, radius: float, width: float) -> np.ndarray:
         return (r <= radius).astype(np.float32)
     t = np.clip((r - radius) / width, 0.0, 1.0)
     return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+
+
+def particle_radius_px(volume: np.ndarray, pixel_size_angstrom: float, lowpass_angstrom: float = 15.0,
+                       fraction: float = 0.1) -> float:
+    """The radius (px, about the centre voxel) that holds a map's particle: the farthest voxel of
+    the map low-passed to ``lowpass_angstrom`` whose density (above the median of the box's
+    corners) exceeds ``fraction`` of the peak; at least a quarter of the box, at most its half
+    less 4 px (room for a soft edge)."""
+    from .fourier import lowpass_volume
+
+    n = volume.shape[0]
+    lp = lowpass_volume(np.asarray(volume, np.float32), pixel_size_angstrom, max(lowpass_angstrom,
+                                                                                 2.5 * pixel_size_angstrom))
+    k = np.arange(n) - n // 2
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
+    lp = lp - np.median(lp[r > n // 2 - 1])
+    above = lp > fraction * lp.max()
+    radius = float(r[above].max()) if above.any() else n / 2 - 4
+    return float(np.clip(radius, n / 4, n / 2 - 4))
 
 
 def soft_sphere_mask(box: int, radius_px: float | None = None, width_px: float = 3.0) -> np.ndarray:

@@ -29,8 +29,8 @@ For each particle (in batches, memory bounded):
 proposals: every particle searched exhaustively, then 2 and 4), ``none`` (the network alone).
 
 The reference: :class:`Reference` (the training particles' half-maps in the model folder, or a
-user's map), filtered per half by Relion's FSC weighting, with working bands chosen from its
-half-map FSC.
+user's map), each half masked around the particle and Wiener-filtered by the half-map FSC, with
+working bands chosen from that FSC.
 """
 from __future__ import annotations
 
@@ -46,9 +46,8 @@ import torch
 from ..core.ctf import ctf_2d
 from ..core.errors import InputError
 from ..core.fourier import fft2_centered, fftn_centered, ifftn_centered
-from ..core.matching import (SCORE_NOISE_SD, ReferenceMatcher, fsc_weighting_filter, noise_power,
-                             pseudo_symmetries)
-from ..core.metrics import fsc, resolution_at, soft_sphere_mask
+from ..core.matching import SCORE_NOISE_SD, ReferenceMatcher, noise_power, pseudo_symmetries
+from ..core.metrics import fsc, particle_radius_px, resolution_at, soft_sphere_mask
 from ..core.symmetry import symmetry_group
 from ..data.mrc import read_map, write_map
 from ._outputs import write_json
@@ -88,10 +87,6 @@ def reference_dir(model_dir) -> Path:
     return Path(model_dir) / "reference"
 
 
-def _half_fsc(h1: np.ndarray, h2: np.ndarray, apix: float) -> tuple[np.ndarray, np.ndarray]:
-    return fsc(h1, h2, apix, soft_sphere_mask(h1.shape[0]))
-
-
 def _filter(volume: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Multiply a map's spectrum by per-shell ``weights`` (shell = rounded radius)."""
     n = volume.shape[0]
@@ -103,17 +98,33 @@ def _filter(volume: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return ifftn_centered(spec).real.numpy().astype(np.float32)
 
 
+def filtered_halves(half1: np.ndarray, half2: np.ndarray, apix: float) -> dict:
+    """What a half-map reference is matched as: each half masked by a soft sphere around the
+    particle (radius from the maps, :func:`~cryoposeml.core.metrics.particle_radius_px`) and
+    Wiener-filtered by the masked half-map FSC (a half-map's SNR per shell is ``FSC / (1 - FSC)``,
+    so its Wiener filter is the FSC itself). Measured on 2,700 AdK particles at SNR 0.1: matched
+    from the true poses, the median error is 2.32 deg against the unmasked map weighted by
+    sqrt(2 FSC / (1 + FSC)), 1.71 deg masked (radius 20 px) and Wiener-filtered, 1.43 deg against
+    the true map. Returns the filtered maps, the masked FSC and the mask radius."""
+    radius = particle_radius_px((half1 + half2) / 2, apix)
+    mask = soft_sphere_mask(half1.shape[0], radius, 3.0)
+    freq, curve = fsc(half1, half2, apix, mask)
+    w = np.clip(curve, 0.0, 1.0)
+    return {"half1": _filter(half1 * mask, w), "half2": _filter(half2 * mask, w), "frequency": freq,
+            "fsc": curve, "mask_radius_px": radius}
+
+
 def write_reference(folder: Path, half1: np.ndarray, half2: np.ndarray, apix: float, sym: str, info: dict) -> dict:
-    """Write the consensus reference: half-maps, their FSC, and each half's FSC-weighted map."""
+    """Write the consensus reference: half-maps, their masked FSC, and each half's filtered map."""
     folder.mkdir(parents=True, exist_ok=True)
-    freq, curve = _half_fsc(half1, half2, apix)
-    w = fsc_weighting_filter(curve)
+    f = filtered_halves(half1, half2, apix)
     write_map(folder / "half1.mrc", half1, apix)
     write_map(folder / "half2.mrc", half2, apix)
-    write_map(folder / "half1_filtered.mrc", _filter(half1, w), apix)
-    write_map(folder / "half2_filtered.mrc", _filter(half2, w), apix)
+    write_map(folder / "half1_filtered.mrc", f["half1"], apix)
+    write_map(folder / "half2_filtered.mrc", f["half2"], apix)
+    freq, curve = f["frequency"], f["fsc"]
     meta = {**info, "sym": sym.upper(), "box": int(half1.shape[0]), "pixel_size_angstrom": apix,
-            "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
+            "mask_radius_px": f["mask_radius_px"], "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
             "resolution_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
             "resolution_fsc05_angstrom": resolution_at(freq, curve, 0.5)}
     write_json(folder / "reference.json", meta)
@@ -183,10 +194,9 @@ def load_reference(model_dir=None, reference=None, half_maps=None, sym: str = "C
             v, a = read_map(p)
             _check_map(p, v, a, box, apix)
             vols.append(v)
-        freq, curve = _half_fsc(vols[0], vols[1], apix)
-        res = resolution_at(freq, curve, 0.143)
-        w = fsc_weighting_filter(curve)
-        maps = {"half1": _filter(vols[0], w), "half2": _filter(vols[1], w)}
+        f = filtered_halves(vols[0], vols[1], apix)
+        res = resolution_at(f["frequency"], f["fsc"], 0.143)
+        maps = {"half1": f["half1"], "half2": f["half2"]}
     if reference is not None:
         v, a = read_map(reference)
         _check_map(reference, v, a, box, apix)
