@@ -168,7 +168,7 @@ def main(argv=None) -> None:
             print(json.dumps(row))
         if args.relion:
             rows.append(relion_row(d, map_path, sym, truth, true_map, args))
-    path = write_results(args.out, args.name, args, rows)
+        path = write_results(args.out, args.name, args, rows)   # after each dataset: a partial run keeps its rows
     cols = ["dataset", "method", "median_deg", "mean_deg", "pct_under_5deg", "pct_over_30deg", "shift_median_A",
             "fsc05_vs_true_A", "half_map_fsc0143_A", "ece_deg", "spearman_expected_vs_error", "fraction_escalated",
             "poses_scored_per_particle", "particles_per_s", "peak_rss_gb"]

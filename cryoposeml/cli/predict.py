@@ -33,15 +33,19 @@ def add_args(p):
     p.add_argument("--cross-halves", action="store_true",
                    help="CESPED's evaluation protocol: half-1 particles go to the half-2 network and map (for "
                         "scoring a model on its own training particles); default: same half (gold standard)")
+    p.add_argument("--escalate-right", type=float, default=MatchConfig.escalate_right,
+                   help="auto: the share of right proposals (on the model's calibration particles) that are searched "
+                        "exhaustively too; the match-z threshold that gives it catches most wrong proposals. Higher: "
+                        "more accurate and slower (default: %(default)s)")
     p.add_argument("--escalate-z", type=float, default=None,
-                   help="auto: search exhaustively the particles whose proposals match with a z-score below this "
-                        "(default: the model's threshold calibrated on its held-out particles)")
+                   help="auto: search exhaustively the particles whose best proposal matches with a z-score below "
+                        "this (overrides --escalate-right)")
 
 
 def main(args):
     s = predict(args.particles, args.model, args.out, args.batch_size, args.device, args.sym, args.keep_original,
                 args.strict, args.overwrite, not args.quiet, args.top_k, args.matching, args.reference, args.half_maps,
-                args.cross_halves, MatchConfig(escalate_z=args.escalate_z))
+                args.cross_halves, MatchConfig(escalate_z=args.escalate_z, escalate_right=args.escalate_right))
     if args.top_k:
         print(f"wrote {s['top_k']['star']}")
     extra = (f", {100 * s['fraction_escalated']:.0f}% escalated, median match z {s['median_match_z']:.1f}"

@@ -43,7 +43,7 @@ from ._outputs import check_new_file, stamp, write_json
 from .calibration import Calibration
 from .plots import pose_figure, save_figure
 from .reconstruct import half_set_labels
-from .train import load_model, preprocessor_for, resolve_device
+from .train import escalation_threshold, load_model, preprocessor_for, resolve_device
 from .verify import MatchConfig, Reference, load_reference, match_config_dict, particle_ctf, verify_batch
 
 __all__ = ["predict", "transfer_check", "predict_arrays", "load_models"]
@@ -220,7 +220,8 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         mine = np.where(subset == 1, "half1", "half2")
         network_of = np.where(subset == 1, "half2", "half1") if cross_halves else mine
     if cfg.matching == "auto" and cfg.escalate_z is None and ref is not None:
-        zs = [meta["runs"][r].get("matching_escalate_z") for r in models]
+        zs = [escalation_threshold(meta["runs"][r].get("matching_right_z_percentiles"), cfg.escalate_right)
+              for r in models]
         if all(z is not None for z in zs):
             cfg.escalate_z = max(zs)   # the stricter of the halves' thresholds
         else:

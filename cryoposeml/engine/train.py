@@ -440,13 +440,16 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
             return predict_arrays(star, rows, {run: model}, meta, np.array([run] * len(rows)), ref, ref_of, cfg_m,
                                   device, progress=progress)
 
-        # the escalation threshold: 95% of the proposals that were right keep their pose
+        # the escalation threshold: the match z of the proposals that turn out right (within 5 deg),
+        # at the percentiles predict chooses from (--escalate-right: the share of right proposals
+        # searched exhaustively anyway, because the wrong ones overlap them)
         prop = run_matching(MatchConfig(matching="proposals"))
         right = symmetric_distance_deg(prop["matrix"], true_A, cfg.sym) < 5.0
-        escalate_z = float(np.percentile(prop["z_proposals"][right], 5)) if right.sum() >= 10 else None
-        runs[run]["matching_escalate_z"] = escalate_z
+        quantiles = ({str(q): float(np.percentile(prop["z_proposals"][right], q)) for q in ESCALATE_PERCENTILES}
+                     if right.sum() >= 10 else None)
+        runs[run]["matching_right_z_percentiles"] = quantiles
+        escalate_z = escalation_threshold(quantiles, MatchConfig.escalate_right)
         arr = run_matching(MatchConfig(matching="auto", escalate_z=escalate_z))
-        true_A = star.matrices()[rows]
         err = symmetric_distance_deg(arr["matrix"], true_A, cfg.sym)
         net_err = symmetric_distance_deg(arr["net_matrix"], true_A, cfg.sym)
         shift_err = np.linalg.norm(arr["shift_px"] - star.shifts_px()[rows], axis=1) * star.pixel_size_angstrom
@@ -465,6 +468,22 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
         log.info("%s calibration split (%d particles): matched median %.2f deg (network %.2f), ECE %.2f deg, "
                  "%.0f%% escalated", run, len(rows), np.median(err), np.median(net_err), ece,
                  100 * arr["escalated"].mean())
+
+
+#: percentiles of the right proposals' match z kept in model.json (predict interpolates between them)
+ESCALATE_PERCENTILES = (1, 5, 10, 20, 30, 50, 70)
+
+
+def escalation_threshold(percentiles: dict | None, share: float) -> float | None:
+    """The match z below which a share ``share`` of the calibration's right proposals fall: with
+    ``auto``, particles under it are searched exhaustively. None without a calibration (then every
+    particle is)."""
+    if percentiles is None:
+        return None
+    q = np.array([float(k) for k in percentiles])
+    v = np.array(list(percentiles.values()))
+    order = np.argsort(q)
+    return float(np.interp(100 * share, q[order], v[order]))
 
 
 def load_model(model_dir, run: str, device) -> tuple[torch.nn.Module, dict]:

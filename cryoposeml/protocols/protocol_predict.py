@@ -126,7 +126,8 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         subset = emobj.SetOfParticles(filename=self._getTmpPath(f"batch_{tag}.sqlite"))
         subset.copyInfo(inp)
         wanted = set(ids)
-        for p in inp.iterItems():
+        # only this batch's id range is read from the database, not the whole (growing) input
+        for p in inp.iterItems(where=f"id >= {min(ids)} AND id <= {max(ids)}"):
             if p.getObjId() in wanted:
                 subset.append(p.clone())
         subset.write()
