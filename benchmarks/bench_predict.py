@@ -107,6 +107,35 @@ def score_row(pred_path: Path, truth, true_map, sym: str, expected: bool = True)
             "half_map_fsc0143_A": resolution_at(fh, ch, 0.143), **calib}
 
 
+def escalation_tradeoff(d: Path, model: Path, truth, sym: str, ds: str) -> list[dict]:
+    """What ``auto`` would give for each share of right proposals escalated: particles whose best
+    proposal's match z (``rlnCpmlProposalZ`` of the proposals run) is under the model's threshold
+    for that share take the exhaustive run's pose, the others the proposals run's."""
+    from cryoposeml.engine.train import ESCALATE_PERCENTILES, escalation_threshold
+
+    meta = json.loads((model / "model.json").read_text())
+    pct = next(iter(meta["runs"].values())).get("matching_right_z_percentiles")
+    if pct is None:
+        return []
+    out = []
+    prop, ex = read_star(d / "pred_proposals.star"), read_star(d / "pred_exhaustive.star")
+    ip, it = match_particles(prop, truth)
+    ie, _ = match_particles(ex, truth)
+    good = truth.particles["rlnCpmlJunk"].to_numpy()[it] == 0 if "rlnCpmlJunk" in truth.particles else np.ones(len(it), bool)
+    e_p = symmetric_distance_deg(prop.matrices()[ip], truth.matrices()[it], sym)[good]
+    e_e = symmetric_distance_deg(ex.matrices()[ie], truth.matrices()[it], sym)[good]
+    z = prop.particles["rlnCpmlProposalZ"].to_numpy()[ip][good]
+    for q in ESCALATE_PERCENTILES:
+        esc = z < escalation_threshold(pct, q / 100)
+        e = np.where(esc, e_e, e_p)
+        out.append({"dataset": ds, "method": f"auto, {q}% of right proposals escalated (from the two runs)",
+                    "fraction_escalated": float(esc.mean()), "median_deg": float(np.median(e)),
+                    "mean_deg": float(np.mean(e)), "pct_under_5deg": float(100 * np.mean(e < 5)),
+                    "pct_over_30deg": float(100 * np.mean(e > 30))})
+        print(json.dumps(out[-1]))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["C1", "D2", "near-D2"])
@@ -166,6 +195,8 @@ def main(argv=None) -> None:
                 row["train_s"] = train_s
             rows.append(row)
             print(json.dumps(row))
+        if {"proposals", "exhaustive"} <= set(args.modes):
+            rows.extend(escalation_tradeoff(d, model, truth, sym, ds))
         if args.relion:
             rows.append(relion_row(d, map_path, sym, truth, true_map, args))
         path = write_results(args.out, args.name, args, rows)   # after each dataset: a partial run keeps its rows

@@ -80,7 +80,8 @@ def test_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     d = tmp_path / "demo"
     report = (d / "report.md").read_text()
-    for name, label in [("predicted", "predicted (all particles)"), ("cleanup", "after cleanup"),
+    for name, label in [("network", "network alone (all particles)"),
+                        ("predicted", "verified against the map (all particles)"), ("cleanup", "after cleanup"),
                         ("refined", "after Relion local refinement")]:
         ev = json.loads((d / "evaluation" / f"{name}.json").read_text())
         row = [l for l in report.splitlines() if l.startswith(f"| {label} |")][0].split("|")

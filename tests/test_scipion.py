@@ -159,8 +159,9 @@ class TestCryoposemlTemplates(BaseTest):
         ids = sorted(p.getObjId() for p in out)
         assert ids == sorted(p.getObjId() for p in new_parts)       # every particle, exactly once
         first = out.getFirstItem()
-        for attr in ("_cryoposemlExpectedError", "_cryoposemlFigureOfMerit", "_cryoposemlConfidence"):
-            assert first.hasAttribute(attr), attr
+        for attr in ("_cryoposemlExpectedError", "_cryoposemlFigureOfMerit", "_cryoposemlConfidence",
+                     "_cryoposemlMatchZ", "_cryoposemlMaxProb", "_cryoposemlEscalated"):
+            assert first.hasAttribute(attr), attr   # verified against the model's reference by default
         assert predict.outputVolume.hasHalfMaps()
 
         # A real client: scipion-em-relion's writer gives the poses of our own STAR files.
@@ -185,16 +186,20 @@ class TestCryoposemlTemplates(BaseTest):
         kept, gone = cleanup.outputParticles, getattr(cleanup, "outputDiscarded", None)
         n_gone = gone.getSize() if gone is not None else 0
         assert kept.getSize() + n_gone == 300 and kept.getSize() >= 150   # auto keeps >= 50%
-        if n_gone:
-            worst_kept = max(p._cryoposemlExpectedError.get() for p in kept)
-            best_gone = min(p._cryoposemlExpectedError.get() for p in gone)
-            assert worst_kept <= best_gone
+        if n_gone:   # verified poses are ranked by their match z (junk matches no view of the map)
+            worst_kept = min(p._cryoposemlMatchZ.get() for p in kept)
+            best_gone = max(p._cryoposemlMatchZ.get() for p in gone)
+            assert worst_kept >= best_gone
         assert os.path.exists(cleanup._getExtraPath("kept_cleanup.png"))
         assert cleanup.summaryJson()["particles_in"] == 300
 
         assert refine.outputParticles.getSize() == kept.getSize() and refine.outputVolume.hasHalfMaps()
         s = refine.summaryJson()
-        assert s["search"]["sigma_ang_deg"] == 30.0   # a 3-epoch network: the widest prior
+        # the search width comes from the kept particles' (verified, calibrated) expected errors
+        from cryoposeml.engine.refine import choose_search
+
+        expected = np.array([p._cryoposemlExpectedError.get() for p in kept])
+        assert abs(s["search"]["sigma_ang_deg"] - choose_search(expected)["sigma_ang"]) < 1e-6
         # (Whether Relion converges from such poses is not this test's business; the CLI tests check
         # the refinement itself.) The Scipion set carries exactly Relion's poses and shifts:
         from cryoposeml.core.rotations import scipion_matrix_to_relion

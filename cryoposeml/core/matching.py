@@ -320,7 +320,8 @@ class ReferenceMatcher:
         (``LL(0) - LL(t) = t^2 / (2 sigma^2)``). Returns ``sigma_deg`` ``(B, 3)`` (capped at 30
         degrees for flat directions), ``expected_deg`` (the mean angular error of that Gaussian,
         ``sqrt(8 / pi) * sqrt(mean sigma^2)``), ``max_probability`` (the mass of a ``step``-wide cell at
-        the peak, Relion's rlnMaxValueProbDistribution at that sampling) and ``n_scored``."""
+        the peak, Relion's rlnMaxValueProbDistribution at that sampling), ``peak_matrix`` (each pose
+        turned to the parabolas' vertex: a sub-step refinement for free) and ``n_scored``."""
         t = torch.tensor([1.0, -1.0, 2.0, -2.0], device=self.device) * math.radians(step_deg)
         from scipy.spatial.transform import Rotation
 
@@ -332,11 +333,20 @@ class ReferenceMatcher:
         ll = s.clamp(min=0) ** 2
         drop = (ll[:, :1] - ll[:, 1:]).reshape(-1, 3, 4)                                   # (B, 3, 4)
         t2 = t**2
-        a = (drop * t2).sum(-1) / (t2**2).sum()                                            # LL drop = a t^2
+        # per axis LL(t) = LL(0) + b t - a t^2 (least squares; the points are symmetric, so the
+        # odd part gives b and the even part a)
+        a = (drop * t2).sum(-1) / (t2**2).sum()
+        b = -(drop * t).sum(-1) / t2.sum()
         sigma = (1.0 / (2 * a.clamp(min=1e-12))).sqrt().rad2deg().clamp(max=30.0)
         expected = math.sqrt(8 / math.pi) * (sigma**2).mean(1).sqrt()
         cell = torch.erf(step_deg / (2 * math.sqrt(2) * sigma)).prod(1)
+        # the parabolas' vertex (within 1.5 steps, and only where the curvature is positive)
+        vertex = torch.where(a > 0, b / (2 * a.clamp(min=1e-12)), torch.zeros_like(a)).clamp(
+            -1.5 * float(t[0]), 1.5 * float(t[0]))
+        turn = torch.as_tensor(Rotation.from_rotvec(vertex.double().cpu().numpy()).as_matrix(), dtype=torch.float32,
+                               device=self.device)
         return {"sigma_deg": sigma, "expected_deg": expected, "max_probability": cell,
+                "peak_matrix": turn @ A.to(self.device, torch.float32),
                 "n_scored": torch.full((len(A),), 13.0, device=self.device)}
 
 

@@ -18,7 +18,8 @@ Written columns: the poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst; the input's
 the error is under 10 deg, from the held-out calibration) and ``rlnCpmlExpectedErrorDeg``; with
 matching also ``rlnMaxValueProbDistribution`` (the posterior's largest probability, Relion's
 meaning), ``rlnCpmlMatchZ`` (the match z-score: junk matches no view of the map),
-``rlnCpmlMatchScore`` and ``rlnCpmlEscalated`` (1 when the exhaustive search was needed).
+``rlnCpmlMatchScore``, ``rlnCpmlEscalated`` (1 when the exhaustive search was needed) and
+``rlnCpmlProposalZ`` (the match z of the network's best proposal, before any escalation).
 ``top_k`` (distribution models) also writes ``OUT_topK.star``: K rows per particle, the K most
 probable distinct poses with ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``.
 ``OUT.png``: projection directions, expected-error histogram, and the model's held-out error vs
@@ -285,6 +286,8 @@ def predict(particles, model_dir, out, batch_size: int = 256, device: str = "aut
         p["rlnCpmlMatchZ"] = arr["z"]
         p["rlnCpmlMatchScore"] = arr["score"]
         p["rlnCpmlEscalated"] = arr["escalated"].astype(int)
+        if cfg.matching != "exhaustive":
+            p["rlnCpmlProposalZ"] = arr["z_proposals"]   # the network's best proposal's match z
     bad = [r for r, v in runs.items() if v.get("transfers") is False]
     if bad:
         msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "

@@ -13,7 +13,10 @@ What a user would do by hand, made reproducible:
    ``sigma_ang`` = the 75th percentile of the expected geodesic error / 1.6 (a geodesic error of an
    isotropic Gaussian rotation of per-angle s.d. s averages 1.6 s), within [0.5, 30] deg; the
    HEALPix order is the coarsest whose step is at most ``sigma_ang / 2`` (Relion's own pairing of a
-   local step with its prior width; at least 2), used for both
+   local step with its prior width; at least 2, at most 5: 1.875 deg, where Relion starts local
+   searches itself and from where it refines the sampling as the resolution improves; verified
+   poses of 1-2 deg would otherwise start it at 0.23-0.47 deg, dozens of times the
+   orientations), used for both
    ``--healpix_order`` and ``--auto_local_healpix_order`` so searches are local from iteration 1.
 4. Run ``mpirun -n 3 relion_refine_mpi --auto_refine --split_random_halves`` in ``OUT`` (output
    ``OUT/relion/run*``), streaming Relion's output to the terminal and ``OUT/relion.log``.
@@ -94,6 +97,10 @@ def healpix_step_deg(order: int) -> float:
     return 60.0 / 2 ** order
 
 
+#: the finest HEALPix order a refinement starts at (1.875 deg); Relion goes finer by itself
+MAX_START_ORDER = 5
+
+
 def choose_search(expected_error_deg: np.ndarray | None) -> dict:
     """``sigma_ang`` and HEALPix order from the predicted expected errors (see the module doc)."""
     if expected_error_deg is None or len(expected_error_deg) == 0:
@@ -101,8 +108,8 @@ def choose_search(expected_error_deg: np.ndarray | None) -> dict:
     else:
         p75 = float(np.percentile(expected_error_deg, 75))
         sigma, basis = float(np.clip(p75 / 1.6, 0.5, 30.0)), f"75th percentile of the expected error {p75:.2f} deg / 1.6"
-    order = 2   # Relion pairs a local step s with sigma 2 s; the same here
-    while healpix_step_deg(order) > sigma / 2 and order < 8:
+    order = 2   # Relion pairs a local step s with sigma 2 s; the same here, from 15 down to 1.875 deg
+    while healpix_step_deg(order) > sigma / 2 and order < MAX_START_ORDER:
         order += 1
     return {"sigma_ang": sigma, "healpix_order": order, "basis": basis}
 

@@ -78,8 +78,8 @@ class MatchConfig:
     escalate_z: float | None = None   # auto: escalate when the proposals' best match z is below this;
                                       # None: from the model's calibration and escalate_right
     escalate_right: float = 0.2       # auto: the share of right proposals (calibration split) escalated too
-    refine_steps_deg: tuple = (3.75, 1.875, 0.94, 0.47)   # finer gains nothing at realistic SNR: the
-    refine_shift_steps_px: tuple = (1.0, 0.5, 0.25, 0.125)  # posterior is ~1 deg wide at SNR 0.1
+    refine_steps_deg: tuple = (3.75, 1.875, 0.94)   # then the posterior's parabolas place the peak
+    refine_shift_steps_px: tuple = (1.0, 0.5, 0.25)
     fine_below_deg: float = 2.0       # refinement steps larger than this use the coarse band
     alt_refine_sd: float = 3.0        # refine the second basin too when it scores this close (noise SDs)
     pseudo_symmetry_threshold: float = 0.75
@@ -130,12 +130,19 @@ def write_reference(folder: Path, half1: np.ndarray, half2: np.ndarray, apix: fl
     write_map(folder / "half1_filtered.mrc", f["half1"], apix)
     write_map(folder / "half2_filtered.mrc", f["half2"], apix)
     freq, curve = f["frequency"], f["fsc"]
+    pseudo, cc = find_pseudo_symmetries(f["half1"], sym)
     meta = {**info, "sym": sym.upper(), "box": int(half1.shape[0]), "pixel_size_angstrom": apix,
-            "mask_radius_px": f["mask_radius_px"], "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
+            "mask_radius_px": f["mask_radius_px"], "pseudo_symmetries": pseudo.tolist(),
+            "pseudo_symmetry_correlations": cc.tolist(), "fsc_frequency_per_angstrom": freq, "fsc_half_maps": curve,
             "resolution_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
             "resolution_fsc05_angstrom": resolution_at(freq, curve, 0.5)}
     write_json(folder / "reference.json", meta)
     return meta
+
+
+def find_pseudo_symmetries(volume: np.ndarray, sym: str, threshold: float = MatchConfig.pseudo_symmetry_threshold):
+    """The map's near-symmetries (:func:`~cryoposeml.core.matching.pseudo_symmetries` at 24 px)."""
+    return pseudo_symmetries(volume, threshold=threshold, size=min(volume.shape[0], 24), group=sym)
 
 
 class Reference:
@@ -148,6 +155,7 @@ class Reference:
         self.resolution_angstrom = resolution_angstrom
         self._matchers: dict = {}
         self._pseudo = None
+        self.known_pseudo = None   # (n, 3, 3) as recorded in the model's reference.json
 
     def bands(self, cfg: MatchConfig) -> tuple[float, float]:
         """``(coarse_kmax, fine_kmax)`` in Fourier shells of the box: the fine band reaches the
@@ -164,12 +172,13 @@ class Reference:
         return self._matchers[key]
 
     def pseudo_symmetries(self, cfg: MatchConfig) -> np.ndarray:
-        """The map's near-symmetries (from the first map; the halves share them)."""
+        """The map's near-symmetries (from the first map; the halves share them), as the model's
+        reference recorded them or found now."""
+        if self._pseudo is None and self.known_pseudo is not None:
+            self._pseudo = np.asarray(self.known_pseudo, np.float64).reshape(-1, 3, 3)
         if self._pseudo is None:
-            vol = next(iter(self.maps.values()))
-            size = int(min(self.box, max(16, 2 * round(self.bands(cfg)[0]))))
-            self._pseudo, cc = pseudo_symmetries(vol, threshold=cfg.pseudo_symmetry_threshold, size=size,
-                                                 group=self.sym)
+            self._pseudo, cc = find_pseudo_symmetries(next(iter(self.maps.values())), self.sym,
+                                                      cfg.pseudo_symmetry_threshold)
             if len(cc):
                 log.info("the reference has %d near-symmetries (correlation %s): their mates are proposed too",
                          len(cc), ", ".join(f"{c:.2f}" for c in cc))
@@ -190,7 +199,9 @@ def load_reference(model_dir=None, reference=None, half_maps=None, sym: str = "C
         maps = {h: read_map(folder / f"{h}_filtered.mrc")[0] for h in ("half1", "half2")}
         rec_apix = meta["pixel_size_angstrom"]
         _check_map(folder / "half1_filtered.mrc", maps["half1"], rec_apix, box, apix)
-        return Reference(maps, rec_apix, sym, meta["resolution_fsc0143_angstrom"], str(folder))
+        ref = Reference(maps, rec_apix, sym, meta["resolution_fsc0143_angstrom"], str(folder))
+        ref.known_pseudo = meta.get("pseudo_symmetries")
+        return ref
     symmetry_group(sym)
     maps, res = {}, None
     if half_maps is not None:
@@ -340,6 +351,7 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     z = coarse_z(res["matrix"], res["origin"])
     # the posterior about the final pose (Laplace), and the competing basin's weight
     post = m.posterior(df, res["matrix"], res["origin"], cfg.posterior_step_deg)
+    res["matrix"] = post["peak_matrix"]
     d_alt = torch.rad2deg(torch.arccos(((torch.einsum("bij,gjk,bik->bg", res["alt_matrix"], group, res["matrix"])
                                          .amax(-1) - 1) / 2).clamp(-1, 1)))
     p_alt = torch.sigmoid(res["alt_score"].clamp(min=0) ** 2 - res["score"].clamp(min=0) ** 2)
