@@ -378,9 +378,6 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
         runs["full"] = _train_one(cfg, net_cfg, images, A, origins, weights, tr, va, out / "full", resume, progress,
                                   ddp)
     del images
-    if ddp.main and cfg.reference:
-        _consensus_reference(star, cfg, net_cfg, runs, calib_rows, out, progress)
-
     meta = {
         **stamp(particles=particles, **{k: v for k, v in asdict(cfg).items() if k != "extra"}),
         "network": net_cfg.to_dict(), "sym": cfg.sym.upper(),
@@ -391,12 +388,14 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
                           "label_confidence_column": weight_column},
         "runs": runs,
     }
+    if ddp.main and cfg.reference:
+        _consensus_reference(star, cfg, net_cfg, meta, calib_rows, out, progress)   # adds to meta["runs"]
     if ddp.main:
         write_json(out / "model.json", meta)
     return meta
 
 
-def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetConfig, runs: dict, calib_rows: dict,
+def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetConfig, meta: dict, calib_rows: dict,
                          out: Path, progress: bool) -> None:
     """Reconstruct the half-maps of the training particles (calibration split left out) into
     ``out/reference``, then verify the calibration particles' poses against them with the trained
@@ -408,6 +407,7 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
     from .reconstruct import half_set_labels, reconstruct_star
     from .verify import MatchConfig, load_reference, reference_dir, write_reference
 
+    runs = meta["runs"]
     held = np.concatenate([r for r in calib_rows.values()]) if calib_rows else np.zeros(0, int)
     keep = np.setdiff1d(np.arange(len(star)), held)
     subset, made_up = half_set_labels(star)
@@ -430,9 +430,6 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
         model = build_model(net_cfg)
         model.load_state_dict(load_file(str(out / run / "weights.safetensors"), device="cpu"))
         model = model.to(device).eval()
-        meta = {"sym": cfg.sym.upper(), "preprocessing": {"box_px": cfg.box_px,
-                                                           "pixel_size_angstrom": star.pixel_size_angstrom * star.box
-                                                           / cfg.box_px}}
         ref_of = np.where(subset[rows] == 1, "half1", "half2")
         true_A = star.matrices()[rows]
 
