@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .fourier import fft2_centered, fftn_centered, frequency_index_2d, ifftn_centered, trilinear_apodization
 from .grids import healpix_so3_grid
+from .rotations import rotation_angle_deg
 from .symmetry import symmetry_group, to_asymmetric_unit
 
 __all__ = ["Band", "ReferenceMatcher", "noise_power", "local_moves", "axis_moves", "pseudo_symmetries",
@@ -382,11 +383,6 @@ def _quaternions(A: torch.Tensor) -> torch.Tensor:
     return roma.rotmat_to_unitquat(A.float())
 
 
-def _angle_deg(R: torch.Tensor) -> torch.Tensor:
-    cos = ((R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2).clamp(-1, 1)
-    return torch.rad2deg(torch.arccos(cos))
-
-
 def pseudo_symmetries(volume, order: int = 2, threshold: float = 0.75, exclude_deg: float = 20.0,
                       size: int = 24, group: str = "C1", max_count: int = 7) -> tuple[np.ndarray, np.ndarray]:
     """Rotations ``g`` under which the map nearly maps onto itself (``V(g x) ~ V(x)``): the local
@@ -443,10 +439,10 @@ def pseudo_symmetries(volume, order: int = 2, threshold: float = 0.75, exclude_d
                 R, best = C[j:j + 1], float(v_c[j])
             else:
                 step /= 2
-        ang_to_sym = _angle_deg(sym.transpose(-1, -2) @ R).min()
+        ang_to_sym = rotation_angle_deg(sym.transpose(-1, -2) @ R).min()
         if best < threshold or float(ang_to_sym) < exclude_deg:
             continue
-        if any(float(_angle_deg(f.T @ R[0])) < exclude_deg for f, _ in found):
+        if any(float(rotation_angle_deg(f.T @ R[0])) < exclude_deg for f, _ in found):
             continue
         found.append((R[0], best))
         if len(found) >= max_count:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from ..core.errors import InputError
 from ..core.fourier import fft2_centered, fftn_centered, ifftn_centered
 from ..core.matching import SCORE_NOISE_SD, ReferenceMatcher, noise_power, pseudo_symmetries
 from ..core.metrics import fsc, particle_radius_px, resolution_at, soft_sphere_mask
-from ..core.symmetry import symmetry_group
+from ..core.symmetry import closest_mate_angle_deg, symmetry_group
 from ..data.mrc import read_map, write_map
 from ._outputs import write_json
 
@@ -245,9 +244,7 @@ def _two_basins(scores: torch.Tensor, poses: torch.Tensor, group: torch.Tensor, 
     b = torch.arange(len(scores), device=scores.device)
     i1 = scores.argmax(1)
     A1 = poses[b, i1]
-    R = A1[:, None].transpose(-1, -2) @ poses                                           # (B, C, 3, 3)
-    tr = torch.einsum("bcij,gji->bcg", R, group).amax(-1)
-    far = ((tr - 1) / 2) < math.cos(math.radians(separation_deg))
+    far = closest_mate_angle_deg(A1[:, None], poses, group) > separation_deg
     s2 = scores.masked_fill(~far, -float("inf"))
     i2 = s2.argmax(1)
     return A1, scores[b, i1], poses[b, i2], s2[b, i2]
@@ -352,8 +349,7 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     # the posterior about the final pose (Laplace), and the competing basin's weight
     post = m.posterior(df, res["matrix"], res["origin"], cfg.posterior_step_deg)
     res["matrix"] = post["peak_matrix"]
-    d_alt = torch.rad2deg(torch.arccos(((torch.einsum("bij,gjk,bik->bg", res["alt_matrix"], group, res["matrix"])
-                                         .amax(-1) - 1) / 2).clamp(-1, 1)))
+    d_alt = closest_mate_angle_deg(res["matrix"], res["alt_matrix"], group)
     p_alt = torch.sigmoid(res["alt_score"].clamp(min=0) ** 2 - res["score"].clamp(min=0) ** 2)
     p_alt = torch.where(torch.isfinite(res["alt_score"]) & (d_alt > cfg.basin_separation_deg / 2), p_alt,
                         torch.zeros_like(p_alt))
