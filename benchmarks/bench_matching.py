@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         # the null-normalised z: (s - mean) / sd of the null poses' scores (the first definition)
         d = m.prepare(fft2_centered(raw - raw.mean((-2, -1), keepdim=True)), ctf, noise_power(raw, m.fine, 24),
                       m.coarse)
-        mu, sd, _ = m.null_stats(d, r["origin"])
+        mu, sd = m.null_stats(d, r["origin"])
         s = m.score_poses(d, r["matrix"][:, None], r["origin"])[:, 0]
         z_null = ((s - mu) / sd).numpy()
         row = {"reference": name, "from_truth_median_deg": float(np.median(e_truth)),

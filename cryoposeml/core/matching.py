@@ -111,7 +111,10 @@ class MatchBatch:
     w: torch.Tensor       # (B, M) real: CTF / sigma2 (the data's weight per point)
     c2: torch.Tensor      # (B, M) real: CTF^2 / sigma2 (the power weight)
     band: Band
-    y2: torch.Tensor | None = None   # (B,) sum |Y|^2 / sigma2 - M: the particle's signal power above the noise
+
+    def subset(self, sel) -> "MatchBatch":
+        """The particles ``sel`` (indices, repeats allowed) of this batch."""
+        return MatchBatch(self.Y[sel], self.w[sel], self.c2[sel], self.band)
 
 
 class ReferenceMatcher:
@@ -214,8 +217,7 @@ class ReferenceMatcher:
         Y = band.take(spectra.to(self.device)).to(torch.complex64)
         s2 = sigma2.to(self.device, torch.float32)[band.shell.clamp(max=len(sigma2) - 1)]
         c = band.take(ctf.to(self.device)).float() if ctf is not None else torch.ones(len(Y), len(band), device=self.device)
-        y2 = (Y.abs() ** 2 / s2).sum(1) - len(band)
-        return MatchBatch(Y, c / s2, c**2 / s2, band, y2)
+        return MatchBatch(Y, c / s2, c**2 / s2, band)
 
     # -- scoring -------------------------------------------------------------------------------
     @staticmethod
@@ -273,11 +275,11 @@ class ReferenceMatcher:
         sim = (q @ lib["quat"].T).abs().reshape(-1, len(self.group), len(lib["poses"])).amax(1)
         return sim.topk(min(n, sim.shape[1]), -1).indices.reshape(*lead, -1)
 
-    def null_stats(self, data: MatchBatch, origins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, standard deviation and maximum ``(B,)`` of each particle's scores over the fixed
-        null poses (a random sample of the library): what a pose unrelated to the particle scores."""
+    def null_stats(self, data: MatchBatch, origins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation ``(B,)`` of each particle's scores over the fixed null poses
+        (a random sample of the library): what a pose unrelated to the particle scores."""
         s = self.score_library(data, origins, self.library["null"])
-        return s.mean(1), s.std(1).clamp(min=1e-6), s.amax(1)
+        return s.mean(1), s.std(1).clamp(min=1e-6)
 
     # -- local refinement ------------------------------------------------------------------------
     def refine(self, datas, A: torch.Tensor, origins: torch.Tensor, steps_deg, shift_steps_px,

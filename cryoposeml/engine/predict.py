@@ -111,7 +111,6 @@ def predict_arrays(star: ParticleStar, rows: np.ndarray, models: dict, meta: dic
     if matching:
         pseudo = reference.pseudo_symmetries(cfg) if cfg.matching != "exhaustive" else np.zeros((0, 3, 3))
         ctf_params = star.ctf_params() if star.has_ctf() else None
-        flipped = star.phase_flipped() if hasattr(star, "phase_flipped") else False
         radius = 0.5 * star.box - 0.125 * star.box   # the particle's radius for the background noise estimate
     k_prop = cfg.top_k if matching and all(hasattr(m, "top_k") for m in models.values()) else 0
     if top_k:
@@ -153,7 +152,7 @@ def predict_arrays(star: ParticleStar, rows: np.ndarray, models: dict, meta: dic
             for ref_key in np.unique(reference_of[idx]):
                 sel = np.nonzero(reference_of[idx] == ref_key)[0]
                 m = reference.matcher(str(ref_key), cfg, dev)
-                ctf = particle_ctf(ctf_params, rows[idx[sel]], star.box, star.pixel_size_angstrom, flipped)
+                ctf = particle_ctf(ctf_params, rows[idx[sel]], star.box, star.pixel_size_angstrom)
                 r = verify_batch(m, raw_t[sel], ctf, None if cfg.matching == "exhaustive" else props[sel],
                                  torch.as_tensor(out["net_shift_px"][idx[sel]]), cfg, pseudo, radius)
                 for key, val in r.items():

@@ -264,8 +264,7 @@ def _refine_basins(m: ReferenceMatcher, dc, df, A1, s1, A2, s2, origins, cfg: Ma
     out = dict(r, alt_matrix=A2, alt_score=torch.full_like(s2, -float("inf")))
     close = torch.nonzero(s2 > s1 - cfg.alt_refine_sd * SCORE_NOISE_SD).flatten()
     if len(close):
-        sub = lambda d: _subset(d, close)  # noqa: E731
-        r2 = m.refine([sub(d) for d in datas], A2[close], origins[close], steps, cfg.refine_shift_steps_px)
+        r2 = m.refine([d.subset(close) for d in datas], A2[close], origins[close], steps, cfg.refine_shift_steps_px)
         out["n_scored"] = out["n_scored"].clone()
         out["n_scored"][close] += r2["n_scored"]
         second = r2["score"] > r["score"][close]
@@ -298,14 +297,14 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     dc = m.prepare(spectra, ctf, sigma2, m.coarse)
     df = m.prepare(spectra, ctf, sigma2, m.fine)
     origins = shifts_px.to(dev, torch.float32)
-    mu, _, _ = m.null_stats(dc, origins)
+    mu, _ = m.null_stats(dc, origins)
     lib_poses = m.library["poses"]
     group = m.group
 
     def library_top(sel: torch.Tensor):
         """The 64 best library poses of particles ``sel`` and their coarse scores (the exhaustive
         search: two matrix products)."""
-        s = m.score_library(_subset(dc, sel), origins[sel])
+        s = m.score_library(dc.subset(sel), origins[sel])
         top = s.topk(min(64, s.shape[1]), 1)
         return top.values, lib_poses[top.indices], s.shape[1]
 
@@ -358,12 +357,6 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     return {"matrix": res["matrix"], "origin": res["origin"], "score": res["score"], "z": z,
             "z_proposals": z if z_prop is None else z_prop, "escalated": escalated, "expected_raw": expected,
             "max_prob": post["max_probability"] * (1 - p_alt), "p_alt": p_alt, "n_scored": n_scored}
-
-
-def _subset(d, sel):
-    from ..core.matching import MatchBatch
-
-    return MatchBatch(d.Y[sel], d.w[sel], d.c2[sel], d.band, None if d.y2 is None else d.y2[sel])
 
 
 def particle_ctf(ctf_params, idx, box: int, apix: float, phase_flipped: bool = False):
