@@ -1,7 +1,8 @@
 """Relion handoff benchmark: (A) Relion global auto-refine vs (B) predict -> cleanup -> local refine.
 
-Both run on the same simulated test particles (AdK, 64 px at 1.5 A/px, CTF, shifts of 3 px s.d.,
-white noise at --snr, --junk-fraction junk: half pure noise, half PTP1B projections).
+Both run on the same simulated test particles (AdK, 64 px at 1.5 A/px, CTF, origins of
+--shift-sigma A s.d. (default 4.5 A, 3 px), white noise at --snr, --junk-fraction junk: half pure
+noise, half PTP1B projections).
 (A) is what a user runs without cryoposeml: relion_refine_mpi auto-refine with global searches
 from the true map low-passed to 30 A. (B) uses a model trained on other particles of the same
 protein (``--model``, or trained here first, timed separately): cryoposeml predict, cleanup
@@ -114,6 +115,8 @@ def main():
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--junk-fraction", type=float, default=0.2)
+    ap.add_argument("--shift-sigma", type=float, default=4.5,
+                    help="s.d. of the particles' origins, A (match the model's training data; default: %(default)s)")
     ap.add_argument("--skip-global", action="store_true", help="do not run (A)")
     ap.add_argument("--global-maxsig", type=int, default=0,
                     help="(A)'s --maxsig (0: Relion's default, no limit)")
@@ -139,7 +142,7 @@ def main():
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cpml_bench_refine_"))
     work.mkdir(parents=True, exist_ok=True)
     result = {"config": vars(args)}
-    common = dict(map="adk_open", snr=args.snr, ctf=True, shift_sigma_angstrom=4.5)
+    common = dict(map="adk_open", snr=args.snr, ctf=True, shift_sigma_angstrom=args.shift_sigma)
     try:
         model = Path(args.model) if args.model else work / "model"
         if not args.model:

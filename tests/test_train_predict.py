@@ -184,6 +184,49 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     assert matching["median_deg"] < 1.0, matching     # the held-out calibration split, verified
 
 
+def test_the_streaming_worker_gives_what_one_shot_predict_gives(tiny_training, tmp_path):
+    """``predict --spool``: one process, model and library loaded once, three batches served (one of
+    them refused with the file named), then stopped; each batch's poses equal a one-shot ``predict``
+    of the same file (deterministic), and nothing is written for the refused one."""
+    from cryoposeml.data.star import write_star
+    from cryoposeml.engine.spool import SpoolClient
+
+    d = tiny_training
+    test = read_star(d / "test.star")
+    batches = []
+    for k in range(2):
+        b = test.copy()
+        b.particles = test.particles.iloc[100 * k:100 * (k + 1)].reset_index(drop=True)
+        batches.append(write_star(b, d / f"batch{k}.star"))   # beside the stacks: paths stay valid
+    client = SpoolClient(tmp_path / "spool")
+    client.submit("b0", batches[0], tmp_path / "w0.star")
+    client.submit("b1", tmp_path / "missing.star", tmp_path / "wbad.star")
+    client.submit("b2", batches[1], tmp_path / "w1.star")
+    worker = subprocess.Popen([sys.executable, "-m", "cryoposeml.cli", "predict", "--model", d / "model",
+                               "--spool", client.folder, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        s0 = client.wait("b0", timeout_s=300)
+        with pytest.raises(Exception, match="missing.star"):
+            client.wait("b1", timeout_s=300)
+        s1 = client.wait("b2", timeout_s=300)
+        client.stop()
+        out, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert "2 batches predicted, 1 refused" in out
+    assert s0["particles"] == s1["particles"] == 100 and s0["matching"] == "auto"
+    assert not (tmp_path / "wbad.star").exists()
+    for k in range(2):
+        r = cli("predict", "--particles", batches[k], "--model", d / "model", "--out", tmp_path / f"o{k}.star")
+        assert r.returncode == 0, r.stderr
+        served, one_shot = read_star(tmp_path / f"w{k}.star").particles, read_star(tmp_path / f"o{k}.star").particles
+        for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnCpmlMatchZ",
+                    "rlnCpmlExpectedErrorDeg"):
+            np.testing.assert_allclose(served[col].to_numpy(), one_shot[col].to_numpy(), atol=1e-6, err_msg=col)
+
+
 def test_a_model_of_another_protein_does_not_transfer(tiny_training, tmp_path):
     """Particles of PTP1B given to the AdK model: warned, and refused with --strict."""
     d = tiny_training

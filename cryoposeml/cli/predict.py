@@ -4,15 +4,25 @@ Writes OUT.star (input columns kept; poses replaced; rlnParticleFigureOfMerit an
 rlnCpmlExpectedErrorDeg added), OUT.json (summary, transferability check) and OUT.png
 (angular distribution, expected-error histogram, held-out error vs confidence). With --strict, a
 model that does not transfer to these particles is an error instead of a warning.
+
+With --spool DIR instead of --particles/--out, the command is a streaming worker: it loads the
+model, the reference and its projection library once, then predicts each request a client drops
+in DIR/pending (see cryoposeml.engine.spool; the Scipion protocol is such a client) until the
+client writes DIR/stop, or stops sending heartbeats for --stale-after seconds.
 """
-from ..engine.predict import predict
+from ..core.errors import InputError
+from ..engine.predict import Predictor, predict
 from ..engine.verify import MATCHING_MODES, MatchConfig
 
 
 def add_args(p):
-    p.add_argument("--particles", required=True, help="Relion 3.1+ particle STAR file")
+    p.add_argument("--particles", help="Relion 3.1+ particle STAR file")
     p.add_argument("--model", required=True, help="model folder from cryoposeml train")
-    p.add_argument("--out", required=True, help="output STAR file")
+    p.add_argument("--out", help="output STAR file")
+    p.add_argument("--spool", metavar="DIR", help="serve the batches a client drops in DIR (instead of "
+                   "--particles/--out): the model and the reference stay loaded between batches")
+    p.add_argument("--stale-after", type=float, default=600, metavar="S",
+                   help="--spool: exit when the client has sent no heartbeat for S seconds (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--sym", help="check that the model was trained with this point group")
@@ -43,9 +53,25 @@ def add_args(p):
 
 
 def main(args):
+    cfg = MatchConfig(escalate_z=args.escalate_z, escalate_right=args.escalate_right)
+    if args.spool:
+        if args.particles or args.out:
+            raise InputError("give either --spool (a streaming worker) or --particles and --out, not both")
+        from ..engine.spool import serve
+
+        worker = Predictor(args.model, args.device, args.sym, args.matching, args.reference, args.half_maps,
+                           args.cross_halves, cfg, args.batch_size, args.top_k, args.keep_original, args.strict,
+                           progress=False)
+        worker.warm_up()
+        record = serve(args.spool, lambda particles, out: worker.predict(particles, out, args.overwrite),
+                       stale_after_s=args.stale_after, info={"model": str(args.model), "matching": worker.cfg.matching})
+        print(f"worker stopped: {record['served']} batches predicted, {record['failed']} refused")
+        return
+    if not (args.particles and args.out):
+        raise InputError("give --particles and --out (or --spool DIR for a streaming worker)")
     s = predict(args.particles, args.model, args.out, args.batch_size, args.device, args.sym, args.keep_original,
                 args.strict, args.overwrite, not args.quiet, args.top_k, args.matching, args.reference, args.half_maps,
-                args.cross_halves, MatchConfig(escalate_z=args.escalate_z, escalate_right=args.escalate_right))
+                args.cross_halves, cfg)
     if args.top_k:
         print(f"wrote {s['top_k']['star']}")
     extra = (f", {100 * s['fraction_escalated']:.0f}% escalated, median match z {s['median_match_z']:.1f}"

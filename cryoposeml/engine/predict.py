@@ -47,7 +47,7 @@ from .reconstruct import half_set_labels
 from .train import escalation_threshold, load_model, preprocessor_for, resolve_device
 from .verify import MatchConfig, Reference, load_reference, match_config_dict, particle_ctf, verify_batch
 
-__all__ = ["predict", "transfer_check", "predict_arrays", "load_models"]
+__all__ = ["predict", "Predictor", "transfer_check", "predict_arrays", "load_models"]
 
 log = logging.getLogger(__name__)
 
@@ -167,155 +167,201 @@ def predict_arrays(star: ParticleStar, rows: np.ndarray, models: dict, meta: dic
     return out
 
 
+def _output_paths(out, top_k: int, overwrite: bool) -> dict:
+    out = Path(out)
+    paths = {"star": out, "summary": out.with_suffix(".json"), "plot": out.with_suffix(".png")}
+    if top_k:
+        if top_k < 2:
+            raise InputError(f"--top-k must be at least 2 (got {top_k}); the best pose is always in the output")
+        paths["top_k"] = out.with_name(f"{out.stem}_top{top_k}.star")
+    for path in paths.values():
+        check_new_file(path, overwrite)
+    return paths
+
+
+class Predictor:
+    """A model folder loaded once (networks, reference maps, their projection libraries, the
+    escalation threshold): :meth:`predict` then gives poses to any number of particle files with
+    the model's box and pixel size, without reloading. ``cryoposeml predict`` uses one for one
+    file; ``predict --spool`` (the streaming worker) for every batch it is given."""
+
+    def __init__(self, model_dir, device: str = "auto", sym: str | None = None, matching: str = "auto",
+                 reference=None, half_maps=None, cross_halves: bool = False, match_cfg: MatchConfig | None = None,
+                 batch_size: int = 256, top_k: int = 0, keep_original: bool = False, strict: bool = False,
+                 progress: bool = True):
+        cfg = MatchConfig(**{**(asdict(match_cfg) if match_cfg else {}), "matching": matching})
+        cfg.check()
+        self.model_dir, self.batch_size, self.top_k = model_dir, batch_size, top_k
+        self.keep_original, self.strict, self.progress, self.cross_halves = keep_original, strict, progress, cross_halves
+        self.reference_arg, self.half_maps_arg = reference, half_maps
+        self.dev = dev = resolve_device(device)
+        self.models, self.meta = models, meta = load_models(model_dir, dev)
+        if sym is not None:
+            symmetry_group(sym)
+            if sym.strip().upper() != meta["sym"]:
+                raise InputError(f"the model was trained with symmetry {meta['sym']}, not {sym}", model_dir)
+        if top_k and not all(hasattr(m, "top_k") for m in models.values()):
+            raise InputError(f"--top-k needs a model that predicts a distribution over poses (image2sphere); this "
+                             f"{meta['network']['family']} model predicts one pose per particle", model_dir)
+        inp = meta["input"]
+        self.ref = ref = None
+        if cfg.matching != "none":
+            self.ref = ref = load_reference(model_dir, reference, half_maps, meta["sym"], inp["box"],
+                                            inp["pixel_size_angstrom"])
+            if ref is None:
+                if cfg.matching != "auto":
+                    raise InputError(f"--matching {cfg.matching} needs a reference: this model folder has none "
+                                     "(trained before references were kept); give --reference MAP", model_dir)
+                log.warning("no reference in the model folder and none given: the network's poses are not verified "
+                            "(retrain, or pass --reference MAP)")
+                cfg.matching = "none"
+        if cfg.matching == "auto" and cfg.escalate_z is None and ref is not None:
+            zs = [escalation_threshold(meta["runs"][r].get("matching_right_z_percentiles"), cfg.escalate_right)
+                  for r in models]
+            if all(z is not None for z in zs):
+                cfg.escalate_z = max(zs)   # the stricter of the halves' thresholds
+            else:
+                log.warning("no calibrated escalation threshold (model without a calibration split, or too few "
+                            "right proposals on it): --matching auto searches every particle exhaustively; "
+                            "set --escalate-z to trust the proposals")
+        self.cfg = cfg
+
+    def warm_up(self) -> None:
+        """Build now what the first batch would otherwise wait for: each reference's projection
+        library (when the mode can escalate) and the map's near-symmetries."""
+        if self.ref is None:
+            return
+        if self.cfg.matching != "exhaustive":
+            self.ref.pseudo_symmetries(self.cfg)
+        if self.cfg.matching in ("auto", "exhaustive"):
+            for key in self.ref.maps:
+                self.ref.matcher(key, self.cfg, self.dev).library
+
+    def predict(self, particles, out, overwrite: bool = False) -> dict:
+        """Poses for the particles of the STAR file ``particles``, written to ``out`` (STAR, plus
+        ``.json`` summary and ``.png``). Nothing is written when the input is refused."""
+        paths = _output_paths(out, self.top_k, overwrite)
+        models, meta, ref, cfg, top_k = self.models, self.meta, self.ref, self.cfg, self.top_k
+        star = read_star(particles)
+        inp = meta["input"]
+        if star.box != inp["box"] or abs(star.pixel_size_angstrom - inp["pixel_size_angstrom"]) > 1e-3:
+            raise InputError(f"particles are {star.box} px at {star.pixel_size_angstrom:.3f} A/px but the model was "
+                             f"trained on {inp['box']} px at {inp['pixel_size_angstrom']:.3f} A/px; rescale the "
+                             "particles (or train a model for them)", particles)
+        cross_halves = self.cross_halves
+        subset = star.random_subset()
+        made_up = False
+        if subset is None and (ref is not None or "full" not in models):
+            subset, made_up = half_set_labels(star)
+        n = len(star)
+        if "full" in models:
+            network_of = np.array(["full"] * n)
+        else:
+            mine = np.where(subset == 1, "half1", "half2")
+            network_of = np.where(subset == 1, "half2", "half1") if cross_halves else mine
+        reference_of = None
+        if ref is not None:
+            if "half1" in ref.maps and subset is not None:
+                reference_of = (np.where(subset == 1, "half2", "half1") if cross_halves
+                                else np.where(subset == 1, "half1", "half2"))
+            else:
+                reference_of = np.array(["full"] * n)
+        arr = predict_arrays(star, np.arange(n), models, meta, network_of, ref, reference_of, cfg, self.dev,
+                             self.batch_size, top_k, self.progress)
+        return self._write(star, particles, paths, arr, network_of, subset, made_up)
+
+    def _write(self, star, particles, paths, arr, network_of, subset, made_up) -> dict:
+        models, meta, ref, cfg, top_k = self.models, self.meta, self.ref, self.cfg, self.top_k
+        n = len(star)
+        mats, shifts, score = arr["matrix"], arr["shift_px"], arr["confidence"]
+        # one representative per symmetry orbit (no-op for C1)
+        mats = to_asymmetric_unit(mats, meta["sym"])
+        if top_k:
+            top_mats, top_prob = to_asymmetric_unit(arr["top_matrix"], meta["sym"]), arr["top_prob"]
+        result = star.copy()
+        p = result.particles
+        if made_up:
+            p["rlnRandomSubset"] = subset
+        if self.keep_original:
+            for c in ANGLE_COLUMNS + SHIFT_COLUMNS:
+                if c in p:
+                    p[c + "Original"] = p[c]
+        predicts_shifts = meta["network"].get("predict_shifts", True) or ref is not None
+        result.set_poses(mats, shifts * star.pixel_size_angstrom if predicts_shifts else None)
+        if not predicts_shifts:
+            log.warning("this model does not predict shifts: the input's origins are kept")
+        expected = np.empty(n)
+        fom = np.empty(n)
+        runs = {}
+        matched = ref is not None
+        for run in models:
+            sel = network_of == run
+            calib = Calibration(**meta["runs"][run]["calibration"])
+            if matched:
+                mc = meta["runs"][run].get("matching_calibration")
+                if mc is not None:
+                    mcal = Calibration(**mc)
+                    expected[sel] = mcal.expected_error(-arr["expected_raw"][sel])
+                    fom[sel] = mcal.figure_of_merit(-arr["expected_raw"][sel])
+                else:
+                    expected[sel], fom[sel] = arr["expected_raw"][sel], arr["max_prob"][sel]
+            else:
+                expected[sel] = calib.expected_error(score[sel])
+                fom[sel] = calib.figure_of_merit(score[sel])
+            runs[run] = {"particles": int(sel.sum()), **(transfer_check(score[sel], calib) if sel.any() else {})}
+        if matched and not all("matching_calibration" in meta["runs"][r] for r in models):
+            log.warning("this model has no calibration of the matched uncertainty (trained before it existed): "
+                        "rlnCpmlExpectedErrorDeg is the raw posterior spread, not calibrated")
+        p["rlnParticleFigureOfMerit"] = fom
+        p["rlnCpmlExpectedErrorDeg"] = expected
+        p["rlnCpmlConfidence"] = score   # the network's raw score (higher: surer); ranks ties of the above
+        if matched:
+            p["rlnMaxValueProbDistribution"] = arr["max_prob"]
+            p["rlnCpmlMatchZ"] = arr["z"]
+            p["rlnCpmlMatchScore"] = arr["score"]
+            p["rlnCpmlEscalated"] = arr["escalated"].astype(int)
+            if cfg.matching != "exhaustive":
+                p["rlnCpmlProposalZ"] = arr["z_proposals"]   # the network's best proposal's match z
+        bad = [r for r, v in runs.items() if v.get("transfers") is False]
+        if bad:
+            msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "
+                   "confident than its held-out validation particles (median below the validation 25th percentile, "
+                   "or over 20% below its 5th). Poses are likely unreliable (another protein, another pixel size or "
+                   "preprocessing, much lower SNR?)")
+            if self.strict:
+                raise InputError(msg, particles)
+            log.warning("WARNING: %s", msg)
+        summary = {**stamp(particles=particles, model=str(self.model_dir), batch_size=self.batch_size,
+                           device=str(self.dev), reference=self.reference_arg, half_maps=self.half_maps_arg,
+                           cross_halves=self.cross_halves, **match_config_dict(cfg)),
+                   "particles": n, "runs": runs, "median_expected_error_deg": float(np.median(expected)),
+                   "matching": cfg.matching}
+        if matched:
+            summary.update(reference=ref.source, reference_resolution_angstrom=ref.resolution_angstrom,
+                           bands_shells=list(ref.bands(cfg)), fraction_escalated=float(arr["escalated"].mean()),
+                           poses_scored_per_particle=float(arr["n_scored"].mean()),
+                           median_match_z=float(np.median(arr["z"])), halves_assigned_randomly=made_up,
+                           median_network_to_matched_deg=float(np.median(
+                               symmetric_distance_deg(arr["net_matrix"], arr["matrix"], meta["sym"]))))
+        if top_k:
+            summary["top_k"] = {"k": top_k, "star": str(paths["top_k"]),
+                                "median_probability_by_rank": np.median(top_prob, axis=0).tolist()}
+            write_star(_top_k_star(result, top_mats, top_prob, arr["net_shift_px"] * star.pixel_size_angstrom
+                                   if predicts_shifts else None), paths["top_k"])
+        main_run = max(runs, key=lambda r: runs[r]["particles"])
+        save_figure(pose_figure(result.angles_deg(), expected, Calibration(**meta["runs"][main_run]["calibration"]),
+                                score[network_of == main_run]), paths["plot"])
+        summary["plot"] = str(paths["plot"])
+        write_star(result, paths["star"])
+        write_json(paths["summary"], summary)
+        return summary
+
+
 def predict(particles, model_dir, out, batch_size: int = 256, device: str = "auto", sym: str | None = None,
             keep_original: bool = False, strict: bool = False, overwrite: bool = False,
             progress: bool = True, top_k: int = 0, matching: str = "auto", reference=None, half_maps=None,
             cross_halves: bool = False, match_cfg: MatchConfig | None = None) -> dict:
-    cfg = MatchConfig(**{**(asdict(match_cfg) if match_cfg else {}), "matching": matching})
-    cfg.check()
-    out = Path(out)
-    check_new_file(out, overwrite)
-    summary_path = out.with_suffix(".json")
-    check_new_file(summary_path, overwrite)
-    plot_path = out.with_suffix(".png")
-    check_new_file(plot_path, overwrite)
-    topk_path = out.with_name(f"{out.stem}_top{top_k}.star")
-    if top_k:
-        if top_k < 2:
-            raise InputError(f"--top-k must be at least 2 (got {top_k}); the best pose is always in the output")
-        check_new_file(topk_path, overwrite)
-    dev = resolve_device(device)
-    star = read_star(particles)
-    models, meta = load_models(model_dir, dev)
-    if sym is not None:
-        symmetry_group(sym)
-        if sym.strip().upper() != meta["sym"]:
-            raise InputError(f"the model was trained with symmetry {meta['sym']}, not {sym}", model_dir)
-    if top_k and not all(hasattr(m, "top_k") for m in models.values()):
-        raise InputError(f"--top-k needs a model that predicts a distribution over poses (image2sphere); this "
-                         f"{meta['network']['family']} model predicts one pose per particle", model_dir)
-    inp = meta["input"]
-    if star.box != inp["box"] or abs(star.pixel_size_angstrom - inp["pixel_size_angstrom"]) > 1e-3:
-        raise InputError(f"particles are {star.box} px at {star.pixel_size_angstrom:.3f} A/px but the model was "
-                         f"trained on {inp['box']} px at {inp['pixel_size_angstrom']:.3f} A/px; rescale the "
-                         "particles (or train a model for them)", particles)
-    ref = None
-    if cfg.matching != "none":
-        ref = load_reference(model_dir, reference, half_maps, meta["sym"], star.box, star.pixel_size_angstrom)
-        if ref is None:
-            if cfg.matching != "auto":
-                raise InputError(f"--matching {cfg.matching} needs a reference: this model folder has none "
-                                 "(trained before references were kept); give --reference MAP", model_dir)
-            log.warning("no reference in the model folder and none given: the network's poses are not verified "
-                        "(retrain, or pass --reference MAP)")
-            cfg.matching = "none"
-    subset = star.random_subset()
-    made_up = False
-    if subset is None and (ref is not None or "full" not in models):
-        subset, made_up = half_set_labels(star)
-    n = len(star)
-    if "full" in models:
-        network_of = np.array(["full"] * n)
-    else:
-        mine = np.where(subset == 1, "half1", "half2")
-        network_of = np.where(subset == 1, "half2", "half1") if cross_halves else mine
-    if cfg.matching == "auto" and cfg.escalate_z is None and ref is not None:
-        zs = [escalation_threshold(meta["runs"][r].get("matching_right_z_percentiles"), cfg.escalate_right)
-              for r in models]
-        if all(z is not None for z in zs):
-            cfg.escalate_z = max(zs)   # the stricter of the halves' thresholds
-        else:
-            log.warning("no calibrated escalation threshold (model without a calibration split, or too few "
-                        "right proposals on it): --matching auto searches every particle exhaustively; "
-                        "set --escalate-z to trust the proposals")
-    reference_of = None
-    if ref is not None:
-        if "half1" in ref.maps and subset is not None:
-            h = np.where(subset == 1, "half2", "half1") if cross_halves else np.where(subset == 1, "half1", "half2")
-            reference_of = h
-        else:
-            reference_of = np.array(["full"] * n)
-    arr = predict_arrays(star, np.arange(n), models, meta, network_of, ref, reference_of, cfg, dev, batch_size,
-                         top_k, progress)
-    mats, shifts, score = arr["matrix"], arr["shift_px"], arr["confidence"]
-
-    # one representative per symmetry orbit (no-op for C1)
-    mats = to_asymmetric_unit(mats, meta["sym"])
-    if top_k:
-        top_mats, top_prob = to_asymmetric_unit(arr["top_matrix"], meta["sym"]), arr["top_prob"]
-    result = star.copy()
-    p = result.particles
-    if made_up:
-        p["rlnRandomSubset"] = subset
-    if keep_original:
-        for c in ANGLE_COLUMNS + SHIFT_COLUMNS:
-            if c in p:
-                p[c + "Original"] = p[c]
-    predicts_shifts = meta["network"].get("predict_shifts", True) or ref is not None
-    result.set_poses(mats, shifts * star.pixel_size_angstrom if predicts_shifts else None)
-    if not predicts_shifts:
-        log.warning("this model does not predict shifts: the input's origins are kept")
-    expected = np.empty(n)
-    fom = np.empty(n)
-    runs = {}
-    matched = ref is not None
-    for run in models:
-        sel = network_of == run
-        calib = Calibration(**meta["runs"][run]["calibration"])
-        if matched:
-            mc = meta["runs"][run].get("matching_calibration")
-            if mc is not None:
-                mcal = Calibration(**mc)
-                expected[sel] = mcal.expected_error(-arr["expected_raw"][sel])
-                fom[sel] = mcal.figure_of_merit(-arr["expected_raw"][sel])
-            else:
-                expected[sel], fom[sel] = arr["expected_raw"][sel], arr["max_prob"][sel]
-        else:
-            expected[sel] = calib.expected_error(score[sel])
-            fom[sel] = calib.figure_of_merit(score[sel])
-        runs[run] = {"particles": int(sel.sum()), **(transfer_check(score[sel], calib) if sel.any() else {})}
-    if matched and not all("matching_calibration" in meta["runs"][r] for r in models):
-        log.warning("this model has no calibration of the matched uncertainty (trained before it existed): "
-                    "rlnCpmlExpectedErrorDeg is the raw posterior spread, not calibrated")
-    p["rlnParticleFigureOfMerit"] = fom
-    p["rlnCpmlExpectedErrorDeg"] = expected
-    p["rlnCpmlConfidence"] = score   # the network's raw score (higher: surer); ranks ties of the above
-    if matched:
-        p["rlnMaxValueProbDistribution"] = arr["max_prob"]
-        p["rlnCpmlMatchZ"] = arr["z"]
-        p["rlnCpmlMatchScore"] = arr["score"]
-        p["rlnCpmlEscalated"] = arr["escalated"].astype(int)
-        if cfg.matching != "exhaustive":
-            p["rlnCpmlProposalZ"] = arr["z_proposals"]   # the network's best proposal's match z
-    bad = [r for r, v in runs.items() if v.get("transfers") is False]
-    if bad:
-        msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "
-               "confident than its held-out validation particles (median below the validation 25th percentile, "
-               "or over 20% below its 5th). Poses are likely unreliable (another protein, another pixel size or "
-               "preprocessing, much lower SNR?)")
-        if strict:
-            raise InputError(msg, particles)
-        log.warning("WARNING: %s", msg)
-    summary = {**stamp(particles=particles, model=str(model_dir), batch_size=batch_size, device=str(dev),
-                       reference=reference, half_maps=half_maps, cross_halves=cross_halves, **match_config_dict(cfg)),
-               "particles": n, "runs": runs, "median_expected_error_deg": float(np.median(expected)),
-               "matching": cfg.matching}
-    if matched:
-        summary.update(reference=ref.source, reference_resolution_angstrom=ref.resolution_angstrom,
-                       bands_shells=list(ref.bands(cfg)), fraction_escalated=float(arr["escalated"].mean()),
-                       poses_scored_per_particle=float(arr["n_scored"].mean()),
-                       median_match_z=float(np.median(arr["z"])), halves_assigned_randomly=made_up,
-                       median_network_to_matched_deg=float(np.median(
-                           symmetric_distance_deg(arr["net_matrix"], arr["matrix"], meta["sym"]))))
-    if top_k:
-        summary["top_k"] = {"k": top_k, "star": str(topk_path),
-                            "median_probability_by_rank": np.median(top_prob, axis=0).tolist()}
-        write_star(_top_k_star(result, top_mats, top_prob, arr["net_shift_px"] * star.pixel_size_angstrom
-                               if predicts_shifts else None), topk_path)
-    main_run = max(runs, key=lambda r: runs[r]["particles"])
-    save_figure(pose_figure(result.angles_deg(), expected, Calibration(**meta["runs"][main_run]["calibration"]),
-                            score[network_of == main_run]), plot_path)
-    summary["plot"] = str(plot_path)
-    write_star(result, out)
-    write_json(summary_path, summary)
-    return summary
+    """One particle file: load the model (:class:`Predictor`) and predict."""
+    _output_paths(out, top_k, overwrite)   # refuse before the (slow) model loading
+    return Predictor(model_dir, device, sym, matching, reference, half_maps, cross_halves, match_cfg, batch_size,
+                     top_k, keep_original, strict, progress).predict(particles, out, overwrite)

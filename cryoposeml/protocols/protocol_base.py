@@ -36,13 +36,36 @@ class CryoPoseMLProtBase(EMProtocol):
     def _device(self) -> str:
         return "cuda" if self.usesGpu() else "cpu"
 
-    def runCryoposeml(self, command: str, args: str, cwd=None) -> None:
-        """``cryoposeml <command> <args>`` with this protocol's device (and GPU) and no progress bars."""
+    def _commandLine(self, command: str, args: str) -> tuple:
+        """``(program, arguments)`` of ``cryoposeml <command> <args>`` with this protocol's device (the
+        GPU as runJob's ``%(GPU)s`` placeholder) and no progress bars."""
         program = Plugin.getProgram(command)
         args = f"{args} --device {self._device()}" if command in ("train", "predict", "abinitio", "hetero") else args
         if self.usesGpu():
             program = f"CUDA_VISIBLE_DEVICES=%(GPU)s {program}"
-        self.runJob(program, f"{args} --quiet", env=self._environ(), cwd=cwd, numberOfMpi=1)
+        return program, f"{args} --quiet"
+
+    def runCryoposeml(self, command: str, args: str, cwd=None) -> None:
+        """Run ``cryoposeml <command> <args>`` to its end with runJob (hosts.conf applies)."""
+        program, args = self._commandLine(command, args)
+        self.runJob(program, args, env=self._environ(), cwd=cwd, numberOfMpi=1)
+
+    def startCryoposeml(self, command: str, args: str, logPath: str):
+        """Start ``cryoposeml <command> <args>`` in the background on this machine (a long-lived
+        worker that this protocol's steps talk to, not a job for a queue); its output goes to
+        ``logPath``. Returns the ``subprocess.Popen``."""
+        import subprocess
+
+        program, args = self._commandLine(command, args)
+        try:
+            gpus = ",".join(map(str, self._stepsExecutor.getGpuList())) or "0"
+        except Exception:   # no executor (a test calling the step directly) or no GPU for this step
+            gpus = ",".join(map(str, self.getGpuList())) or "0"
+        cmd = f"{program} {args}".replace("%(GPU)s", gpus)
+        self.info(f"Starting (in the background): {cmd}")
+        with open(logPath, "a") as logFile:
+            # a child of this process: stopping the protocol (which kills its children) stops it too
+            return subprocess.Popen(cmd, shell=True, env=self._environ(), stdout=logFile, stderr=subprocess.STDOUT)
 
     def _resumeArgs(self, previous, folder: str, marker: str = None) -> str:
         """Continue ``previous`` (an earlier run of this protocol): its ``extra/<folder>`` is copied

@@ -1,5 +1,6 @@
 import enum
 import os
+import time
 
 import pyworkflow.protocol.params as params
 from pyworkflow import BETA
@@ -33,8 +34,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
 
     Streaming: while the input set is still open (particles arriving from the microscope), new
     particles are predicted in batches as they come and appended to an open output, which is
-    closed when the input closes. At the end, a volume with half-maps is reconstructed from the
-    predicted poses.
+    closed when the input closes. One worker process (``cryoposeml predict --spool``) keeps the
+    network, the map and its projection library loaded for every batch; its log is
+    ``extra/spool/<start>/worker.log``. At the end, a volume with half-maps is reconstructed from
+    the predicted poses.
     """
     _label = "predict poses"
     _devStatus = BETA
@@ -117,6 +120,8 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                 scheduled.update(chunk)
             if closed:
                 break
+            if getattr(self, "_worker", None) is not None:
+                self._spoolClient.heartbeat()   # the worker stays while the input may still grow
             self._streamingSleepOnWait()
         self._insertFunctionStep(self.closeOutputStep, prerequisites=steps, needsGPU=False)
 
@@ -139,12 +144,7 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         for old in (star_out, star_out.replace(".star", ".json"), star_out.replace(".star", ".png")):
             if os.path.exists(old):   # left by a run of this batch that was killed
                 os.remove(old)
-        args = f"--particles {star_in} --model {self._modelPath()} --out {star_out}"
-        if self.symmetry.get():
-            args += f" --sym {self.symmetry.get()}"
-        args += f" --matching {MATCHING_CHOICES[self.matching.get()]}"
-        args += self._referenceArgs()
-        self.runCryoposeml("predict", args)
+        self._predictWithWorker(tag, star_in, star_out)
         with self._lock:
             done = self._doneIds()
             out = self._openOutput(inp)
@@ -156,6 +156,65 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
             self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_OPEN)
         inp.close()
         subset.close()
+
+    # -------------------------- the worker ---------------------------------
+    def _workerArgs(self):
+        args = f"--model {self._modelPath()} --matching {MATCHING_CHOICES[self.matching.get()]}"
+        if self.symmetry.get():
+            args += f" --sym {self.symmetry.get()}"
+        return args + self._referenceArgs()
+
+    def _ensureWorker(self):
+        """The prediction worker of this execution, started at the first batch. A worker left
+        by an earlier execution (the protocol was killed) is told to stop; each execution has its
+        own spool folder, so the two never share a request."""
+        from ..engine.spool import SpoolClient
+
+        with self._lock:
+            worker = getattr(self, "_worker", None)
+            if worker is not None and worker.poll() is None:
+                return self._spoolClient
+            root = self._getExtraPath("spool")
+            os.makedirs(root, exist_ok=True)
+            for old in os.listdir(root):
+                SpoolClient(os.path.join(root, old)).stop()
+            folder = os.path.join(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{len(os.listdir(root))}")
+            client = SpoolClient(folder)
+            client.heartbeat()
+            # the worker gives up on a client silent for 10 streaming sleeps (at least 2 min): a protocol
+            # killed without its children leaves no worker behind for long
+            stale = max(120, 10 * self._getStreamingSleepOnWait())
+            args = f"{self._workerArgs()} --spool {folder} --stale-after {stale}"
+            self._worker = self.startCryoposeml("predict", args, os.path.join(folder, "worker.log"))
+            self._spoolClient = client
+            return client
+
+    def _predictWithWorker(self, tag, star_in, star_out):
+        """Hand one batch to the worker and wait for it. A refused batch (bad input) or a worker
+        that exits fails the step with the worker's message."""
+        client = self._ensureWorker()
+        worker = self._worker
+        client.submit(tag, star_in, star_out)
+        while True:
+            summary = client.result(tag)   # raises when the batch was refused or the worker is gone
+            if summary is not None:
+                return summary
+            if worker.poll() is not None and client.result(tag) is None:
+                raise RuntimeError(f"the prediction worker exited (code {worker.returncode}) before batch {tag}; "
+                                   f"see {os.path.join(client.folder, 'worker.log')}")
+            client.heartbeat()
+            time.sleep(0.5)
+
+    def _stopWorker(self):
+        worker = getattr(self, "_worker", None)
+        if worker is None:
+            return
+        self._spoolClient.stop()
+        try:
+            worker.wait(timeout=120)
+        except Exception:
+            worker.kill()
+        self._worker = None
 
     def _openOutput(self, inp):
         if os.path.exists(self._outputSqlite()):
@@ -169,6 +228,7 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         return out
 
     def closeOutputStep(self):
+        self._stopWorker()
         with self._lock:
             out = self._openOutput(self._loadInput())
             self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_CLOSED)
