@@ -94,7 +94,8 @@ def score_row(pred_path: Path, truth, true_map, sym: str, expected: bool = True)
     if expected:
         x = p.particles["rlnCpmlExpectedErrorDeg"].to_numpy()[ip]
         calib = {"ece_deg": expected_calibration_error(x, err),
-                 "spearman_expected_vs_error": float(spearmanr(x, err).correlation)}
+                 "spearman_expected_vs_error": float(spearmanr(x, err).correlation),
+                 "spearman_ceiling": spearman_ceiling(x)}
     sub = p.copy()
     sub.particles = p.particles.iloc[ip].reset_index(drop=True)
     rec = reconstruct_star(sub, sym, halves=True, progress=False)
@@ -105,6 +106,21 @@ def score_row(pred_path: Path, truth, true_map, sym: str, expected: bool = True)
             "pct_under_5deg": float(100 * np.mean(err < 5)), "pct_over_30deg": float(100 * np.mean(err > 30)),
             "shift_median_A": float(np.median(shift)), "fsc05_vs_true_A": resolution_at(f, c, 0.5),
             "half_map_fsc0143_A": resolution_at(fh, ch, 0.143), **calib}
+
+
+def spearman_ceiling(expected: np.ndarray, draws: int = 50) -> float:
+    """The Spearman correlation a perfect uncertainty would reach on these particles: each error
+    drawn from its own predicted distribution (an isotropic Gaussian about the pose in 3D, so the
+    angle is ``sigma * chi_3`` with mean ``expected``), the median over ``draws`` draws. With
+    similar expected errors it is low however good the uncertainty is: the error given its
+    distribution is random."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    chi3_mean = 2 * np.sqrt(2 / np.pi)
+    rho = [spearmanr(expected, expected / chi3_mean * np.sqrt(rng.chisquare(3, len(expected)))).correlation
+           for _ in range(draws)]
+    return float(np.median(rho))
 
 
 def escalation_tradeoff(d: Path, model: Path, truth, sym: str, ds: str) -> list[dict]:
@@ -201,7 +217,8 @@ def main(argv=None) -> None:
             rows.append(relion_row(d, map_path, sym, truth, true_map, args))
         path = write_results(args.out, args.name, args, rows)   # after each dataset: a partial run keeps its rows
     cols = ["dataset", "method", "median_deg", "mean_deg", "pct_under_5deg", "pct_over_30deg", "shift_median_A",
-            "fsc05_vs_true_A", "half_map_fsc0143_A", "ece_deg", "spearman_expected_vs_error", "fraction_escalated",
+            "fsc05_vs_true_A", "half_map_fsc0143_A", "ece_deg", "spearman_expected_vs_error", "spearman_ceiling",
+            "fraction_escalated",
             "poses_scored_per_particle", "particles_per_s", "peak_rss_gb"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

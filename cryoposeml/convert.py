@@ -18,6 +18,7 @@ ATTRIBUTES = {
     "rlnParticleFigureOfMerit": "_cryoposemlFigureOfMerit",
     # the verified prediction (predict with a reference)
     "rlnCpmlMatchZ": "_cryoposemlMatchZ",
+    "rlnCpmlMatchQuantile": "_cryoposemlMatchQuantile",
     "rlnMaxValueProbDistribution": "_cryoposemlMaxProb",
     "rlnCpmlEscalated": "_cryoposemlEscalated",
 }

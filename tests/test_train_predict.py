@@ -182,6 +182,10 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     assert {"rlnCpmlMatchZ", "rlnMaxValueProbDistribution", "rlnCpmlEscalated"} <= set(verified.columns)
     matching = json.loads((d / "model" / "model.json").read_text())["runs"]["full"]["matching_validation"]
     assert matching["median_deg"] < 1.0, matching     # the held-out calibration split, verified
+    # new good particles sit in the model's distribution of good match z-scores: their quantiles
+    # spread over (0, 1) and few fall in the junk test's 1% tail
+    q = verified["rlnCpmlMatchQuantile"].to_numpy()
+    assert 0.25 < np.median(q) < 0.75 and np.mean(q < 0.01) < 0.05, np.percentile(q, [1, 10, 50, 90])
 
 
 def test_the_streaming_worker_gives_what_one_shot_predict_gives(tiny_training, tmp_path):

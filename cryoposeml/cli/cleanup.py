@@ -1,7 +1,9 @@
 """Drop the particles whose predicted poses are least certain (3D cleanup).
 
 --method auto (default) sweeps the fraction kept, reconstructs the two half-maps of each subset and
-keeps the one with the best half-map FSC-0.143 resolution (ties go to more particles); quantile
+keeps the one with the best half-map FSC-0.143 resolution (ties go to more particles), after dropping
+as junk the verified particles that match the map worse than 99% (--junk-quantile) of the model's
+good calibration particles (rlnCpmlMatchQuantile); quantile
 drops the --quantile most uncertain; max-error drops expected errors above --max-error degrees.
 Writes KEPT.star, KEPT_discarded.star, KEPT_cleanup.json, KEPT_cleanup.png (resolution vs
 particles kept) and the kept set's KEPT_map.mrc with half-maps.
@@ -28,6 +30,9 @@ def add_args(p):
     p.add_argument("--tie-shells", type=float, default=0.25,
                    help="auto: resolutions within this many Fourier shells tie; ties keep more particles "
                         "(default: %(default)s)")
+    p.add_argument("--junk-quantile", type=float, default=0.01,
+                   help="auto: particles with rlnCpmlMatchQuantile below this are junk (the share of good particles "
+                        "the test loses); 0: no junk test (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
 
 
@@ -35,9 +40,12 @@ def main(args):
     cfg = CleanupConfig(method=args.method, quantile=args.quantile, max_error_deg=args.max_error_deg,
                         column=args.column, larger_is_better=args.larger_is_better, sym=args.sym,
                         min_keep=args.min_keep, step=args.step, tie_shells=args.tie_shells,
-                        batch_size=args.batch_size)
+                        junk_quantile=args.junk_quantile, batch_size=args.batch_size)
     s = cleanup(args.particles, args.out, cfg, args.overwrite, not args.quiet)
     print(f"kept {s['particles_kept']} of {s['particles_in']} particles ({s['fraction_kept']:.0%}, "
           f"{s['column']} {'>=' if s['larger_is_better'] else '<='} {s['score_threshold']:.3g}); half-map FSC 0.143: "
           f"{s['resolution_all_fsc0143_angstrom']:.2f} A (all) -> {s['resolution_kept_fsc0143_angstrom']:.2f} A (kept)")
+    if s.get("junk_test"):
+        print(f"junk test: {s['junk_test']['particles']} particles match the map worse than "
+              f"{100 * (1 - s['junk_test']['below']):.0f}% of the model's good ones")
     print(f"wrote {args.out} and {s['outputs']['summary']}")

@@ -6,7 +6,11 @@ Methods
 - ``auto``: sweep the fraction kept (100% down to ``min_keep`` in ``step`` steps), reconstruct the
   two half-maps of each subset (one pass over the images; the half-sets stay independent), and keep
   the subset with the best half-map FSC-0.143 resolution. Resolutions within ``tie_shells`` Fourier
-  shells of the best count as ties, and ties go to the larger subset.
+  shells of the best count as ties, and ties go to the larger subset. With verified poses that
+  carry ``rlnCpmlMatchQuantile`` (the share of the model's good calibration particles that match
+  the map worse), particles under ``junk_quantile`` are junk first: a test each good particle
+  fails with probability ``junk_quantile``, where the FSC hardly notices a few percent of junk (it
+  only adds noise at random poses). The sweep then runs on the rest.
 
 The score is ``rlnCpmlMatchZ`` (the verified prediction's match z-score, larger is better: junk
 matches no view of the map) when the STAR has it, else ``rlnCpmlExpectedErrorDeg`` (smaller is
@@ -44,6 +48,8 @@ LARGER_IS_BETTER = {"rlnParticleFigureOfMerit", "rlnMaxValueProbDistribution", "
                     "rlnLogLikeliContribution", "rlnCpmlMatchZ"}
 #: verified poses are ranked by their match z (junk matches no view of the map) unless a column is named
 MATCH_COLUMN = "rlnCpmlMatchZ"
+#: written by predict against the model's own reference: the junk test of ``auto``
+QUANTILE_COLUMN = "rlnCpmlMatchQuantile"
 METHODS = ("auto", "quantile", "max-error")
 TIE_BREAK = "rlnCpmlConfidence"
 
@@ -59,6 +65,7 @@ class CleanupConfig:
     min_keep: float = 0.5               # auto: smallest fraction tried
     step: float = 0.05                  # auto: step of the fraction kept
     tie_shells: float = 0.25            # auto: resolutions this close (in Fourier shells) tie
+    junk_quantile: float = 0.01         # auto: junk matches the map worse than this share of good particles
     regularization: float = 1e-3
     batch_size: int = 256
 
@@ -76,6 +83,8 @@ class CleanupConfig:
                 raise InputError(f"--step must be in (0, 1), got {self.step}")
             if self.tie_shells < 0:
                 raise InputError(f"--tie-shells must be >= 0, got {self.tie_shells}")
+            if not 0.0 <= self.junk_quantile < 0.5:
+                raise InputError(f"--junk-quantile must be in [0, 0.5), got {self.junk_quantile}")
 
 
 def cleanup_paths(out: Path) -> dict[str, Path]:
@@ -108,6 +117,30 @@ def _crossing_shell(freq: np.ndarray, curve: np.ndarray, threshold: float = 0.14
     """Where the FSC first drops below ``threshold``, in (fractional) Fourier shells."""
     res = resolution_at(freq, curve, threshold)
     return float(1.0 / res / freq[1])
+
+
+def _junk(star: ParticleStar, cfg: CleanupConfig) -> np.ndarray:
+    """``auto``'s junk test: particles that match the map worse than all but ``junk_quantile`` of
+    the model's good calibration particles (``rlnCpmlMatchQuantile``). All False otherwise."""
+    n = len(star)
+    if cfg.method != "auto" or cfg.junk_quantile <= 0 or QUANTILE_COLUMN not in star.particles:
+        return np.zeros(n, bool)
+    q = star.particles[QUANTILE_COLUMN].to_numpy(np.float64)
+    if not np.isfinite(q).all():
+        raise InputError(f"{QUANTILE_COLUMN} is not a finite number in {int((~np.isfinite(q)).sum())} row(s)",
+                         star.path)
+    junk = q < cfg.junk_quantile
+    log.info("junk test: %d of %d particles match the map worse than %.1f%% of the model's good particles",
+             junk.sum(), n, 100 * (1 - cfg.junk_quantile))
+    if junk.all():
+        raise InputError(f"every particle matches the map worse than {100 * (1 - cfg.junk_quantile):.0f}% of the "
+                         "model's good calibration particles: are these the model's protein and data? "
+                         "(--junk-quantile 0 skips the test)", star.path)
+    if junk.mean() > 0.5:
+        log.warning("WARNING: %.0f%% of the particles fail the junk test: far more than junk usually is. The "
+                    "new data may be noisier than the training data (--junk-quantile 0 skips the test)",
+                    100 * junk.mean())
+    return junk
 
 
 def _sizes(cfg: CleanupConfig, n: int, score_sorted: np.ndarray, larger: bool) -> list[int]:
@@ -149,7 +182,10 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
         log.info("ranking by %s (the verified prediction's match z-score)", MATCH_COLUMN)
     order, score, larger = score_order(star, cfg.column, cfg.larger_is_better)
     n = len(star)
-    sizes = _sizes(cfg, n, score[order], larger)
+    junk = _junk(star, cfg)
+    order = np.concatenate([order[~junk[order]], order[junk[order]]])   # junk last, each part in score order
+    n_ok = int(n - junk.sum())
+    sizes = sorted(set(_sizes(cfg, n_ok, score[order[:n_ok]], larger)) | {n})
 
     mask = soft_sphere_mask(star.box)
     rows, fsc_all = [], None
@@ -166,7 +202,7 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
             fsc_all = curve
 
     if cfg.method == "auto":
-        shells = np.array([r["crossing_shell_0143"] for r in rows])
+        shells = np.array([r["crossing_shell_0143"] if r["particles_kept"] <= n_ok else -np.inf for r in rows])
         ties = np.nonzero(shells >= shells.max() - cfg.tie_shells)[0]
         chosen = int(ties[np.argmax([rows[i]["particles_kept"] for i in ties])])
     else:
@@ -186,6 +222,8 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
         "column": cfg.column, "larger_is_better": larger,
         "particles_in": n, "particles_kept": int(n_keep), "particles_discarded": int(n - n_keep),
         "fraction_kept": n_keep / n, "score_threshold": rows[chosen]["score_threshold"],
+        "junk_test": {"column": QUANTILE_COLUMN, "below": cfg.junk_quantile, "particles": int(junk.sum())}
+        if QUANTILE_COLUMN in star.particles and cfg.method == "auto" and cfg.junk_quantile > 0 else None,
         "halves_assigned_randomly": made_up,
         "resolution_all_fsc0143_angstrom": everything["resolution_fsc0143_angstrom"],
         "resolution_kept_fsc0143_angstrom": resolution_at(freq, curve, 0.143),

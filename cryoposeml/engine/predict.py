@@ -44,8 +44,9 @@ from ._outputs import check_new_file, stamp, write_json
 from .calibration import Calibration
 from .plots import pose_figure, save_figure
 from .reconstruct import half_set_labels
-from .train import escalation_threshold, load_model, preprocessor_for, resolve_device
-from .verify import MatchConfig, Reference, load_reference, match_config_dict, particle_ctf, verify_batch
+from .train import escalation_threshold, load_model, match_quantile, preprocessor_for, resolve_device
+from .verify import (MatchConfig, Reference, load_reference, match_config_dict, particle_ctf, reference_dir,
+                     verify_batch)
 
 __all__ = ["predict", "Predictor", "transfer_check", "predict_arrays", "load_models"]
 
@@ -109,7 +110,7 @@ def predict_arrays(star: ParticleStar, rows: np.ndarray, models: dict, meta: dic
     out = {"matrix": np.empty((n, 3, 3)), "shift_px": np.empty((n, 2)), "confidence": np.empty(n),
            "net_matrix": np.empty((n, 3, 3)), "net_shift_px": np.empty((n, 2))}
     if matching:
-        pseudo = reference.pseudo_symmetries(cfg) if cfg.matching != "exhaustive" else np.zeros((0, 3, 3))
+        pseudo = reference.pseudo_symmetries(cfg)   # mates proposed too, and checked after refinement
         ctf_params = star.ctf_params() if star.has_ctf() else None
         radius = 0.5 * star.box - 0.125 * star.box   # the particle's radius for the background noise estimate
     k_prop = cfg.top_k if matching and all(hasattr(m, "top_k") for m in models.values()) else 0
@@ -231,8 +232,7 @@ class Predictor:
         library (when the mode can escalate) and the map's near-symmetries."""
         if self.ref is None:
             return
-        if self.cfg.matching != "exhaustive":
-            self.ref.pseudo_symmetries(self.cfg)
+        self.ref.pseudo_symmetries(self.cfg)
         if self.cfg.matching in ("auto", "exhaustive"):
             for key in self.ref.maps:
                 self.ref.matcher(key, self.cfg, self.dev).library
@@ -320,6 +320,20 @@ class Predictor:
             p["rlnCpmlMatchZ"] = arr["z"]
             p["rlnCpmlMatchScore"] = arr["score"]
             p["rlnCpmlEscalated"] = arr["escalated"].astype(int)
+            # how many of the model's good calibration particles match worse (cleanup's junk test);
+            # only against the model's own reference, which those z-scores were measured with
+            if ref.source == str(reference_dir(self.model_dir)):
+                quantile = np.full(n, np.nan)
+                for run in models:
+                    sel = network_of == run
+                    q = match_quantile(meta["runs"][run].get("matching_good_z"), arr["z"][sel])
+                    if q is not None:
+                        quantile[sel] = q
+                if np.isfinite(quantile).all():
+                    p["rlnCpmlMatchQuantile"] = quantile
+                else:
+                    log.warning("this model has no record of its good particles' match z (trained before it "
+                                "existed): no rlnCpmlMatchQuantile, so cleanup cannot test for junk by it")
             if cfg.matching != "exhaustive":
                 p["rlnCpmlProposalZ"] = arr["z_proposals"]   # the network's best proposal's match z
         bad = [r for r, v in runs.items() if v.get("transfers") is False]

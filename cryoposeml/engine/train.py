@@ -453,6 +453,10 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
         score = -arr["expected_raw"]
         ece, oof = cross_fitted_ece(score, err, fit_isotonic_calibration, seed=cfg.seed)
         runs[run]["matching_calibration"] = fit_isotonic_calibration(score, err).to_dict()
+        # what a good particle's match z looks like (the matched poses under 5 deg): predict places
+        # each new particle in this distribution, and cleanup calls the bottom tail junk
+        good_z = np.sort(arr["z"][err < 5.0])
+        runs[run]["matching_good_z"] = [round(float(v), 4) for v in good_z] if len(good_z) >= 20 else None
         runs[run]["matching_validation"] = {
             "particles": int(len(rows)), "median_deg": float(np.median(err)), "mean_deg": float(np.mean(err)),
             "pct_under_5deg": float(100 * np.mean(err < 5)), "network_median_deg": float(np.median(net_err)),
@@ -469,6 +473,17 @@ def _consensus_reference(star: ParticleStar, cfg: TrainConfig, net_cfg: PoseNetC
 
 #: percentiles of the right proposals' match z kept in model.json (predict interpolates between them)
 ESCALATE_PERCENTILES = (1, 5, 10, 20, 30, 50, 70)
+
+
+def match_quantile(good_z, z: np.ndarray) -> np.ndarray | None:
+    """The share of the calibration split's good particles (``good_z``, sorted) that match the map
+    worse than a match z of ``z``: the empirical distribution with plotting positions
+    ``(i + 1/2) / n``, linear between them, clamped to ``[1/2n, 1 - 1/2n]``. None without a
+    calibration."""
+    if not good_z:
+        return None
+    g = np.asarray(good_z, np.float64)
+    return np.interp(z, g, (np.arange(len(g)) + 0.5) / len(g))
 
 
 def escalation_threshold(percentiles: dict | None, share: float) -> float | None:

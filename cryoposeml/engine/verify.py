@@ -82,6 +82,7 @@ class MatchConfig:
     fine_below_deg: float = 2.0       # refinement steps larger than this use the coarse band
     alt_refine_sd: float = 3.0        # refine the second basin too when it scores this close (noise SDs)
     pseudo_symmetry_threshold: float = 0.75
+    mate_check: bool = True           # after refinement, refine the pose's near-symmetric mates too; best wins
     posterior_step_deg: float = 1.0   # turns of 1 and 2 steps about each axis fit the posterior's width
 
     def check(self) -> None:
@@ -280,6 +281,33 @@ def _refine_basins(m: ReferenceMatcher, dc, df, A1, s1, A2, s2, origins, cfg: Ma
     return out
 
 
+def _check_mates(m: ReferenceMatcher, dc, df, res: dict, pseudo: np.ndarray, cfg: MatchConfig) -> dict:
+    """The refined pose's near-symmetric mates (``A @ g`` for each near-symmetry ``g`` of the map),
+    each refined as the pose was; the best-scoring one wins and the runner-up becomes the competing
+    basin. On a nearly symmetric map the mates score within noise of each other in the coarse
+    band, so the exhaustive search's top two basins need not contain the right one; scoring every
+    mate to the fine band is what separates them."""
+    steps = cfg.refine_steps_deg
+    datas = [dc if st > cfg.fine_below_deg else df for st in steps]
+    g = torch.as_tensor(pseudo, dtype=torch.float32, device=m.device)
+    out = {k: v.clone() if torch.is_tensor(v) else v for k, v in res.items()}
+    out["n_mates"] = torch.zeros_like(res["score"])
+    for j in range(len(g)):
+        r = m.refine(datas, res["matrix"] @ g[j], res["origin"], steps, cfg.refine_shift_steps_px)
+        out["n_mates"] += r["n_scored"]
+        win = r["score"] > out["score"]
+        # the competing basin: the loser of (current best, this mate) if it beats the old competitor
+        loser_s = torch.where(win, out["score"], r["score"])
+        loser_A = torch.where(win[:, None, None], out["matrix"], r["matrix"])
+        alt = loser_s > out["alt_score"]
+        out["alt_score"] = torch.where(alt, loser_s, out["alt_score"])
+        out["alt_matrix"] = torch.where(alt[:, None, None], loser_A, out["alt_matrix"])
+        for k in ("matrix", "origin", "score", "power"):
+            shape = (-1,) + (1,) * (r[k].dim() - 1)
+            out[k] = torch.where(win.view(shape), r[k], out[k])
+    return out
+
+
 @torch.no_grad()
 def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | None, proposals: torch.Tensor | None,
                  shifts_px: torch.Tensor, cfg: MatchConfig, pseudo: np.ndarray, mask_radius_px: float) -> dict:
@@ -342,6 +370,9 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
         A1[sel], s1[sel], A2[sel], s2[sel] = e1, es1, e2, es2
     res = _refine_basins(m, dc, df, A1, s1, A2, s2, origins, cfg)
     n_scored += res["n_scored"]
+    if cfg.mate_check and len(pseudo):
+        res = _check_mates(m, dc, df, res, pseudo, cfg)
+        n_scored += res.pop("n_mates")
     # match z: the final pose's coarse score above the particle's null mean, in noise SDs (junk:
     # noise or another protein matches no view much better than a random one)
     z = coarse_z(res["matrix"], res["origin"])
