@@ -5,7 +5,8 @@ Per dataset (64 px at 1.5 A/px, CTF, origins of --shift-sigma A s.d., white nois
 of one copy left as it is: four near-identical copies, one orientation right), a model is trained
 on --n-train particles (or taken from --model-dir/<dataset>), then --n-test new particles are
 predicted with --matching none, proposals, auto and exhaustive (each in its own process, timed
-end to end including reading, peak RSS polled). Reported per row: median / mean angular error,
+end to end including reading, peak RSS polled); with --worker also by the streaming worker
+(predict --spool) in 4 batches (its start-up, and particles/s once loaded). Reported per row: median / mean angular error,
 % under 5 and over 30 deg, median shift error, FSC 0.5 of the map reconstructed from the poses
 against the true map, half-map FSC 0.143, ECE and Spearman of the expected error against the
 actual one, fraction escalated, poses scored per particle, particles/s and peak RSS. With
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cryoposeml.core.metrics import fsc, resolution_at, soft_sphere_mask
 from cryoposeml.core.symmetry import symmetric_distance_deg
@@ -98,14 +101,16 @@ def score_row(pred_path: Path, truth, true_map, sym: str, expected: bool = True)
                  "spearman_ceiling": spearman_ceiling(x)}
     sub = p.copy()
     sub.particles = p.particles.iloc[ip].reset_index(drop=True)
+    row = {"median_deg": float(np.median(err)), "mean_deg": float(np.mean(err)),
+           "pct_under_5deg": float(100 * np.mean(err < 5)), "pct_over_30deg": float(100 * np.mean(err > 30)),
+           "shift_median_A": float(np.median(shift)), **calib}
+    if true_map is None:   # poses only
+        return row
     rec = reconstruct_star(sub, sym, halves=True, progress=False)
     mask = soft_sphere_mask(true_map.shape[0])
     f, c = fsc(rec.full, true_map, rec.pixel_size_angstrom, mask)
     fh, ch = rec.half_fsc(mask)
-    return {"median_deg": float(np.median(err)), "mean_deg": float(np.mean(err)),
-            "pct_under_5deg": float(100 * np.mean(err < 5)), "pct_over_30deg": float(100 * np.mean(err > 30)),
-            "shift_median_A": float(np.median(shift)), "fsc05_vs_true_A": resolution_at(f, c, 0.5),
-            "half_map_fsc0143_A": resolution_at(fh, ch, 0.143), **calib}
+    return {**row, "fsc05_vs_true_A": resolution_at(f, c, 0.5), "half_map_fsc0143_A": resolution_at(fh, ch, 0.143)}
 
 
 def spearman_ceiling(expected: np.ndarray, draws: int = 50) -> float:
@@ -165,6 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--model-dir", help="folder with a trained model per dataset (<dir>/<dataset>)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--worker", action="store_true", help="also the streaming worker (predict --spool) fed the "
+                    "test set in 4 batches: start-up and steady-state particles/s")
     ap.add_argument("--relion", action="store_true", help="also Relion 3.1 global auto-refine (slow: ~30 min)")
     ap.add_argument("--work", default="bench_predict_work")
     ap.add_argument("--out", default="benchmarks/results")
@@ -213,6 +220,8 @@ def main(argv=None) -> None:
             print(json.dumps(row))
         if {"proposals", "exhaustive"} <= set(args.modes):
             rows.extend(escalation_tradeoff(d, model, truth, sym, ds))
+        if args.worker:
+            rows.append(worker_row(d, model, truth, sym))
         if args.relion:
             rows.append(relion_row(d, map_path, sym, truth, true_map, args))
         path = write_results(args.out, args.name, args, rows)   # after each dataset: a partial run keeps its rows
@@ -225,6 +234,52 @@ def main(argv=None) -> None:
     for r in rows:
         print("| " + " | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
     print(f"wrote {path}")
+
+
+def worker_row(d: Path, model: Path, truth, sym: str, n_batches: int = 4) -> dict:
+    """The streaming worker (``predict --spool``) fed the test particles in ``n_batches`` batches:
+    start-up (process, model, reference, library), then each batch from its submission to its
+    outputs on disk (reading, network, matching, writing). Steady state: the batches after the
+    first, the worker already waiting."""
+    from cryoposeml.engine.spool import SpoolClient
+
+    star = read_star(d / "test" / "particles.star")
+    folder = d / "worker"
+    if folder.exists():
+        shutil.rmtree(folder)
+    client = SpoolClient(folder / "spool")
+    parts = np.array_split(np.arange(len(star)), n_batches)
+    paths = []
+    for k, rows in enumerate(parts):
+        b = star.copy()
+        b.particles = star.particles.iloc[rows].reset_index(drop=True)
+        paths.append(write_star(b, d / "test" / f"worker_batch{k}.star"))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cli("predict", "--model", model, "--spool", client.folder), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (client.folder / "worker.json").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    startup = time.perf_counter() - t0
+    walls = []
+    for k, path in enumerate(paths):
+        t = time.perf_counter()
+        client.submit(f"b{k}", path, folder / f"out{k}.star")
+        client.wait(f"b{k}", poll_s=0.02)
+        walls.append(time.perf_counter() - t)
+    client.stop()
+    proc.communicate(timeout=60)
+    steady = sum(len(r) for r in parts[1:]) / sum(walls[1:])
+    out = star.copy()
+    out.particles = pd.concat([read_star(folder / f"out{k}.star").particles for k in range(n_batches)],
+                              ignore_index=True)
+    merged = write_star(out, folder / "all.star")
+    row = {"dataset": d.name, "method": f"cryoposeml auto, streaming worker ({n_batches} batches)",
+           "particles": len(star), "worker_startup_s": startup, "batch_wall_s": walls,
+           "particles_per_s": steady, "first_batch_particles_per_s": len(parts[0]) / walls[0],
+           **score_row(merged, truth, None, sym)}
+    print(json.dumps(row))
+    return row
 
 
 def relion_row(d: Path, map_path: Path, sym: str, truth, true_map, args) -> dict:

@@ -76,3 +76,19 @@ def test_plugin_class_in_scipion():
 
     assert issubclass(cryoposeml.Plugin, pwem.Plugin)
     assert "cryoposeml.cli" in cryoposeml.Plugin.getProgram("simulate")
+
+
+def test_every_protocol_parameter_has_help():
+    """A user fills the forms without the README: every parameter of every protocol says what it
+    does (Scipion's own hidden GPU and parallel parameters included)."""
+    pytest.importorskip("pwem")
+    from pwem import Domain
+
+    missing = []
+    for name, cls in Domain.getProtocols().items():
+        if not name.startswith("CryoPoseML"):
+            continue
+        for pname, param in cls()._definition.iterParams():
+            if not (param.help.get() if getattr(param, "help", None) is not None else ""):
+                missing.append(f"{name}.{pname}")
+    assert not missing, missing

@@ -18,8 +18,10 @@ Written columns: the poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst; the input's
 the error is under 10 deg, from the held-out calibration) and ``rlnCpmlExpectedErrorDeg``; with
 matching also ``rlnMaxValueProbDistribution`` (the posterior's largest probability, Relion's
 meaning), ``rlnCpmlMatchZ`` (the match z-score: junk matches no view of the map),
-``rlnCpmlMatchScore``, ``rlnCpmlEscalated`` (1 when the exhaustive search was needed) and
-``rlnCpmlProposalZ`` (the match z of the network's best proposal, before any escalation).
+``rlnCpmlMatchScore``, ``rlnCpmlEscalated`` (1 when the exhaustive search was needed),
+``rlnCpmlProposalZ`` (the match z of the network's best proposal, before any escalation) and,
+against the model's own reference, ``rlnCpmlMatchQuantile`` (the share of the model's good
+calibration particles whose match z was lower: cleanup's junk test).
 ``top_k`` (distribution models) also writes ``OUT_topK.star``: K rows per particle, the K most
 probable distinct poses with ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``.
 ``OUT.png``: projection directions, expected-error histogram, and the model's held-out error vs

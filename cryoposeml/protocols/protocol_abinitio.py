@@ -48,7 +48,8 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
         form.addParam("halfSets", params.BooleanParam, default=True, label="Gold-standard half-sets?",
                       help="One independent run per half-set, for an honest half-map FSC.")
         form.addSection(label="Training")
-        form.addParam("epochs", params.IntParam, default=20, label="Epochs")
+        form.addParam("epochs", params.IntParam, default=20, label="Epochs",
+                      help="Passes over the particles, the pose-search epochs included.")
         form.addParam("searchEpochs", params.IntParam, default=-1, label="Pose-search epochs",
                       help="Epochs of global pose search at the start; -1: half of the epochs; 0: amortized "
                            "from the start (cryoAI as published; converges far less often). The search goes on "
@@ -60,8 +61,11 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
         form.addParam("decoder", params.EnumParam, choices=DECODERS, default=0, label="Decoder",
                       expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_COMBO,
                       help="voxel: an explicit volume (cryoPoseNet); fouriernet: an implicit SIREN volume (cryoAI).")
-        form.addParam("batchSize", params.IntParam, default=64, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed")
+        form.addParam("batchSize", params.IntParam, default=64, expertLevel=params.LEVEL_ADVANCED, label="Batch size",
+                      help="Particles per optimisation step.")
+        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
+                      help="Ab initio can converge to different maps from different starts: run two seeds and "
+                           "compare them to trust the result.")
         self._defineRunParams(form, "abinitio")
 
     # -------------------------- steps --------------------------------------

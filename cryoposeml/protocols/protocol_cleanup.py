@@ -33,14 +33,30 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
                       pointerCondition="hasAlignmentProj", label="Predicted particles",
                       help="Output of 'predict poses' (particles with _cryoposemlExpectedError).")
         form.addParam("method", params.EnumParam, choices=METHODS, default=0, label="Method",
-                      display=params.EnumParam.DISPLAY_HLIST)
+                      display=params.EnumParam.DISPLAY_HLIST,
+                      help="auto: the map decides. Verified particles that match the map worse than 99% of the "
+                           "model's good particles are dropped as junk first (see 'Junk test'). Then the particles "
+                           "are ranked (by the match z-score when verified, else by the expected error) and, for "
+                           "each fraction kept from 100% down to 'Smallest fraction kept' in 5% steps, the two "
+                           "half-maps are reconstructed; the fraction with the best half-map FSC 0.143 resolution "
+                           "is kept (resolutions within a quarter of a Fourier shell tie, and ties keep more "
+                           "particles). quantile: drop a fixed fraction of the most uncertain. max-error: drop the "
+                           "particles whose expected error is above a bound.")
         form.addParam("quantile", params.FloatParam, default=0.25, condition="method == 1",
                       label="Fraction dropped", help="The most uncertain fraction of the particles is dropped.")
         form.addParam("maxError", params.FloatParam, default=15.0, condition="method == 2",
-                      label="Largest expected error (deg)")
+                      label="Largest expected error (deg)",
+                      help="Particles whose calibrated expected angular error is above this are dropped.")
         form.addParam("minKeep", params.FloatParam, default=0.5, condition="method == 0",
-                      expertLevel=params.LEVEL_ADVANCED, label="Smallest fraction kept")
-        form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry")
+                      expertLevel=params.LEVEL_ADVANCED, label="Smallest fraction kept",
+                      help="auto: the sweep stops at this fraction of the particles (after the junk test).")
+        form.addParam("junkQuantile", params.FloatParam, default=0.01, condition="method == 0",
+                      expertLevel=params.LEVEL_ADVANCED, label="Junk test",
+                      help="auto, verified particles: a particle is junk when fewer than this share of the model's "
+                           "good calibration particles matched the map worse (_cryoposemlMatchQuantile). It is the "
+                           "share of good particles the test loses. 0: no junk test.")
+        form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry",
+                      help="Point group of the reconstructions (Relion's convention: Cn, Dn, T, O, I); the model's.")
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep)
@@ -59,7 +75,7 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
         elif method == "max-error":
             args += f" --max-error {self.maxError.get()}"
         else:
-            args += f" --min-keep {self.minKeep.get()}"
+            args += f" --min-keep {self.minKeep.get()} --junk-quantile {self.junkQuantile.get()}"
         self.runCryoposeml("cleanup", args)
 
     def createOutputStep(self):

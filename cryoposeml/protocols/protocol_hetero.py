@@ -49,7 +49,8 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
         form.addParam("zdim", params.IntParam, default=4, label="Latent dimension",
                       help="Dimension of the conformation z (and number of basis maps).")
         form.addSection(label="Training")
-        form.addParam("epochs", params.IntParam, default=24, label="Epochs")
+        form.addParam("epochs", params.IntParam, default=24, label="Epochs",
+                      help="Passes over the particles, the first phase included.")
         form.addParam("searchEpochs", params.IntParam, default=-1, label="First-phase epochs",
                       help="Without input poses: epochs of global pose search with the conformation frozen (-1: a "
                            "third of the epochs). With input poses: epochs learning the consensus map at them "
@@ -59,9 +60,13 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
         form.addParam("boxPx", params.IntParam, default=32, label="Working box (px)",
                       help="Particles are Fourier-rescaled to this box (same field of view).")
         form.addParam("encoder", params.EnumParam, choices=ENCODERS, default=0, label="Pose encoder",
-                      expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_COMBO)
-        form.addParam("batchSize", params.IntParam, default=32, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
-        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed")
+                      expertLevel=params.LEVEL_ADVANCED, display=params.EnumParam.DISPLAY_COMBO,
+                      help="The network that predicts each particle's pose: equivariant (D4-steerable, escnn) or "
+                           "cnn (a Gaussian pyramid into a VGG CNN).")
+        form.addParam("batchSize", params.IntParam, default=32, expertLevel=params.LEVEL_ADVANCED, label="Batch size",
+                      help="Particles per optimisation step.")
+        form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED, label="Random seed",
+                      help="Another seed gives another start; compare two runs before trusting the classes.")
         self._defineRunParams(form, "hetero")
 
     # -------------------------- steps --------------------------------------

@@ -45,7 +45,9 @@ class CryoPoseMLProtImportParticles(ProtImport):
                       help="Keep the STAR's angles and shifts as the particles' 3D alignment (needed to train). "
                            "No: the particles are imported without alignment (e.g. new particles to predict).")
         form.addParam("haveDataBeenPhaseFlipped", params.BooleanParam, default=False,
-                      label="Have the images been phase flipped?")
+                      label="Have the images been phase flipped?",
+                      help="Yes when the particle images already had the CTF's phases flipped (e.g. extracted with "
+                           "phase flipping); recorded on the output set.")
         form.addSection(label="Streaming")
         form.addParam("dataStreaming", params.BooleanParam, default=False, label="Process data in streaming?",
                       help="Keep watching the pattern for new STAR files and append their particles to an open "
@@ -60,7 +62,8 @@ class CryoPoseMLProtImportParticles(ProtImport):
                       help="The output is closed as soon as this file exists (and every STAR before it has been "
                            "imported). A pipeline writes it when the session is over.")
         form.addParam("sleepSeconds", params.IntParam, default=10, condition="dataStreaming",
-                      expertLevel=params.LEVEL_ADVANCED, label="Check every (s)")
+                      expertLevel=params.LEVEL_ADVANCED, label="Check every (s)",
+                      help="Streaming: how often the pattern is looked at for new STAR files.")
 
     # -------------------------- steps --------------------------------------
     def _insertAllSteps(self):

@@ -49,9 +49,12 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles", important=True,
                       label="Particles", help="Particles to give a pose (same box and pixel size as the training).")
         form.addParam("modelSource", params.EnumParam, choices=["a previous training run", "a model folder"],
-                      default=SOURCE_RUN, display=params.EnumParam.DISPLAY_HLIST, label="Model from")
+                      default=SOURCE_RUN, display=params.EnumParam.DISPLAY_HLIST, label="Model from",
+                      help="A training run of this project, or a model folder written by `cryoposeml train` "
+                           "(another project, another machine).")
         form.addParam("inputModel", params.PointerParam, pointerClass="CryoPoseMLModel", allowsNull=True,
-                      condition=f"modelSource == {SOURCE_RUN}", label="Trained model")
+                      condition=f"modelSource == {SOURCE_RUN}", label="Trained model",
+                      help="The output of a 'train pose network' run (its networks and consensus map).")
         form.addParam("modelFolder", params.PathParam, condition=f"modelSource == {SOURCE_FOLDER}",
                       label="Model folder", help="A folder written by `cryoposeml train` (with model.json).")
         form.addParam("batchSize", params.IntParam, default=1000, label="Particles per batch",

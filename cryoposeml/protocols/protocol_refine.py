@@ -35,14 +35,16 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume", allowsNull=True,
                       label="Starting map (optional)",
                       help="Default: reconstructed from the predicted poses and low-passed.")
-        form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry")
+        form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry",
+                      help="Point group for Relion (--sym): Cn, Dn, T, O, I.")
         form.addParam("sigmaAng", params.FloatParam, default=-1, label="Prior width (deg)",
                       help="Relion's --sigma_ang; -1: chosen from the predicted expected errors.")
         form.addParam("usePriors", params.BooleanParam, default=True, label="Centre searches on the predictions?",
                       help="Yes: write Relion's prior columns (searches stay around the predicted poses). "
                            "No: the predicted poses are only the starting point.")
         form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional Relion arguments")
+                      label="Additional Relion arguments",
+                      help="Passed to relion_refine_mpi as they are (e.g. --maxsig 500).")
         form.addParallelSection(threads=1, mpi=3)
 
     def _insertAllSteps(self):

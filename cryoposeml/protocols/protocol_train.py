@@ -38,12 +38,17 @@ class CryoPoseMLProtTrain(CryoPoseMLProtBase, ProtRefine3D):
         form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry",
                       help="Point group in Relion's convention: Cn, Dn, T, O, I.")
         form.addParam("halfSets", params.BooleanParam, default=False, label="Gold-standard half-sets?",
-                      help="Train one network per half-set (rlnRandomSubset); each predicts the other half.")
+                      help="Train one network per half-set (rlnRandomSubset). New half-k particles are then "
+                           "proposed by network k and matched against half-map k, so the half-sets stay "
+                           "independent (gold standard).")
         form.addSection(label="Training")
-        form.addParam("epochs", params.IntParam, default=30, label="Epochs")
+        form.addParam("epochs", params.IntParam, default=30, label="Epochs",
+                      help="Most passes over the training particles; training stops earlier when the held-out "
+                           "error stops improving.")
         form.addParam("boxPx", params.IntParam, default=64, label="Network box (px)",
                       help="Particles are Fourier-rescaled to this box (same field of view).")
-        form.addParam("batchSize", params.IntParam, default=64, expertLevel=params.LEVEL_ADVANCED, label="Batch size")
+        form.addParam("batchSize", params.IntParam, default=64, expertLevel=params.LEVEL_ADVANCED, label="Batch size",
+                      help="Particles per optimisation step (on a GPU out of memory, steps are split automatically).")
         self._defineRunParams(form, "train")
 
     # -------------------------- steps --------------------------------------
