@@ -40,6 +40,13 @@ def writeParticlesStar(partSet, starFile, outputDir, alignType=None):
     if alignType is not None:
         kwargs["alignType"] = alignType
     writeSetOfParticles(partSet, starFile, **kwargs)
+    if partSet.isPhaseFlipped():
+        # Scipion keeps the CTF state on the set; Relion 3.1 (and cryoposeml) read it from the optics block
+        from cryoposeml.data.star import read_star, write_star
+
+        star = read_star(starFile)
+        star.optics["rlnCtfDataArePhaseFlipped"] = 1
+        write_star(star, starFile)
 
 
 def readStarRows(starFile):

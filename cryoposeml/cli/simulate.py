@@ -36,6 +36,8 @@ def add_args(p):
     p.add_argument("--voltage", type=float, default=d.voltage_kv, help="kV (default: %(default)s)")
     p.add_argument("--cs", type=float, default=d.cs_mm, help="spherical aberration, mm (default: %(default)s)")
     p.add_argument("--amplitude-contrast", type=float, default=d.amplitude_contrast, help="(default: %(default)s)")
+    p.add_argument("--phase-flipped", action="store_true",
+                   help="write phase-flipped images (rlnCtfDataArePhaseFlipped 1 in the optics block)")
     p.add_argument("--stack-size", type=int, default=d.stack_size, help="images per .mrcs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -50,6 +52,6 @@ def main(args):
                            junk_map=args.junk_map, junk_noise_share=args.junk_noise_share, poses=args.poses,
                            defocus_min_angstrom=args.defocus_range[0], defocus_max_angstrom=args.defocus_range[1],
                            voltage_kv=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast,
-                           stack_size=args.stack_size, seed=args.seed)
+                           phase_flipped=args.phase_flipped, stack_size=args.stack_size, seed=args.seed)
     out = simulate(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {out}/particles.star and {out}/ground_truth.star")

@@ -2,8 +2,14 @@
 
 ``CTF(k) = -sin(pi*lambda*dz(k)*|k|^2 + pi/2*Cs*lambda^3*|k|^4 - phase_shift - atan(Q0/sqrt(1-Q0^2)))
 * exp(-B/4*|k|^2)`` with ``dz(k) = -(dU+dV)/2 - (dU-dV)/2*cos(2*(atan2(ky,kx) - angle))``
-(Relion's src/ctf.h). Frequencies ``k`` are in 1/Angstrom; images use the centred Fourier layout
-of :mod:`cryoposeml.core.fourier`. Checked against ``relion_project --ctf`` in the tests.
+(Relion's src/ctf.h), times ``rlnCtfScalefactor``. Frequencies ``k`` are in 1/Angstrom; images
+use the centred Fourier layout of :mod:`cryoposeml.core.fourier`. Checked against
+``relion_project --ctf`` in the tests.
+
+:func:`ctf_2d` gives the modulation the images *carry*: for particles already phase-flipped
+(``rlnCtfDataArePhaseFlipped 1``) that is ``|CTF|``, as Relion's ``ctf_phase_flipped``. So every
+user of it (reconstruction, matching, the networks' phase flip, ab initio's decoder) handles both
+states without knowing about them: flipping phase-flipped images again is a no-op.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class CtfParams:
     amplitude_contrast: np.ndarray      # rlnAmplitudeContrast (optics)
     phase_shift_deg: np.ndarray | float = 0.0   # rlnPhaseShift
     bfactor: np.ndarray | float = 0.0           # rlnCtfBfactor
+    scale: np.ndarray | float = 1.0             # rlnCtfScalefactor
+    phase_flipped: np.ndarray | bool = False    # rlnCtfDataArePhaseFlipped (optics): the images carry |CTF|
 
     def __len__(self) -> int:
         return len(np.atleast_1d(self.defocus_u_angstrom))
@@ -49,7 +57,8 @@ def electron_wavelength_angstrom(voltage_kv):
 
 def ctf_2d(params: CtfParams, box: int, pixel_size_angstrom: float, dtype=torch.float32,
            device=None) -> torch.Tensor:
-    """CTF images ``(B, box, box)`` in the centred Fourier layout (DC at ``box // 2``)."""
+    """The CTF the images carry ``(B, box, box)``, centred Fourier layout (DC at ``box // 2``):
+    ``|CTF|`` for phase-flipped particles."""
     def col(v):
         return torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float64), (len(params),)).copy(),
                                device=device)[:, None, None]
@@ -68,5 +77,8 @@ def ctf_2d(params: CtfParams, box: int, pixel_size_angstrom: float, dtype=torch.
     du, dv = col(params.defocus_u_angstrom), col(params.defocus_v_angstrom)
     azimuth = torch.deg2rad(col(params.defocus_angle_deg))
     deltaf = -(du + dv) / 2 - (du - dv) / 2 * torch.cos(2 * (torch.atan2(ky, kx) - azimuth))
-    ctf = -torch.sin(k1 * deltaf * u2 + k2 * u2**2 - k5 - k3) * torch.exp(k4 * u2)
+    ctf = -torch.sin(k1 * deltaf * u2 + k2 * u2**2 - k5 - k3) * torch.exp(k4 * u2) * col(params.scale)
+    flipped = np.broadcast_to(np.asarray(params.phase_flipped, dtype=bool), (len(params),))
+    if flipped.any():
+        ctf = torch.where(torch.as_tensor(flipped.copy(), device=device)[:, None, None], ctf.abs(), ctf)
     return ctf.to(dtype)

@@ -144,7 +144,25 @@ class ParticleStar:
             amplitude_contrast=opt("rlnAmplitudeContrast", None),
             phase_shift_deg=opt("rlnPhaseShift"),
             bfactor=opt("rlnCtfBfactor"),
+            scale=opt("rlnCtfScalefactor", 1.0),
+            phase_flipped=self.phase_flipped(),
         )
+
+    def phase_flipped(self) -> np.ndarray:
+        """Per particle: were the images phase-flipped already (``rlnCtfDataArePhaseFlipped``, an
+        optics column in Relion 3.1; absent: no)?"""
+        try:
+            v = self.optics_value("rlnCtfDataArePhaseFlipped")
+        except InputError:
+            return np.zeros(len(self.particles), bool)
+        try:
+            v = v.astype(np.float64)
+        except ValueError:
+            raise InputError("rlnCtfDataArePhaseFlipped must be 0 or 1", self._where()) from None
+        if not np.isin(v, (0, 1)).all():
+            raise InputError(f"rlnCtfDataArePhaseFlipped must be 0 or 1, found {sorted(set(v.tolist()))}",
+                             self._where())
+        return v.astype(bool)
 
     def random_subset(self) -> np.ndarray | None:
         """``rlnRandomSubset`` (1 or 2) per particle, or None when the column is absent."""

@@ -29,6 +29,7 @@ from ..core.rotations import matrix_to_euler, random_rotations
 from ..core.symmetry import symmetry_group
 from ..data.bundled import resolve_map
 from ..data.mrc import read_map, write_stack
+from ..data.preprocess import phase_flip
 from ..data.star import ParticleStar, read_star, write_star
 from ._outputs import stamp, staged_dir, write_json
 
@@ -56,6 +57,7 @@ class SimulationConfig:
     voltage_kv: float = 300.0
     cs_mm: float = 2.7
     amplitude_contrast: float = 0.1
+    phase_flipped: bool = False           # write phase-flipped images (rlnCtfDataArePhaseFlipped 1)
     stack_size: int = 1000
     seed: int = 0
     batch_size: int = 256
@@ -170,6 +172,7 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
         "rlnVoltage": [cfg.voltage_kv], "rlnSphericalAberration": [cfg.cs_mm],
         "rlnAmplitudeContrast": [cfg.amplitude_contrast], "rlnImagePixelSize": [apix], "rlnImageSize": [box],
         "rlnImageDimensionality": [2],
+        **({"rlnCtfDataArePhaseFlipped": [1]} if cfg.phase_flipped and cfg.ctf else {}),
     })
     names = [f"{i % cfg.stack_size + 1:06d}@Particles/stack_{i // cfg.stack_size + 1:04d}.mrcs" for i in range(n)]
     base = pd.DataFrame({
@@ -196,6 +199,8 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
                 img[junk[sl] == JUNK_OTHER_MAP] *= other_scale
                 if noise_sd:
                     img += rng.normal(0.0, noise_sd, img.shape).astype(np.float32)
+                if cfg.phase_flipped and cfg.ctf:   # as extraction with phase flipping does: noise included
+                    img = phase_flip(img, ctf_2d(ctf.subset(sl), box, apix, dtype=torch.float64).numpy())
                 stack[b - start:sl.stop - start] = img
                 bar.update(sl.stop - sl.start)
             write_stack(tmp / "Particles" / f"stack_{k + 1:04d}.mrcs", stack, apix)

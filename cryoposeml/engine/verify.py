@@ -390,13 +390,12 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
             "max_prob": post["max_probability"] * (1 - p_alt), "p_alt": p_alt, "n_scored": n_scored}
 
 
-def particle_ctf(ctf_params, idx, box: int, apix: float, phase_flipped: bool = False):
+def particle_ctf(ctf_params, idx, box: int, apix: float):
     """The CTFs ``(B, box, box)`` the matching multiplies the projections by (``|CTF|`` for
-    phase-flipped particles); None without CTF parameters."""
+    phase-flipped particles, as :func:`ctf_2d` gives); None without CTF parameters."""
     if ctf_params is None:
         return None
-    c = ctf_2d(ctf_params.subset(idx), box, apix)
-    return c.abs() if phase_flipped else c
+    return ctf_2d(ctf_params.subset(idx), box, apix)
 
 
 def match_config_dict(cfg: MatchConfig) -> dict:

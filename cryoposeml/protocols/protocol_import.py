@@ -184,7 +184,8 @@ class CryoPoseMLProtImportParticles(ProtImport):
             readSetOfParticles(star, batch, alignType=alignType, postprocessImageRow=absolutePaths)
         except Exception as e:
             raise ValueError(f"{star}: not a readable Relion 3.1 particle STAR ({type(e).__name__}: {e}).") from e
-        batch.setIsPhaseFlipped(bool(self.haveDataBeenPhaseFlipped))
+        # the STAR's own record (rlnCtfDataArePhaseFlipped) counts as much as the form's answer
+        batch.setIsPhaseFlipped(bool(self.haveDataBeenPhaseFlipped) or bool(parsed.phase_flipped().any()))
         batch.write()
         return batch
 
