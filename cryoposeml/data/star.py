@@ -171,9 +171,10 @@ class ParticleStar:
         return self.particles["rlnRandomSubset"].to_numpy(np.int64)
 
     # -- images ---------------------------------------------------------------------------------
-    def image_locations(self) -> tuple[list[Path], np.ndarray, np.ndarray]:
-        """``(stacks, stack_index, slice_index)``: the unique resolved stack paths, and per particle
-        which stack it is in and its 0-based slice in it."""
+    def image_locations(self, resolve: bool = True) -> tuple[list, np.ndarray, np.ndarray]:
+        """``(stacks, stack_index, slice_index)``: the unique resolved stack paths (the names as
+        written with ``resolve=False``: nothing needs to exist), and per particle which stack it is
+        in and its 0-based slice in it."""
         self.require(["rlnImageName"], "the images")
         names = self.particles["rlnImageName"].astype(str).to_numpy()
         slices = np.empty(len(names), np.int64)
@@ -191,13 +192,15 @@ class ParticleStar:
             if slices[i] < 0:
                 raise InputError(f"row {i + 1}: image number in {name!r} must be >= 1", self._where())
             stack_of[i] = unique.setdefault(stack, len(unique))
-        return [self.resolve_image_path(s) for s in unique], stack_of, slices
+        return [self.resolve_image_path(s) if resolve else s for s in unique], stack_of, slices
 
-    def image_keys(self) -> list[str]:
+    def image_keys(self, resolve: bool = True) -> list[str]:
         """One key per particle, ``"slice@/resolved/stack.mrcs"``, equal for the same image whatever
-        folder each STAR file lives in (used to match particles between files)."""
-        stacks, stack_of, slices = self.image_locations()
-        names = [str(s.resolve()) for s in stacks]
+        folder each STAR file lives in (used to match particles between files). ``resolve=False``:
+        ``"slice@stack.mrcs"`` with the stack's file name only, for files whose stacks are not on
+        this machine."""
+        stacks, stack_of, slices = self.image_locations(resolve)
+        names = [str(s.resolve()) if resolve else Path(s).name for s in stacks]
         return [f"{i}@{names[k]}" for k, i in zip(stack_of, slices)]
 
     def resolve_image_path(self, name: str) -> Path:

@@ -6,6 +6,7 @@ junk) are left out of the pose errors and counted apart.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,26 @@ from ._outputs import check_new_file, stamp, write_json
 from .plots import plot_fsc_curves, pyplot, save_figure
 from .reconstruct import reconstruct_star
 
+log = logging.getLogger(__name__)
+
 __all__ = ["evaluate", "match_particles"]
 
 
 def match_particles(pred, ref) -> tuple[np.ndarray, np.ndarray]:
     """Row indices ``(i_pred, i_ref)`` of the particles both STAR files share (the same image of
-    the same stack, wherever each STAR file lives)."""
-    a, b = pred.image_keys(), ref.image_keys()
+    the same stack, wherever each STAR file lives). When a file's stacks are not on this machine
+    (poses exported from elsewhere), the same slice of a stack with the same file name; a name
+    that two stacks share is then refused as ambiguous."""
+    try:
+        a, b = pred.image_keys(), ref.image_keys()
+    except InputError as e:
+        log.info("matching by stack file name and slice: %s", e)
+        a, b = pred.image_keys(resolve=False), ref.image_keys(resolve=False)
+        for star, keys in ((pred, a), (ref, b)):
+            if len(set(keys)) != len(keys):
+                raise InputError("its image stacks are not on this machine and two of its stacks share a file "
+                                 "name, so its particles cannot be matched by name; copy the stacks here",
+                                 star.path) from e
     where = {name: i for i, name in enumerate(b)}
     ip = np.array([i for i, name in enumerate(a) if name in where], np.int64)
     ir = np.array([where[a[i]] for i in ip], np.int64)

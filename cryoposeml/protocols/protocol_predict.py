@@ -302,8 +302,9 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                             "start. Follow with cleanup and a Relion local refinement.")
         parts = self.inputParticles.get()
         if parts is not None and not self.usesGpu() and parts.getSize() > 50000:
-            warnings.append(f"{parts.getSize()} particles on the CPU: expect roughly {parts.getSize() / 300 / 60:.0f} "
-                            "min (about 300 particles/s on 2 cores at 32 px). Use a GPU if you can.")
+            rate = 150 if MATCHING_CHOICES[self.matching.get()] == "none" else 100
+            warnings.append(f"{parts.getSize()} particles on the CPU: expect roughly {parts.getSize() / rate / 60:.0f} "
+                            f"min (about {rate} particles/s on 2 cores for a 64 px box). Use a GPU if you can.")
         return warnings
 
     def _summary(self):
