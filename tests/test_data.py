@@ -3,14 +3,18 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
+import starfile
 import torch
 
 from cryoposeml.core.ctf import ctf_2d
+from cryoposeml.core.errors import InputError
 from cryoposeml.core.fourier import fft2_centered
 from cryoposeml.data.dataset import ParticleDataset
 from cryoposeml.data.mrc import write_stack
 from cryoposeml.data.preprocess import normalize_background, phase_flip, rescale
 from cryoposeml.data.star import ParticleStar, read_star, write_star
+from conftest import relion
 
 
 def test_star_round_trip_keeps_unknown_columns(sim_noise_free_ctf, tmp_path):
@@ -146,3 +150,35 @@ def test_simulate_two_states_images_each_particle_from_its_own_map(tmp_path):
     r = cli("simulate", "--map", "adk_open", small, "--n", 10, "--out", tmp_path / "bad")
     assert r.returncode != 0 and "state 2" in r.stderr and "64 px" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_relion_30_star_is_read_as_relion_convert_star_converts_it(sim_noise_free_ctf, tmp_path):
+    """A Relion 3.0 particle STAR (one block, optics values per particle, origins in pixels, the
+    pixel size from the detector and magnification) reads as the Relion 3.1 file that Relion's own
+    relion_convert_star makes of it."""
+    src = read_star(sim_noise_free_ctf / "ground_truth.star")
+    p = src.particles.copy()
+    stacks, stack_of, slices = src.image_locations()
+    p["rlnImageName"] = [f"{i + 1:06d}@{stacks[k]}" for k, i in zip(stack_of, slices)]   # absolute: the file lives elsewhere
+    apix = src.pixel_size_angstrom
+    for c in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+        p[c] = float(src.optics[c].iloc[0])
+    p["rlnMagnification"], p["rlnDetectorPixelSize"] = 10000.0, apix   # 1.5 um at 10,000x: 1.5 A/px
+    p["rlnOriginX"], p["rlnOriginY"] = p.pop("rlnOriginXAngst") / apix, p.pop("rlnOriginYAngst") / apix
+    p = p.drop(columns=["rlnOpticsGroup"])
+    starfile.write({"": p}, tmp_path / "relion30.star", overwrite=True)
+    relion("relion_convert_star", "--i", "relion30.star", "--o", "converted.star", cwd=tmp_path)
+    ours = read_star(tmp_path / "relion30.star")
+    theirs = read_star(tmp_path / "converted.star")
+    assert ours.pixel_size_angstrom == theirs.pixel_size_angstrom == apix and ours.box == theirs.box == src.box
+    np.testing.assert_allclose(ours.shifts_angstrom(), theirs.shifts_angstrom(), atol=1e-4)
+    np.testing.assert_allclose(ours.shifts_angstrom(), src.shifts_angstrom(), atol=1e-4)
+    np.testing.assert_allclose(ours.matrices(), theirs.matrices(), atol=1e-6)
+    for a, b in ((ours.ctf_params(), theirs.ctf_params()),):
+        for f in ("defocus_u_angstrom", "voltage_kv", "cs_mm", "amplitude_contrast"):
+            np.testing.assert_allclose(np.broadcast_to(getattr(a, f), len(ours)), np.broadcast_to(getattr(b, f), len(ours)))
+    np.testing.assert_array_equal(ours.image_keys(), src.image_keys())
+    # without the pixel size there is nothing to convert from: a clear error naming the file
+    starfile.write({"": p.drop(columns=["rlnMagnification"])}, tmp_path / "nopix.star", overwrite=True)
+    with pytest.raises(InputError, match="nopix.star.*rlnMagnification and rlnDetectorPixelSize"):
+        read_star(tmp_path / "nopix.star")

@@ -1,5 +1,6 @@
-"""Relion 3.1+ particle STAR files (``data_optics`` + ``data_particles``), read and written with
-the ``starfile`` library. Unknown columns and extra blocks survive a round trip.
+"""Relion particle STAR files (``data_optics`` + ``data_particles``; Relion 3.0's single block is
+converted on reading), read and written with the ``starfile`` library. Unknown columns and extra
+blocks survive a round trip.
 
 Image paths (``rlnImageName = "N@stack.mrcs"``, 1-based) resolve relative to the STAR file's
 folder first, then to its parent folders (a Relion project's root, for job outputs), then to the
@@ -221,8 +222,55 @@ class ParticleStar:
         return ParticleStar(self.particles.copy(), self.optics.copy(), self.path, dict(self.other_blocks))
 
 
+#: Relion 3.0 per-particle columns that 3.1 moved to data_optics
+_OPTICS_FROM_30 = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
+
+
+def _from_relion30(table: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A Relion 3.0 particle table (one data block, optics values per particle, origins in pixels,
+    the pixel size as ``rlnDetectorPixelSize * 1e4 / rlnMagnification``) as Relion 3.1's optics and
+    particles tables, as ``relion_convert_star`` makes them: one optics group per distinct
+    (voltage, Cs, amplitude contrast, pixel size), the box from the first image stack's header."""
+    from .mrc import stack_info
+
+    p = table.reset_index(drop=True).copy()
+    if not {"rlnMagnification", "rlnDetectorPixelSize"} <= set(p.columns):
+        raise InputError("a Relion 3.0 STAR (no data_optics block) without rlnMagnification and "
+                         "rlnDetectorPixelSize: the pixel size is unknown; convert it with relion_convert_star "
+                         "(or add the optics block of Relion 3.1)", path)
+    try:
+        apix = p["rlnDetectorPixelSize"].astype(float) * 1e4 / p["rlnMagnification"].astype(float)
+    except (ValueError, ZeroDivisionError):
+        raise InputError("rlnDetectorPixelSize and rlnMagnification must be numbers", path) from None
+    if not (np.isfinite(apix) & (apix > 0)).all():
+        raise InputError("rlnDetectorPixelSize * 1e4 / rlnMagnification is not a positive pixel size in every row",
+                         path)
+    p["_apix"] = apix.round(6)
+    keys = [c for c in _OPTICS_FROM_30 if c in p.columns] + ["_apix"]
+    groups = p[keys].drop_duplicates().reset_index(drop=True)
+    groups["rlnOpticsGroup"] = np.arange(1, len(groups) + 1)
+    p = p.merge(groups, on=keys, how="left")
+    first = ParticleStar(p.iloc[:1].copy(), pd.DataFrame({"rlnOpticsGroup": [1]}), path)
+    stacks, _, _ = first.image_locations()
+    box = stack_info(stacks[0]).nx
+    optics = pd.DataFrame({
+        "rlnOpticsGroupName": [f"opticsGroup{g}" for g in groups["rlnOpticsGroup"]],
+        "rlnOpticsGroup": groups["rlnOpticsGroup"].to_numpy(),
+        **{c: groups[c].to_numpy() for c in _OPTICS_FROM_30 if c in groups},
+        "rlnMicrographOriginalPixelSize": groups["_apix"].to_numpy(),
+        "rlnImagePixelSize": groups["_apix"].to_numpy(), "rlnImageSize": box, "rlnImageDimensionality": 2})
+    for axis in ("X", "Y"):
+        if f"rlnOrigin{axis}" in p.columns:
+            p[f"rlnOrigin{axis}Angst"] = p[f"rlnOrigin{axis}"].astype(float) * p["_apix"]
+    drop = [c for c in _OPTICS_FROM_30 + ["rlnOriginX", "rlnOriginY", "rlnMagnification", "rlnDetectorPixelSize",
+                                          "_apix"] if c in p.columns]
+    return optics, p.drop(columns=drop)
+
+
 def read_star(path) -> ParticleStar:
-    """Read and check a Relion 3.1+ particle STAR file (clear :class:`InputError` when it is not)."""
+    """Read and check a Relion particle STAR file (clear :class:`InputError` when it is not). Relion
+    3.1-5.0 files are read as they are; a Relion 3.0 file (no optics block) is converted on the fly
+    as ``relion_convert_star`` would (see :func:`_from_relion30`); outputs are written as 3.1."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
@@ -231,8 +279,13 @@ def read_star(path) -> ParticleStar:
     except Exception as e:  # starfile raises a variety of parser errors
         raise InputError(f"not a readable STAR file ({e})", path) from e
     if "optics" not in blocks:
-        raise InputError("no data_optics block: a Relion 3.1+ particle STAR file is needed "
-                         "(convert a Relion 3.0 file with relion_convert_star)", path)
+        legacy = [k for k, v in blocks.items() if isinstance(v, pd.DataFrame) and "rlnImageName" in v.columns]
+        if len(legacy) != 1:
+            raise InputError("no data_optics block, and not a Relion 3.0 particle STAR either (one data block "
+                             "with rlnImageName): a Relion particle STAR file is needed", path)
+        table = blocks.pop(legacy[0])
+        optics, particles = _from_relion30(table, path)
+        blocks = {"optics": optics, "particles": particles, **blocks}
     if "particles" not in blocks:
         raise InputError(f"no data_particles block (blocks: {', '.join(blocks) or 'none'})", path)
     optics, particles = blocks.pop("optics"), blocks.pop("particles")
