@@ -1,5 +1,10 @@
 """Direct Fourier reconstruction: CTF-weighted trilinear back-projection on a padded grid.
 
+Memory: as Relion keeps its Fourier grids, only the half-space ``p_x >= 0`` of the padded
+spectrum is stored (the rest is its Hermitian mirror), in float32: ``(M, M, M/2 + 1, 3)`` values
+for ``M = pad * box``, about 0.8 GB at a 256 px box (the full float64 grid was 3.2 GB). Images are
+inserted in chunks, so temporaries stay bounded whatever the batch.
+
 ``V_hat = sum_i w_i CTF_i conj(shift_i) F_i / (sum_i w_i CTF_i^2 + lambda)`` accumulated by
 trilinear scattering at ``A_i.T @ (kx, ky, 0)`` (the adjoint of :class:`~.projection.Projector`),
 for every symmetry mate ``A_i @ g``; ``w_i`` is an optional per-particle weight (FOM weighting).
@@ -12,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier import fft2_centered, ifftn_centered, shift_phase_2d, trilinear_apodization
+from .fourier import fft2_centered, shift_phase_2d, trilinear_apodization
 from .metrics import mask_outside_sphere
 from .projection import slice_coordinates
 from .symmetry import symmetry_group
@@ -27,16 +32,29 @@ class BackProjector:
         box: image size in pixels (even).
         sym: point group, Relion's name (the data are inserted at every symmetry mate).
         pad: Fourier padding factor (2, as Relion).
+        dtype: of the accumulators (float32; float64 for tests of the arithmetic).
     """
 
-    def __init__(self, box: int, sym: str = "C1", pad: int = 2, device=None):
+    #: image frequencies handled at once by :meth:`insert` (bounds its temporaries, ~100 MB)
+    CHUNK_POINTS = 1 << 22
+
+    def __init__(self, box: int, sym: str = "C1", pad: int = 2, device=None, dtype=torch.float32):
         self.box, self.pad = box, pad
         self.group = torch.as_tensor(symmetry_group(sym), dtype=torch.float64, device=device)
         m = box * pad
-        # Accumulated (real, imaginary, weight) per padded voxel. Only half of each image's
-        # spectrum is inserted; Hermitian symmetry supplies the other half in reconstruct().
-        self._acc = torch.zeros((m**3, 3), dtype=torch.float64, device=device)
+        self._half = m // 2 + 1
+        # Accumulated (real, imaginary, weight) per voxel of the half-space p_x >= 0: index
+        # ((z * m) + y) * (m/2 + 1) + x with z, y centred (index i <-> p = i - m/2) and x = p_x.
+        # Each image's half-plane of frequencies is inserted; a point landing at p_x < 0 goes to
+        # -p with the conjugate value (its Hermitian mirror), so the x = 0 plane alone needs
+        # completing in reconstruct().
+        self._acc = torch.zeros((m * m * self._half, 3), dtype=dtype, device=device)
         self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the accumulators."""
+        return self._acc.element_size() * self._acc.nelement()
 
     def insert(self, images, A, origins_px=None, ctf=None, weights=None) -> None:
         """Add images ``(B, N, N)`` (real space) at poses ``A`` ``(B, 3, 3)``.
@@ -45,8 +63,18 @@ class BackProjector:
         the ``(B, N, N)`` CTFs in the centred layout, ``weights`` ``(B,)`` per-particle weights.
         """
         dev = self._acc.device
-        images = torch.as_tensor(images, dtype=torch.float64, device=dev)
+        images = torch.as_tensor(images, device=dev)
         A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A, dtype=torch.float64, device=dev)
+        step = max(1, self.CHUNK_POINTS // (self.box * self.box))
+        for s in range(0, images.shape[0], step):
+            sl = slice(s, s + step)
+            self._insert(images[sl], A[sl], None if origins_px is None else origins_px[sl],
+                         None if ctf is None else ctf[sl], None if weights is None else weights[sl])
+        self.count += images.shape[0]
+
+    def _insert(self, images, A, origins_px, ctf, weights) -> None:
+        dev = self._acc.device
+        images = torch.as_tensor(images, dtype=torch.float64, device=dev)
         spectra = fft2_centered(images)
         if origins_px is not None:
             origins = torch.as_tensor(origins_px, dtype=torch.float64, device=dev)
@@ -65,15 +93,19 @@ class BackProjector:
         for g in self.group:
             pts, inside = slice_coordinates(A @ g, self.box, self.pad)
             keep = inside & half
-            self._scatter(pts[:, keep], values[:, keep])
-        self.count += images.shape[0]
+            p, v = pts[:, keep].reshape(-1, 3), values[:, keep].reshape(-1, 3)
+            mirror = p[:, 0] < 0
+            p = torch.where(mirror[:, None], -p, p)
+            v = torch.where(mirror[:, None], v * torch.tensor([1.0, -1.0, 1.0], dtype=v.dtype, device=dev), v)
+            self._scatter(p, v)
 
     def _scatter(self, pts, values) -> None:
-        m = self.box * self.pad
-        pts = pts.reshape(-1, 3) + m // 2
-        values = values.reshape(-1, 3)
+        """Trilinear scattering of points ``(P, 3)`` with ``p_x >= 0`` into the half-space grid."""
+        m, h = self.box * self.pad, self._half
+        pts = pts + torch.tensor([0.0, m // 2, m // 2], dtype=pts.dtype, device=pts.device)
+        values = values.to(self._acc.dtype)
         base = torch.floor(pts)
-        frac = pts - base
+        frac = (pts - base).to(self._acc.dtype)
         base = base.long()
         for dz in (0, 1):
             for dy in (0, 1):
@@ -81,18 +113,18 @@ class BackProjector:
                     x, y, z = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
                     w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
                          * (frac[:, 2] if dz else 1 - frac[:, 2]))
-                    ok = (x >= 0) & (x < m) & (y >= 0) & (y < m) & (z >= 0) & (z < m)
-                    idx = ((z * m + y) * m + x)[ok]
+                    ok = (x < h) & (y >= 0) & (y < m) & (z >= 0) & (z < m)
+                    idx = ((z * m + y) * h + x)[ok]
                     self._acc.index_add_(0, idx, values[ok] * w[ok, None])
 
     def merge(self, other: "BackProjector") -> None:
-        """Add another accumulator's data (e.g. two half-sets -> the full map)."""
+        """Add another accumulator's data (e.g. two half-sets -> the full map), in place."""
         self._acc += other._acc
         self.count += other.count
 
     def copy(self) -> "BackProjector":
         new = BackProjector.__new__(BackProjector)
-        new.box, new.pad, new.group, new.count = self.box, self.pad, self.group, self.count
+        new.box, new.pad, new.group, new.count, new._half = self.box, self.pad, self.group, self.count, self._half
         new._acc = self._acc.clone()
         return new
 
@@ -101,24 +133,36 @@ class BackProjector:
 
         ``mask_corners``: as Relion, blend the box corners beyond the inscribed sphere to their mean
         (they hold only noise and aliasing)."""
-        n, m = self.box, self.box * self.pad
-        acc = self._acc.reshape(m, m, m, 3)
-        # Hermitian completion: value(-p) = conj(value(p)); index i holds p = i - m//2, so -p is at
-        # m - i, i.e. the flipped array rolled by one.
-        mirror = torch.roll(torch.flip(acc, dims=(0, 1, 2)), shifts=(1, 1, 1), dims=(0, 1, 2))
-        data = torch.complex(acc[..., 0] + mirror[..., 0], acc[..., 1] - mirror[..., 1])
-        weight = acc[..., 2] + mirror[..., 2]
+        n, m, h = self.box, self.box * self.pad, self._half
+        acc = self._acc.reshape(m, m, h, 3)
+        data = torch.complex(acc[..., 0], acc[..., 1])
+        weight = acc[..., 2].clone()
+        # The x = 0 plane holds p and -p both: complete it, value(q) + conj(value(-q)); index i holds
+        # p = i - m/2, so -p is at m - i, the flipped plane rolled by one.
+        plane, wplane = data[:, :, 0], weight[:, :, 0]
+        data[:, :, 0] = plane + torch.roll(torch.flip(plane, (0, 1)), (1, 1), (0, 1)).conj()
+        weight[:, :, 0] = wplane + torch.roll(torch.flip(wplane, (0, 1)), (1, 1), (0, 1))
         positive = weight > 0
         if not bool(positive.any()):
             raise ValueError("no data were inserted")
-        lam = regularization * weight[positive].mean()
+        # the mean positive weight over the whole (Hermitian-completed) grid: off the x = 0 plane each
+        # stored voxel stands for two
+        twice = torch.ones(h, dtype=weight.dtype, device=weight.device) * 2
+        twice[0] = 1
+        pos_w = torch.where(positive, weight, torch.zeros_like(weight))
+        lam = regularization * (pos_w * twice).sum() / (positive * twice).sum()
         spectrum = data / (weight + lam)
         # Keep the Nyquist sphere of the original box only.
-        k = torch.arange(m, dtype=torch.float64, device=weight.device) - m // 2
-        r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2
+        k = torch.arange(m, dtype=weight.dtype, device=weight.device) - m // 2
+        kx = torch.arange(h, dtype=weight.dtype, device=weight.device)
+        r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2
         spectrum = spectrum * (r2 <= (n // 2 * self.pad) ** 2)
-        padded = ifftn_centered(spectrum).real
+        del data, weight, positive, pos_w, r2
+        # centred (z, y) -> FFT order, inverse real FFT, then centre the volume (as ifftn_centered)
+        padded = torch.fft.fftshift(torch.fft.irfftn(torch.fft.ifftshift(spectrum, dim=(0, 1)), s=(m, m, m)))
+        del spectrum
         lo = m // 2 - n // 2
-        vol = padded[lo:lo + n, lo:lo + n, lo:lo + n] / trilinear_apodization(n, m, device=weight.device)
+        vol = padded[lo:lo + n, lo:lo + n, lo:lo + n] / trilinear_apodization(n, m, dtype=padded.dtype,
+                                                                               device=padded.device)
         vol = vol.cpu().numpy().astype(np.float32)
         return mask_outside_sphere(vol) if mask_corners else vol

@@ -92,10 +92,10 @@ def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, 
     if len(bps) != 2:
         raise InputError("half-maps need particles in both rlnRandomSubset 1 and 2", star.path)
     half1, half2 = bps[1].reconstruct(regularization), bps[2].reconstruct(regularization)
-    full_bp = bps[1].copy()
-    full_bp.merge(bps[2])
     info.update(halves_assigned_randomly=made_up, half_counts=[bps[1].count, bps[2].count])
-    return ReconstructionResult(full_bp.reconstruct(regularization), apix, half1, half2, info)
+    bps[1].merge(bps[2])   # in place: the full map without a third accumulator
+    del bps[2]
+    return ReconstructionResult(bps[1].reconstruct(regularization), apix, half1, half2, info)
 
 
 def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, sym: str = "C1",
