@@ -137,14 +137,21 @@ class ReferenceMatcher:
         self.box, self.pad, self.sym, self.order = n, pad, sym.upper(), order
         self.device = torch.device("cpu") if device is None else torch.device(device)
         m = pad * n
-        vol = vol / trilinear_apodization(n, m)
-        padded = torch.zeros((m, m, m), dtype=torch.float64)
+        vol = (vol / trilinear_apodization(n, m)).float()
+        padded = torch.zeros((m, m, m), dtype=torch.float32)
         lo = m // 2 - n // 2
         padded[lo:lo + n, lo:lo + n, lo:lo + n] = vol
-        spec = fftn_centered(padded)
-        self._grid = torch.stack([spec.real, spec.imag])[None].float().to(self.device)
+        spec = fftn_centered(padded)      # complex64: at a 256 px box, 1 GB while it lives
+        del padded
         self.coarse = Band(n, coarse_kmax, self.device)
         self.fine = Band(n, max(fine_kmax, coarse_kmax), self.device)
+        # Only the cube the widest band's slices can reach is kept (a few MB even at 400 px), not
+        # the whole padded spectrum.
+        self._reach = min(self._band_reach(self.fine), m // 2 - 1)
+        c, h = m // 2, self._reach
+        crop = spec[c - h:c + h + 1, c - h:c + h + 1, c - h:c + h + 1]
+        self._grid = torch.stack([crop.real, crop.imag])[None].contiguous().to(self.device)
+        del spec
         self.group = torch.as_tensor(symmetry_group(sym), dtype=torch.float32, device=self.device)
         self._library = None
         self._crops: dict = {}
@@ -183,14 +190,17 @@ class ReferenceMatcher:
     def _band_grid(self, band: Band) -> tuple[torch.Tensor, int]:
         """The padded spectrum cropped to the cube a band's slices can reach (``+-(kmax pad + 2)``
         voxels about the centre): the same values, a smaller array that stays in cache."""
-        key = round(band.kmax * self.pad) + 2
+        key = self._band_reach(band)
         if key not in self._crops:
-            m = self.box * self.pad
-            half = min(key, m // 2 - 1)
-            c = m // 2
+            half = min(key, self._reach)
+            c = self._reach   # the kept cube's centre voxel
             self._crops[key] = (self._grid[..., c - half:c + half + 1, c - half:c + half + 1,
                                            c - half:c + half + 1].contiguous(), half)
         return self._crops[key]
+
+    def _band_reach(self, band: Band) -> int:
+        """Voxels about the centre a band's slices (trilinear) can touch on the padded grid."""
+        return round(band.kmax * self.pad) + 2
 
     # -- library -------------------------------------------------------------------------------
     @property
