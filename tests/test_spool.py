@@ -11,7 +11,7 @@ from cryoposeml.engine.spool import SpoolClient, WorkerGone, serve
 
 
 def _handler(calls):
-    def handle(particles, out):
+    def handle(particles, out, name):
         if particles.endswith("bad.star"):
             raise InputError("not a particle STAR file", particles)
         if particles.endswith("crash.star"):

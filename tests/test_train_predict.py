@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -206,9 +207,10 @@ def test_the_streaming_worker_gives_what_one_shot_predict_gives(tiny_training, t
     client.submit("b0", batches[0], tmp_path / "w0.star")
     client.submit("b1", tmp_path / "missing.star", tmp_path / "wbad.star")
     client.submit("b2", batches[1], tmp_path / "w1.star")
+    live = tmp_path / "live"
     worker = subprocess.Popen([sys.executable, "-m", "cryoposeml.cli", "predict", "--model", d / "model",
-                               "--spool", client.folder, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                               "--spool", client.folder, "--live-map", live, "--quiet"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
         s0 = client.wait("b0", timeout_s=300)
         with pytest.raises(Exception, match="missing.star"):
@@ -229,6 +231,39 @@ def test_the_streaming_worker_gives_what_one_shot_predict_gives(tiny_training, t
         for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnCpmlMatchZ",
                     "rlnCpmlExpectedErrorDeg"):
             np.testing.assert_allclose(served[col].to_numpy(), one_shot[col].to_numpy(), atol=1e-6, err_msg=col)
+
+    # the live map: the batches' particles that pass the junk test, inserted as they came; it is the
+    # map `reconstruct --halves` makes of those particles, and its resolution is in the history
+    history = json.loads((live / "history.json").read_text())["batches"]
+    assert [h["batch"] for h in history] == ["b0", "b2"] and history[-1]["particles_seen"] == 200
+    kept = [read_star(tmp_path / f"w{k}.star") for k in range(2)]
+    for k in kept:
+        k.particles = k.particles[k.particles["rlnCpmlMatchQuantile"] >= 0.01]
+    assert history[-1]["particles_kept"] == sum(len(k) for k in kept) >= 180
+    assert history[-1]["resolution_fsc0143_angstrom"] < 10, history
+    both = kept[0].copy()
+    both.particles = pd.concat([k.particles for k in kept], ignore_index=True)
+    write_star(both, tmp_path / "kept.star")
+    r = cli("reconstruct", "--particles", tmp_path / "kept.star", "--out", tmp_path / "kept_map.mrc", "--halves")
+    assert r.returncode == 0, r.stderr
+    from cryoposeml.core.metrics import pcc
+    from cryoposeml.data.mrc import read_map
+
+    for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc"):
+        other = name.replace("map", "kept_map")
+        assert pcc(read_map(live / name)[0], read_map(tmp_path / other)[0]) > 0.999, name
+    # a restarted worker carries on from the saved state: a batch served again (a protocol killed
+    # and resumed) is not inserted twice, a new one is
+    again = SpoolClient(tmp_path / "spool2")
+    again.submit("b0", batches[0], tmp_path / "w0_again.star")
+    again.submit("b3", batches[0], tmp_path / "w3.star")
+    again.stop()
+    r = subprocess.run([sys.executable, "-m", "cryoposeml.cli", "predict", "--model", d / "model", "--spool",
+                        again.folder, "--live-map", live, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    history2 = json.loads((live / "history.json").read_text())["batches"]
+    assert [h["batch"] for h in history2] == ["b0", "b2", "b3"]
+    assert history2[-1]["particles_kept"] == history[-1]["particles_kept"] + len(kept[0])
 
 
 def test_a_model_of_another_protein_does_not_transfer(tiny_training, tmp_path):

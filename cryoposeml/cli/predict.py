@@ -8,7 +8,9 @@ model that does not transfer to these particles is an error instead of a warning
 With --spool DIR instead of --particles/--out, the command is a streaming worker: it loads the
 model, the reference and its projection library once, then predicts each request a client drops
 in DIR/pending (see cryoposeml.engine.spool; the Scipion protocol is such a client) until the
-client writes DIR/stop, or stops sending heartbeats for --stale-after seconds.
+client writes DIR/stop, or stops sending heartbeats for --stale-after seconds. With --live-map LIVE,
+each batch's particles that pass the junk test also go into running half-maps in LIVE (the map
+growing as the session goes; cryoposeml.engine.live).
 """
 from ..core.errors import InputError
 from ..engine.predict import Predictor, predict
@@ -21,6 +23,12 @@ def add_args(p):
     p.add_argument("--out", help="output STAR file")
     p.add_argument("--spool", metavar="DIR", help="serve the batches a client drops in DIR (instead of "
                    "--particles/--out): the model and the reference stay loaded between batches")
+    p.add_argument("--live-map", metavar="LIVE", help="--spool: after each batch, insert its particles that pass "
+                   "the junk test into running half-maps in the folder LIVE (map, half-maps, FSC, history; a restarted "
+                   "worker carries on)")
+    p.add_argument("--junk-quantile", type=float, default=0.01,
+                   help="--live-map: particles with rlnCpmlMatchQuantile below this are left out, as cleanup does "
+                        "(default: %(default)s)")
     p.add_argument("--stale-after", type=float, default=600, metavar="S",
                    help="--spool: exit when the client has sent no heartbeat for S seconds (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
@@ -63,8 +71,22 @@ def main(args):
                            args.cross_halves, cfg, args.batch_size, args.top_k, args.keep_original, args.strict,
                            progress=False)
         worker.warm_up()
-        record = serve(args.spool, lambda particles, out: worker.predict(particles, out, args.overwrite),
-                       stale_after_s=args.stale_after, info={"model": str(args.model), "matching": worker.cfg.matching})
+        live = None
+        if args.live_map:
+            from ..engine.live import LiveMap
+
+            inp = worker.meta["input"]
+            live = LiveMap(args.live_map, inp["box"], inp["pixel_size_angstrom"], worker.meta["sym"],
+                           args.junk_quantile)
+
+        def handle(particles, out, name):
+            summary = worker.predict(particles, out, args.overwrite)
+            if live is not None:
+                summary["live"] = live.add(out, name)   # the request's name: a batch served again is skipped
+            return summary
+
+        record = serve(args.spool, handle, stale_after_s=args.stale_after,
+                       info={"model": str(args.model), "matching": worker.cfg.matching, "live_map": args.live_map})
         print(f"worker stopped: {record['served']} batches predicted, {record['failed']} refused")
         return
     if not (args.particles and args.out):

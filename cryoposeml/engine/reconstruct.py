@@ -19,7 +19,7 @@ from ..data.star import ParticleStar, read_star
 from ._outputs import check_new_file, stamp, write_json
 
 __all__ = ["ReconstructionResult", "reconstruct_star", "reconstruct", "half_map_paths", "half_set_labels",
-           "nested_half_reconstructions"]
+           "insert_particles", "nested_half_reconstructions"]
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def _fom_weights(star: ParticleStar) -> np.ndarray:
     return weights
 
 
-def _insert_all(star: ParticleStar, bps: dict, subset: np.ndarray, order: np.ndarray, weights, use_ctf: bool,
-                batch_size: int, bar) -> None:
-    """Insert the particles ``order`` (in that order) into ``bps[subset[i]]``, updating ``bar``."""
+def insert_particles(star: ParticleStar, bps: dict, subset: np.ndarray, order: np.ndarray, weights, use_ctf: bool,
+                     batch_size: int, bar=None) -> None:
+    """Insert the particles ``order`` (in that order) into ``bps[subset[i]]``, updating the
+    progress ``bar`` (if any)."""
     angles_A, origins = star.matrices(), star.shifts_px()
     ds = ParticleDataset(star)
     box, apix = star.box, star.pixel_size_angstrom
@@ -71,7 +72,8 @@ def _insert_all(star: ParticleStar, bps: dict, subset: np.ndarray, order: np.nda
             if sel.any():
                 bp.insert(images[sel], angles_A[idx[sel]], origins[idx[sel]],
                           None if c is None else c[sel], None if weights is None else weights[idx[sel]])
-        bar.update(len(idx))
+        if bar is not None:
+            bar.update(len(idx))
 
 
 def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,
@@ -83,7 +85,7 @@ def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, 
     subset, made_up = half_set_labels(star) if halves else (np.ones(len(star), np.int64), False)
     bps = {k: BackProjector(star.box, sym, device=device) for k in np.unique(subset)}
     with tqdm(total=len(star), desc="reconstruct", unit="img", disable=not progress) as bar:
-        _insert_all(star, bps, subset, np.arange(len(star)), weights, use_ctf, batch_size, bar)
+        insert_particles(star, bps, subset, np.arange(len(star)), weights, use_ctf, batch_size, bar)
     apix = star.pixel_size_angstrom
     info = {"particles": len(star), "sym": sym, "ctf": use_ctf, "fom_weighting": fom_weighting,
             "regularization": regularization}
@@ -117,7 +119,7 @@ def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, s
     with tqdm(total=counts[-1], desc="reconstruct subsets", unit="img", disable=not progress) as bar:
         for n in counts:
             if n > start:
-                _insert_all(star, bps, subset, order[start:n], None, use_ctf, batch_size, bar)
+                insert_particles(star, bps, subset, order[start:n], None, use_ctf, batch_size, bar)
                 start = n
             if min(bps[1].count, bps[2].count) == 0:
                 raise InputError(f"the first {n} particles are all in one half-set; no half-map FSC", star.path)

@@ -110,9 +110,9 @@ class SpoolClient:
         return _read_json(f) if f.exists() else None
 
 
-def serve(folder, handle: Callable[[str, str], dict], poll_s: float = 0.5, stale_after_s: float = 600.0,
+def serve(folder, handle: Callable[[str, str, str], dict], poll_s: float = 0.5, stale_after_s: float = 600.0,
           info: dict | None = None) -> dict:
-    """The worker loop: ``handle(particles, out)`` for each pending request, in name order, until
+    """The worker loop: ``handle(particles, out, name)`` for each pending request, in name order, until
     ``stop`` is present and nothing is pending (returns the exit record), or the client's
     ``heartbeat`` is older than ``stale_after_s`` (exits with ``status: stale``). A request whose
     ``handle`` raises :class:`InputError` goes to ``failed/`` and the worker carries on; any other
@@ -133,7 +133,7 @@ def serve(folder, handle: Callable[[str, str], dict], poll_s: float = 0.5, stale
                 req = _read_json(req_path)
                 t = time.perf_counter()
                 try:
-                    summary = handle(req["particles"], req["out"])
+                    summary = handle(req["particles"], req["out"], req["name"])
                 except InputError as e:
                     _write_json(folder / FAILED / req_path.name, {**req, "error": str(e)})
                     log.error("batch %s failed: %s", req["name"], e)
