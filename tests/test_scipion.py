@@ -361,6 +361,11 @@ class TestCryoposemlTemplates(BaseTest):
         ids = [p.getObjId() for p in out]
         assert len(ids) == len(set(ids)) == 300 and set(ids) == set(imp.outputParticles.getIdSet())
         assert len(list(Path(predict._getExtraPath()).glob("batch_*/predicted.star"))) == 3   # one per arrival
+        # the live map grew with each arrival, and is the output volume
+        live = json.loads(Path(predict._getExtraPath("live", "history.json")).read_text())["batches"]
+        assert [r["particles_seen"] for r in live] == [100, 200, 300], live
+        assert 250 <= live[-1]["particles_kept"] <= 300 and live[-1]["resolution_fsc0143_angstrom"] < 20, live
+        assert predict.outputVolume.hasHalfMaps() and "live" in predict.outputVolume.getFileName()
         sources = imp.outputParticles.getUniqueValues("_cryoposemlSourceStar")
         assert sorted(Path(s).name for s in sources) == ["batch_1.star", "batch_2.star", "batch_3.star"]
         assert cleanup.summaryJson()["particles_in"] == 300

@@ -36,8 +36,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
     particles are predicted in batches as they come and appended to an open output, which is
     closed when the input closes. One worker process (``cryoposeml predict --spool``) keeps the
     network, the map and its projection library loaded for every batch; its log is
-    ``extra/spool/<start>/worker.log``. At the end, a volume with half-maps is reconstructed from
-    the predicted poses.
+    ``extra/spool/<start>/worker.log``. The map grows with each batch (its particles that pass
+    the junk test go into running half-maps, ``extra/live``), so the output volume and its
+    resolution are there while the microscope collects; or, without that, a volume with
+    half-maps is reconstructed from all predicted poses at the end.
     """
     _label = "predict poses"
     _devStatus = BETA
@@ -61,7 +63,15 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                       help="In streaming, particles are predicted as soon as this many new ones have arrived "
                            "(and the rest when the input closes).")
         form.addParam("reconstruct", params.BooleanParam, default=True, label="Reconstruct a volume?",
-                      help="At the end, reconstruct the map and half-maps from the predicted poses.")
+                      help="A map and half-maps from the predicted poses (see 'Grow the map with each batch').")
+        form.addParam("liveMap", params.BooleanParam, default=True, condition="reconstruct",
+                      label="Grow the map with each batch?",
+                      help="Yes: after each batch, its particles that pass the junk test (they match the map at "
+                           "least as well as 1% of the model's good particles) go into running half-maps, so "
+                           "the volume and its resolution grow while the microscope collects (extra/live: "
+                           "history.json and live.png give the resolution against particles kept). Earlier "
+                           "batches are not read again; the output volume is this map. No: one reconstruction of "
+                           "all predicted particles once the input closes."),
         form.addParam("matching", params.EnumParam, choices=list(MATCHING_CHOICES), default=0,
                       label="Verify against the map",
                       help="auto: the network proposes, the map decides; particles the proposals do not explain "
@@ -157,6 +167,8 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                 if p.getObjId() not in done:   # never twice, even when a batch is redone after a kill
                     out.append(p.clone())
             self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_OPEN)
+            if self._growsLiveMap():
+                self._defineLiveVolume(inp.getSamplingRate())
         inp.close()
         subset.close()
 
@@ -165,7 +177,24 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         args = f"--model {self._modelPath()} --matching {MATCHING_CHOICES[self.matching.get()]}"
         if self.symmetry.get():
             args += f" --sym {self.symmetry.get()}"
+        if self._growsLiveMap():
+            args += f" --live-map {self._livePath()}"
         return args + self._referenceArgs()
+
+    def _growsLiveMap(self):
+        return bool(self.reconstruct.get()) and bool(self.liveMap.get())
+
+    def _livePath(self, *names):
+        return self._getExtraPath("live", *names)
+
+    def _defineLiveVolume(self, samplingRate):
+        """The live map as the output volume, once it exists (its files change under it as batches
+        come; Scipion shows the latest)."""
+        if hasattr(self, PredictOutputs.outputVolume.name) or not os.path.exists(self._livePath("map.mrc")):
+            return
+        vol = self._halfMapVolume(self._livePath("map.mrc"), samplingRate)
+        self._defineOutputs(**{PredictOutputs.outputVolume.name: vol})
+        self._defineSourceRelation(self.inputParticles, vol)
 
     def _ensureWorker(self):
         """The prediction worker of this execution, started at the first batch. A worker left
@@ -239,6 +268,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         if not self.reconstruct:
             return
         outSet = getattr(self, PredictOutputs.outputParticles.name)
+        if self._growsLiveMap() and os.path.exists(self._livePath("map.mrc")):
+            with self._lock:
+                self._defineLiveVolume(outSet.getSamplingRate())   # the live map is the volume
+            return
         star = self._getExtraPath("predicted.star")
         writeParticlesStar(outSet, star, self._getExtraPath())
         vol_path = self._getExtraPath("map.mrc")
@@ -326,6 +359,14 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         if esc:
             s.append(f"Verified against the map; {100 * np.mean(esc):.0f}% of the particles needed the exhaustive "
                      "search.")
+        if os.path.exists(self._livePath("history.json")):
+            import json
+
+            rows = json.load(open(self._livePath("history.json")))["batches"]
+            if rows and rows[-1]["resolution_fsc0143_angstrom"]:
+                s.append(f"Live map after {len(rows)} batches: {rows[-1]['particles_kept']} of "
+                         f"{rows[-1]['particles_seen']} particles kept, half-map FSC 0.143 at "
+                         f"{rows[-1]['resolution_fsc0143_angstrom']:.2f} A.")
         return s
 
     def _methods(self):
