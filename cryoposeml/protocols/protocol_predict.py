@@ -362,7 +362,8 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         if os.path.exists(self._livePath("history.json")):
             import json
 
-            rows = json.load(open(self._livePath("history.json")))["batches"]
+            with open(self._livePath("history.json")) as f:
+                rows = json.load(f)["batches"]
             if rows and rows[-1]["resolution_fsc0143_angstrom"]:
                 s.append(f"Live map after {len(rows)} batches: {rows[-1]['particles_kept']} of "
                          f"{rows[-1]['particles_seen']} particles kept, half-map FSC 0.143 at "
