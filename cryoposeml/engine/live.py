@@ -46,6 +46,7 @@ class LiveMap:
         self.box, self.apix, self.sym, self.junk_quantile = box, apix, sym, junk_quantile
         self.bps = {k: BackProjector(box, sym) for k in (1, 2)}
         self.history: list[dict] = []
+        self._fsc = None   # the last half-map FSC (frequency, curve), once both halves have particles
         state = self.folder / "state.pt"
         if state.exists():
             s = torch.load(state, weights_only=True)
@@ -109,7 +110,7 @@ class LiveMap:
                         "history": json.dumps(self.history)}, tmp)
         record = {"box": self.box, "pixel_size_angstrom": self.apix, "sym": self.sym,
                   "junk_quantile": self.junk_quantile, "batches": self.history}
-        if getattr(self, "_fsc", None) is not None:
+        if self._fsc is not None:
             record["fsc_frequency_per_angstrom"], record["fsc_half_maps"] = (self._fsc[0].tolist(),
                                                                              self._fsc[1].tolist())
         with atomic_path(self.folder / "history.json") as tmp:
@@ -125,6 +126,6 @@ class LiveMap:
         a.set_xlabel("particles kept")
         a.set_ylabel("half-map FSC 0.143 resolution (A)")
         a.set_title("live map")
-        if getattr(self, "_fsc", None) is not None:
+        if self._fsc is not None:
             plot_fsc_curves(b, {"half-map 1 vs 2": self._fsc})
         save_figure(fig, self.folder / "live.png")
