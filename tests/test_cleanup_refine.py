@@ -170,3 +170,23 @@ def test_refine_reports_a_missing_relion(perturbed, tmp_path):
     assert r.returncode == 1
     assert "relion_refine_mpi failed" in r.stderr and "textToFloat" in r.stderr
     assert not (tmp_path / "bad" / "refine.json").exists() and not (tmp_path / "bad" / "refined.star").exists()
+
+
+def test_refine_prepared_for_another_launcher(perturbed, tmp_path):
+    """--prepare-only writes the job (what Scipion's runJob launches through hosts.conf) and runs no
+    Relion; --finish before Relion has run names what is missing and writes nothing that looks done."""
+    star, _ = perturbed
+    out = tmp_path / "prep"
+    r = cli("refine", "--particles", star, "--out", out, "--mpi", 4, "--threads", 2, "--prepare-only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = json.loads((out / "relion_job.json").read_text())
+    assert job["program"] == "relion_refine_mpi" and job["mpi_ranks"] == 4 and job["cwd"] == str(out.resolve())
+    args = job["args"]
+    assert args[args.index("--i") + 1] == "input.star" and args[args.index("--j") + 1] == "2"
+    assert (out / "input.star").exists() and (out / "reference.mrc").exists()
+    assert not any((out / "relion").iterdir()) and not (out / "refine.json").exists()
+    r = cli("refine", "--out", out, "--finish")
+    assert r.returncode == 1 and "run_data.star" in r.stderr and "without its final outputs" in r.stderr
+    assert not (out / "refine.json").exists() and not (out / "refined.star").exists()
+    r = cli("refine", "--out", tmp_path / "nothing", "--finish")
+    assert r.returncode == 1 and "relion_job.json" in r.stderr

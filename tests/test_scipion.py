@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("pwem")
 pytest.importorskip("relion")   # scipion-em-relion (installed by bootstrap.sh)
 
-from pyworkflow.tests import BaseTest, setupTestProject  # noqa: E402
+from pyworkflow.tests import BaseTest  # noqa: E402
 
 from conftest import ROOT, cli  # noqa: E402
 
@@ -69,6 +69,52 @@ def set_size(sqlite: Path) -> int:
         out.close()
 
 
+def write_site_config(folder: Path) -> Path:
+    """A hosts.conf as a facility writes one: its own MPI launcher (a wrapper that logs each call
+    and runs Open MPI's mpirun) and a queue whose submit command is a fake scheduler (it logs the
+    job script it is given, runs it in the background and answers with a job id). Returns its path."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mpirun = folder / "site_mpirun"
+    mpirun.write_text(f"#!/bin/bash\necho \"$@\" >> {folder}/mpirun.log\n"
+                      f"exec {shutil.which('mpirun')} --oversubscribe \"$@\"\n")
+    submit = folder / "fake_submit"
+    submit.write_text(f"#!/bin/bash\necho \"$1\" >> {folder}/submitted.log\n"
+                      "setsid nohup bash \"$1\" > \"$1.out\" 2>&1 < /dev/null &\n"
+                      "echo \"Submitted batch job $!\"\n")
+    for f in (mpirun, submit):
+        f.chmod(0o755)
+    hosts = folder / "hosts.conf"
+    hosts.write_text(
+        "[localhost]\n"
+        f"PARALLEL_COMMAND = {mpirun} -np %_(JOB_NODES)d %_(COMMAND)s\n"
+        "NAME = FakeQueue\nMANDATORY = 0\n"
+        f"SUBMIT_COMMAND = {submit} %_(JOB_SCRIPT)s\n"
+        "SUBMIT_TEMPLATE = #!/bin/bash\n"
+        "    ### %_(JOB_NAME)s on queue %_(JOB_QUEUE)s: %_(JOB_NODES)d MPI x %_(JOB_THREADS)d threads\n"
+        "    %_(JOB_COMMAND)s\n"
+        "CANCEL_COMMAND = kill %_(JOB_ID)s\n"
+        "CHECK_COMMAND = ps -p %_(JOB_ID)s -o pid= || true\n"
+        'QUEUES = {"cpu": []}\n'
+        'QUEUES_DEFAULT = {"JOB_GPUS": "0"}\n')
+    return hosts
+
+
+def wait_finished(test, prot, timeout_s=1800):
+    """A protocol sent to a queue returns at once: poll the project until it ends."""
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        prot = test.proj.getProtocol(prot.getObjId())
+        if prot.isFinished() or prot.isFailed() or prot.isAborted():
+            break
+        time.sleep(3)
+    if not prot.isFinished():
+        test.printLastLogLines(prot)
+        raise AssertionError(f"{prot.getRunName()} ended {prot.getStatus()}: {prot.getErrorMessage()}")
+    return prot
+
+
 class TestCryoposemlTemplates(BaseTest):
     @classmethod
     def setUpClass(cls):
@@ -82,8 +128,13 @@ class TestCryoposemlTemplates(BaseTest):
         assert r.returncode == 0, r.stderr
         import pyworkflow as pw
 
-        os.makedirs(os.path.dirname(pw.Config.SCIPION_HOSTS), exist_ok=True)
-        setupTestProject(cls, writeLocalConfig=True)
+        from pyworkflow.project import Manager
+
+        cls.site = cls.data / "site"
+        hosts = write_site_config(cls.site)
+        cls.proj = Manager().createProject(cls.__name__, hostsConf=str(hosts))
+        cls.outputPath, cls.projName = cls.proj.path, cls.__name__
+        os.chdir(cls.outputPath)
 
     @classmethod
     def tearDownClass(cls):
@@ -142,8 +193,19 @@ class TestCryoposemlTemplates(BaseTest):
             self.proj, "cryoposeml_pipeline", train_star=self.data / "train" / "ground_truth.star",
             new_star=self.data / "new" / "particles.star", epochs=3, box=32, train_args=TRAIN_ARGS, gpu="false",
             batch=120, sym="C1")
-        for prot in (imp_train, train, imp_new, predict, cleanup, refine):
+        for prot in (imp_train, train, imp_new, predict, cleanup):
             prot = self.launchProtocol(prot)
+        # The handoff goes through the site's queue, and Relion through the site's MPI command.
+        refine._useQueue.set(True)
+        refine._queueParams.set(json.dumps(["cpu", {}]))
+        self.proj.saveProtocol(refine)
+        self.launchProtocol(refine)
+        refine = wait_finished(self, refine)
+        script = refine._getLogsPath(f"{refine.strId()}.job")
+        assert (self.site / "submitted.log").read_text().split() == [os.path.abspath(script)]
+        assert "3 MPI x 1 threads" in Path(script).read_text()
+        (launched,) = (self.site / "mpirun.log").read_text().splitlines()   # only Relion runs under MPI
+        assert launched.startswith("-np 3 ") and "relion_refine_mpi" in launched and "--auto_refine" in launched
         imp_train, train, imp_new, predict, cleanup, refine = (self.proj.getProtocol(p.getObjId()) for p in
                                                                 (imp_train, train, imp_new, predict, cleanup, refine))
         train_parts = imp_train.outputParticles

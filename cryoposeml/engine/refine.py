@@ -28,6 +28,7 @@ What a user would do by hand, made reproducible:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -56,7 +57,8 @@ from ._outputs import check_run_folder, stamp, write_json
 from .plots import refine_figure, save_figure
 from .reconstruct import half_set_labels, reconstruct_star
 
-__all__ = ["RefineConfig", "RelionError", "RelionTimeout", "refine", "choose_search", "autorefine_command", "run_relion",
+__all__ = ["RefineConfig", "RelionError", "RelionTimeout", "refine", "prepare_refine", "finish_refine", "choose_search",
+           "autorefine_args", "autorefine_command", "run_relion",
            "find_program", "final_resolution", "PRIOR_COLUMNS", "healpix_step_deg"]
 
 log = logging.getLogger(__name__)
@@ -122,31 +124,37 @@ def _relion_env() -> dict:
     return env
 
 
-def autorefine_command(input_star: str, reference: str, output_root: str, sym: str, ini_high: float,
-                       particle_diameter: float, ctf: bool, healpix_order: int = 2, local_order: int = 4,
-                       sigma_ang: float | None = None, offset_range_px: float = 5.0, offset_step_px: float = 1.0,
-                       mpi_ranks: int = 3, threads: int = 1, extra_args: str = "", mpirun: str = "mpirun",
-                       relion_refine: str = "relion_refine_mpi", random_seed: int = 0) -> list[str]:
-    """The ``mpirun ... relion_refine_mpi --auto_refine --split_random_halves`` command line.
+def autorefine_args(input_star: str, reference: str, output_root: str, sym: str, ini_high: float,
+                    particle_diameter: float, ctf: bool, healpix_order: int = 2, local_order: int = 4,
+                    sigma_ang: float | None = None, offset_range_px: float = 5.0, offset_step_px: float = 1.0,
+                    threads: int = 1, extra_args: str = "", random_seed: int = 0) -> list[str]:
+    """The arguments of ``relion_refine(_mpi) --auto_refine --split_random_halves``.
 
     Global searches start at ``healpix_order`` and turn local at ``local_order`` (Relion's
     default 4); ``local_order == healpix_order`` with ``sigma_ang`` gives local searches from the
     first iteration. A plain (not CTF-corrupted) reference needs ``--ctf_corrected_ref``, which
     is always the case here. ``random_seed`` is fixed (Relion's default seeds from the clock), so a
     run can be repeated."""
-    cmd = [mpirun, "--oversubscribe", "-n", str(mpi_ranks), relion_refine,
-           "--o", output_root, "--i", input_star, "--ref", reference,
-           "--auto_refine", "--split_random_halves", "--ini_high", f"{ini_high:.2f}",
-           "--particle_diameter", f"{particle_diameter:.1f}", "--flatten_solvent", "--zero_mask",
-           "--oversampling", "1", "--healpix_order", str(healpix_order), "--auto_local_healpix_order", str(local_order),
-           "--offset_range", f"{offset_range_px:g}", "--offset_step", f"{offset_step_px:g}", "--sym", sym,
-           "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2", "--j", str(threads),
-           "--dont_combine_weights_via_disc", "--pool", "3", "--random_seed", str(random_seed)]
+    args = ["--o", output_root, "--i", input_star, "--ref", reference,
+            "--auto_refine", "--split_random_halves", "--ini_high", f"{ini_high:.2f}",
+            "--particle_diameter", f"{particle_diameter:.1f}", "--flatten_solvent", "--zero_mask",
+            "--oversampling", "1", "--healpix_order", str(healpix_order), "--auto_local_healpix_order", str(local_order),
+            "--offset_range", f"{offset_range_px:g}", "--offset_step", f"{offset_step_px:g}", "--sym", sym,
+            "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2", "--j", str(threads),
+            "--dont_combine_weights_via_disc", "--pool", "3", "--random_seed", str(random_seed)]
     if sigma_ang is not None:
-        cmd += ["--sigma_ang", f"{sigma_ang:.3f}"]
+        args += ["--sigma_ang", f"{sigma_ang:.3f}"]
     if ctf:
-        cmd += ["--ctf", "--ctf_corrected_ref"]
-    return cmd + shlex.split(extra_args)
+        args += ["--ctf", "--ctf_corrected_ref"]
+    return args + shlex.split(extra_args)
+
+
+def autorefine_command(input_star: str, reference: str, output_root: str, sym: str, ini_high: float,
+                       particle_diameter: float, ctf: bool, mpi_ranks: int = 3, mpirun: str = "mpirun",
+                       relion_refine: str = "relion_refine_mpi", **kwargs) -> list[str]:
+    """``mpirun --oversubscribe -n RANKS relion_refine_mpi`` + :func:`autorefine_args`."""
+    return [mpirun, "--oversubscribe", "-n", str(mpi_ranks), relion_refine,
+            *autorefine_args(input_star, reference, output_root, sym, ini_high, particle_diameter, ctf, **kwargs)]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -252,15 +260,20 @@ def final_resolution(model_star: Path) -> float:
     return float(row["rlnCurrentResolution"])
 
 
-def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = False, progress: bool = True,
-           device=None) -> dict:
-    """``cryoposeml refine``: the Relion local refinement from predicted poses. Returns the summary."""
+JOB = "relion_job.json"
+
+
+def prepare_refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = False, progress: bool = True,
+                   device=None) -> dict:
+    """Steps 1-3 (see the module doc): ``OUT/input.star``, ``OUT/reference.mrc`` and the search,
+    then ``OUT/relion_job.json``: the Relion program, its arguments (run in ``OUT``) and the ranks
+    and threads it wants. Whoever launches Relion (:func:`refine` with its own ``mpirun``, or
+    Scipion's ``runJob`` with hosts.conf's MPI command and queue) runs
+    ``[MPI launcher] program *args`` in ``OUT`` and then calls :func:`finish_refine`. Returns the job."""
     cfg = cfg or RefineConfig()
     out = Path(out)
     symmetry_group(cfg.sym)  # a clear error for an unknown point group, before anything runs
     check_run_folder(out, MARKER, "a finished refinement", resume=False, overwrite=overwrite)
-    mpirun = find_program(cfg.mpirun, "the Relion handoff runs relion_refine_mpi under MPI")
-    relion = find_program(cfg.relion_refine, "the Relion handoff needs Relion 3.1+")
     star = read_star(particles)
     if not star.has_poses():
         raise InputError("the particles have no poses; run cryoposeml predict first", star.path)
@@ -310,46 +323,69 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
         order = choose_search(np.array([sigma * 1.6]))["healpix_order"]
     diameter = cfg.particle_diameter_angstrom or 0.9 * box * apix
 
-    # 4. Relion
     (out / "relion").mkdir(exist_ok=True)
-    cmd = autorefine_command(input_star.name, ref_path.name, "relion/run", cfg.sym, lowpass, diameter,
-                             given.has_ctf(), healpix_order=order, local_order=order, sigma_ang=sigma,
-                             offset_range_px=cfg.offset_range_px, offset_step_px=cfg.offset_step_px,
-                             mpi_ranks=cfg.mpi_ranks, threads=cfg.threads, extra_args=cfg.extra_args,
-                             mpirun=mpirun, relion_refine=relion)
-    t_relion = time.perf_counter()
-    run_relion(cmd, out, out / "relion.log", progress)
-    t_relion = time.perf_counter() - t_relion
+    args = autorefine_args(input_star.name, ref_path.name, "relion/run", cfg.sym, lowpass, diameter,
+                           given.has_ctf(), healpix_order=order, local_order=order, sigma_ang=sigma,
+                           offset_range_px=cfg.offset_range_px, offset_step_px=cfg.offset_step_px,
+                           threads=cfg.threads, extra_args=cfg.extra_args)
+    job = {"program": cfg.relion_refine, "args": args, "cwd": str(out.resolve()), "mpi_ranks": cfg.mpi_ranks,
+           "threads": cfg.threads, "log": str((out / "relion.log").resolve()),
+           "state": {"particles": str(particles), "config": asdict(cfg), "halves_assigned_randomly": made_up,
+                     "reference": {**ref_info, "lowpass_angstrom": lowpass, "path": str(ref_path)},
+                     "search": {"sigma_ang_deg": sigma, "healpix_order": order,
+                                "healpix_step_deg": healpix_step_deg(order),
+                                "offset_range_px": cfg.offset_range_px, "offset_step_px": cfg.offset_step_px,
+                                "chosen_from": search["basis"] if cfg.sigma_ang is None else "--sigma-ang"},
+                     "prepare_seconds": time.perf_counter() - t_start}}
+    write_json(out / JOB, job)
+    return job
 
-    # 5. results
+
+def finish_refine(out, relion_seconds: float | None = None, relion_command: str | None = None) -> dict:
+    """Steps 5 (see the module doc) once Relion has run the job :func:`prepare_refine` wrote in
+    ``OUT``: ``OUT/refined.star``, the maps, the plot and ``OUT/refine.json`` (written last).
+    Returns the summary."""
+    out = Path(out)
+    t_start = time.perf_counter()
+    try:
+        with open(out / JOB) as f:
+            job = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"no Relion job prepared here ({e}); run cryoposeml refine --prepare-only first",
+                         out / JOB) from e
+    state = job["state"]
+    cfg = RefineConfig(**state["config"])
+    input_star = out / "input.star"
+    given = read_star(input_star)
     rel = out / "relion"
     needed = {"data": rel / "run_data.star", "model": rel / "run_model.star", "map": rel / "run_class001.mrc",
               "half1": rel / "run_half1_class001_unfil.mrc", "half2": rel / "run_half2_class001_unfil.mrc"}
     missing = [str(p) for p in needed.values() if not p.exists()]
     if missing:
-        raise RelionError(f"Relion finished without its final outputs ({', '.join(missing)}); see {out / 'relion.log'}")
+        raise RelionError(f"Relion finished without its final outputs ({', '.join(missing)}); see {job['log']}")
+    if relion_seconds is None:   # Relion run by someone else: from its first to its last output
+        started = (out / "reference.mrc").stat().st_mtime
+        relion_seconds = max(0.0, needed["data"].stat().st_mtime - started)
     refined = read_star(needed["data"])
     refined.particles = _restore_columns(refined.particles, given.particles, needed["data"], input_star)
-    if len(refined) != len(star):
-        raise RelionError(f"Relion returned {len(refined)} particles for {len(star)} given", needed["data"])
-    moved = symmetric_distance_deg(star.matrices(), refined.matrices(), cfg.sym)   # rows in input order
+    if len(refined) != len(given):
+        raise RelionError(f"Relion returned {len(refined)} particles for {len(given)} given", needed["data"])
+    moved = symmetric_distance_deg(given.matrices(), refined.matrices(), cfg.sym)   # rows in input order
     refined.particles["rlnCpmlPoseChangeDeg"] = moved
     refined_path = write_star(refined, out / "refined.star")
+    apix, box = given.pixel_size_angstrom, given.box
     h1, h2 = read_map(needed["half1"])[0], read_map(needed["half2"])[0]
     freq, curve = fsc(h1, h2, apix, soft_sphere_mask(box))
     for name in ("map", "half1", "half2"):
         shutil.copyfile(needed[name], out / {"map": "map.mrc", "half1": "map_half1.mrc", "half2": "map_half2.mrc"}[name])
-    expected = (star.particles["rlnCpmlExpectedErrorDeg"].to_numpy(np.float64)
-                if "rlnCpmlExpectedErrorDeg" in star.particles else None)
+    expected = (given.particles["rlnCpmlExpectedErrorDeg"].to_numpy(np.float64)
+                if "rlnCpmlExpectedErrorDeg" in given.particles else None)
     save_figure(refine_figure(freq, curve, expected, moved), out / "refine.png")
     summary = {
-        **stamp(particles=particles, **asdict(cfg)),
-        "particles": len(star), "halves_assigned_randomly": made_up, "priors": cfg.priors,
-        "reference": {**ref_info, "lowpass_angstrom": lowpass, "path": str(ref_path)},
-        "search": {"sigma_ang_deg": sigma, "healpix_order": order, "healpix_step_deg": healpix_step_deg(order),
-                   "offset_range_px": cfg.offset_range_px, "offset_step_px": cfg.offset_step_px,
-                   "chosen_from": search["basis"] if cfg.sigma_ang is None else "--sigma-ang"},
-        "relion_command": shlex.join(cmd),
+        **stamp(particles=state["particles"], **state["config"]),
+        "particles": len(given), "halves_assigned_randomly": state["halves_assigned_randomly"], "priors": cfg.priors,
+        "reference": state["reference"], "search": state["search"],
+        "relion_command": relion_command or shlex.join([job["program"], *job["args"]]),
         "relion_resolution_angstrom": final_resolution(needed["model"]),
         "half_map_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
         "half_map_fsc05_angstrom": resolution_at(freq, curve, 0.5),
@@ -357,9 +393,24 @@ def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = Fa
         "pose_change_median_deg": float(np.median(moved)),
         "pose_change_vs_expected_error_spearman": (float(spearmanr(expected, moved)[0]) if expected is not None
                                                    and len(moved) > 2 else None),
-        "relion_seconds": t_relion, "total_seconds": time.perf_counter() - t_start,
+        "relion_seconds": relion_seconds,
+        "total_seconds": state["prepare_seconds"] + relion_seconds + time.perf_counter() - t_start,
         "outputs": {"particles": str(refined_path), "map": str(out / "map.mrc"), "plot": str(out / "refine.png"),
                     "half1": str(out / "map_half1.mrc"), "half2": str(out / "map_half2.mrc")},
     }
     write_json(out / MARKER, summary)
     return summary
+
+
+def refine(particles, out, cfg: RefineConfig | None = None, overwrite: bool = False, progress: bool = True,
+           device=None) -> dict:
+    """``cryoposeml refine``: the Relion local refinement from predicted poses, Relion started here
+    under ``mpirun`` (Scipion instead runs the prepared job through hosts.conf). Returns the summary."""
+    cfg = cfg or RefineConfig()
+    mpirun = find_program(cfg.mpirun, "the Relion handoff runs relion_refine_mpi under MPI")
+    relion = find_program(cfg.relion_refine, "the Relion handoff needs Relion 3.1+")
+    job = prepare_refine(particles, out, cfg, overwrite, progress, device)
+    cmd = [mpirun, "--oversubscribe", "-n", str(job["mpi_ranks"]), relion, *job["args"]]
+    t_relion = time.perf_counter()
+    run_relion(cmd, Path(out), Path(job["log"]), progress)
+    return finish_refine(out, time.perf_counter() - t_relion, shlex.join(cmd))

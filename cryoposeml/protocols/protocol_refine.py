@@ -1,9 +1,12 @@
 import enum
 import json
+import os
+import shlex
 import shutil
 
 import pyworkflow.protocol.params as params
 from pyworkflow import BETA
+from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 import pwem.objects as emobj
 from pwem.protocols import ProtRefine3D
 
@@ -21,7 +24,9 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
 
     Writes Relion's prior columns from the predicted poses, reconstructs and low-passes a starting
     map, chooses --sigma_ang and the HEALPix order from the predicted errors, and runs
-    relion_refine_mpi --auto_refine with local searches from the first iteration.
+    relion_refine_mpi --auto_refine with local searches from the first iteration, through
+    Scipion's runJob: the MPI command of hosts.conf and its queue apply. Relion is taken from
+    scipion-em-relion's RELION_HOME when that plugin is installed and has it, else from the PATH.
     """
     _label = "local refine (Relion)"
     _devStatus = BETA
@@ -45,11 +50,19 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
                       label="Additional Relion arguments",
                       help="Passed to relion_refine_mpi as they are (e.g. --maxsig 500).")
+        form.addHidden(USE_GPU, params.BooleanParam, default=False, label="Use GPU for Relion?",
+                       help="Pass --gpu to relion_refine_mpi (a Relion built with CUDA). The reconstruction "
+                            "and the choices before Relion run on the CPU.")
+        form.addHidden(GPU_LIST, params.StringParam, default="0", label="GPU IDs",
+                       help="GPUs for Relion, as Relion's --gpu takes them (e.g. 0:1); Scipion fills them in "
+                            "when it allocates GPUs.")
         form.addParallelSection(threads=1, mpi=3)
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep)
-        self._insertFunctionStep(self.refineStep)
+        self._insertFunctionStep(self.prepareStep)
+        self._insertFunctionStep(self.relionStep)
+        self._insertFunctionStep(self.finishStep)
         self._insertFunctionStep(self.createOutputStep)
 
     def convertInputStep(self):
@@ -58,9 +71,13 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         if ref is not None:
             shutil.copyfile(ref.getFileName(), self._getExtraPath("reference_given.mrc"))
 
-    def refineStep(self):
-        args = (f"--particles {self._getExtraPath('input.star')} --out {self._getExtraPath('refine')} "
-                f"--sym {self.symmetry.get()} --mpi {max(3, self.numberOfMpi.get())} --threads {self.numberOfThreads.get()}")
+    def prepareStep(self):
+        """Particles with priors, starting map and search: ``extra/refine/relion_job.json``."""
+        out = self._getExtraPath("refine")
+        if os.path.exists(out):   # a restarted run prepares again from the start
+            shutil.rmtree(out)
+        args = (f"--particles {self._getExtraPath('input.star')} --out {out} --sym {self.symmetry.get()} "
+                f"--mpi {self.numberOfMpi.get()} --threads {self.numberOfThreads.get()} --prepare-only")
         if self.referenceVolume.get() is not None:
             args += f" --reference {self._getExtraPath('reference_given.mrc')}"
         if self.sigmaAng.get() > 0:
@@ -68,14 +85,44 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         if not self.usePriors:
             args += " --no-priors"
         if self.extraParams.get():
-            args += f" --relion-args '{self.extraParams.get()}'"
-        # relion_refine_mpi runs under its own mpirun: this job itself is one process.
-        self.runJob(self._program(), f"{args} --quiet", numberOfMpi=1, numberOfThreads=1, env=self._environ())
+            args += f" --relion-args {shlex.quote(self.extraParams.get())}"
+        self.runCryoposeml("refine", args)
 
-    def _program(self):
-        from .. import Plugin
+    def relionStep(self):
+        """relion_refine_mpi with this protocol's MPI ranks and threads, through runJob (hosts.conf's
+        MPI command; the queue when the protocol is sent to one)."""
+        with open(self._getExtraPath("refine", "relion_job.json")) as f:
+            job = json.load(f)
+        args = shlex.join(job["args"])
+        if self.usesGpu():
+            args += ' --gpu "%(GPU)s"'
+        self.runJob(self._relionProgram(job["program"]), args, cwd=job["cwd"], env=self._relionEnviron(),
+                    numberOfMpi=self.numberOfMpi.get(), numberOfThreads=self.numberOfThreads.get())
 
-        return Plugin.getProgram("refine")
+    def finishStep(self):
+        self.runCryoposeml("refine", f"--out {self._getExtraPath('refine')} --finish")
+
+    # -------------------------- Relion ---------------------------------------
+    def _relionEnviron(self):
+        """scipion-em-relion's environment when that plugin is installed (its RELION_HOME/bin first on
+        the PATH), else this one."""
+        import pyworkflow.utils as pwutils
+
+        try:
+            from relion import Plugin as RelionPlugin
+            env = RelionPlugin.getEnviron()
+        except Exception:   # not installed, or its variables cannot be read
+            env = pwutils.Environ(os.environ)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:   # Open MPI refuses root unless told
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        if not self.useQueue():   # a workstation: more ranks than cores is slow, not wrong
+            env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        return env
+
+    def _relionProgram(self, name="relion_refine_mpi"):
+        """The Relion program's full path in the Relion environment (the name if not found there)."""
+        return shutil.which(name, path=self._relionEnviron().get("PATH")) or name
 
     def summaryJson(self):
         with open(self._getExtraPath("refine", "refine.json")) as f:
@@ -92,8 +139,15 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
 
     def _validate(self):
         errors = self._particleErrors(self.inputParticles.get(), needAlignment=True)
-        if shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None:
-            errors.append("relion_refine_mpi and mpirun must be on the PATH (Relion 3.1+ with MPI).")
+        path = self._relionEnviron().get("PATH")
+        if shutil.which("relion_refine_mpi", path=path) is None:
+            errors.append("relion_refine_mpi not found: install scipion-em-relion with Relion (RELION_HOME), or put "
+                          "Relion 3.1+ with MPI on the PATH.")
+        if self.numberOfMpi.get() < 3:
+            errors.append("Relion's auto-refinement needs at least 3 MPI processes (1 leader + 2 half-sets).")
+        if self.usesGpu() and not self.useQueue() and shutil.which("nvidia-smi") is None:
+            errors.append("'Use GPU for Relion' is set but this machine has no NVIDIA driver (nvidia-smi not found): "
+                          "set it to No, or send the protocol to a queue with GPUs.")
         ref, parts = self.referenceVolume.get(), self.inputParticles.get()
         if ref is not None and parts is not None and ref.getXDim() != parts.getXDim():
             errors.append(f"The starting map is {ref.getXDim()} px, the particles {parts.getXDim()} px.")
