@@ -36,7 +36,7 @@ if [ "$(cat .venv/.cryoposeml-stamp 2>/dev/null)" != "$stamp" ]; then
   idx=(); [ -n "${CRYOPOSEML_TORCH_INDEX:-}" ] && idx=(--extra-index-url "$CRYOPOSEML_TORCH_INDEX")
   # torch first and alone, so nothing else can pull a CUDA build on a CPU machine.
   .venv/bin/python -m pip install -q "${idx[@]}" $TORCH
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[scipion,test]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[engine,scipion,test]"
   .venv/bin/python -m pip check
   echo "$stamp" > .venv/.cryoposeml-stamp
 fi

@@ -24,25 +24,30 @@ setup(
             "templates/*.json.template",
         ],
     },
+    # What the Scipion side needs (STAR/MRC files, poses, plots): light, so that Scipion's own
+    # environment holds no torch; the engine (the `cryoposeml` command) needs the [engine] extra,
+    # which Plugin.defineBinaries installs into its own environment.
     install_requires=[
         "numpy>=1.26,<2",
         "scipy>=1.10,<1.11",  # scipion-em pins scipy<=1.10.0
-        "torch>=2.2",
         "mrcfile>=1.4",
         "starfile>=0.5",
         "pandas>=2",
-        "healpy>=1.16",
-        "e3nn>=0.5",
-        "escnn>=1.0.11",
         "matplotlib>=3.7",
         "tqdm>=4.60",
-        "roma>=1.4",
-        "safetensors>=0.4",
-        "scikit-learn>=1.3",  # isotonic calibration of the matched uncertainty
     ],
     extras_require={
+        "engine": [
+            "torch>=2.2",
+            "healpy>=1.16",
+            "e3nn>=0.5",
+            "escnn>=1.0.11",
+            "roma>=1.4",
+            "safetensors>=0.4",
+            "scikit-learn>=1.3",  # isotonic calibration of the matched uncertainty
+        ],
         "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5.0"],
-        "test": ["pytest>=8", "psutil"],
+        "test": ["pytest>=8", "psutil", "scipion-app>=3.8"],  # scipion-app: the real installer Environment
     },
     entry_points={
         "pyworkflow.plugin": ["cryoposeml = cryoposeml"],

@@ -115,11 +115,71 @@ def wait_finished(test, prot, timeout_s=1800):
     return prot
 
 
+def fake_engine_env(folder: Path) -> Path:
+    """What ``scipion installb cryoposeml`` leaves in CRYOPOSEML_HOME, with a ``venv/bin/python``
+    that logs each call (then runs this test's Python, which has the engine)."""
+    import sys
+
+    from cryoposeml._plugin import ENV_DONE
+
+    (folder / "venv" / "bin").mkdir(parents=True, exist_ok=True)
+    python = folder / "venv" / "bin" / "python"
+    python.write_text(f"#!/bin/bash\necho \"$@\" >> {folder}/calls.log\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    (folder / ENV_DONE).touch()
+    return folder
+
+
+def test_define_binaries_builds_the_engine_environment(monkeypatch):
+    """scipion-app's real installer Environment gets one default target, cryoposeml-<version>, whose
+    commands create a venv in CRYOPOSEML_HOME, install torch from the index this machine needs and
+    the engine (this checkout), check it runs, and mark the environment done last; the variables
+    choose torch; until the environment is done, the engine is Scipion's own Python."""
+    from scipion.install.funcs import Environment
+    from pwem import Domain
+
+    from cryoposeml import __version__
+    from cryoposeml._plugin import ENV_DONE, TORCH_INDEX_CPU
+
+    Plugin = Domain.getPluginModule("cryoposeml").Plugin
+    env = Environment(args=[])
+    Plugin.defineBinaries(env)
+    target = env.getTarget(f"cryoposeml-{__version__}")
+    assert target.isDefault() and env.getTarget("cryoposeml") is not None
+    home = Plugin.getHome()
+    assert home.endswith(f"software/em/cryoposeml-{__version__}")
+    (install,) = [c for c in target.getCommands() if "venv" in str(c._cmd)]
+    steps = install._cmd.split(" && ")
+    assert install._cwd == home and install._targets == [os.path.join(home, ENV_DONE)]
+    assert steps[0].endswith("-m venv --clear venv") and steps[-1] == f"touch {ENV_DONE}"
+    torch_step = next(s for s in steps if "torch" in s)
+    expected_index = TORCH_INDEX_CPU if not __import__("shutil").which("nvidia-smi") else "cu128"
+    assert expected_index in torch_step and "'torch==2.13.0'" in torch_step
+    assert any(s.endswith(f"'{ROOT}[engine]'") for s in steps)          # this checkout, with its engine extra
+    assert "venv/bin/python -m cryoposeml.cli --version" in steps
+    # a site's choice of torch
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_TORCH", "torch==2.5.1")
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_TORCH_INDEX", "https://mirror.example/torch")
+    assert Plugin.torchRequirement() == ("torch==2.5.1", "https://mirror.example/torch")
+    # no environment built yet: the engine is this (Scipion's) Python
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_PYTHON", "")
+    assert not os.path.exists(os.path.join(home, ENV_DONE))
+    assert Plugin.getProgram("train").split()[1:] == ["-m", "cryoposeml.cli", "train"]
+    assert not Plugin.usesOwnEnvironment()
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_PYTHON", "/opt/site/engine/bin/python")
+    assert Plugin.getProgram("predict") == "/opt/site/engine/bin/python -m cryoposeml.cli predict"
+    assert Plugin.usesOwnEnvironment()
+
+
 class TestCryoposemlTemplates(BaseTest):
     @classmethod
     def setUpClass(cls):
         cls._cwd = os.getcwd()
         cls.data = Path(tempfile.mkdtemp(prefix="cpml_scipion_"))
+        # Every protocol of this class runs the engine from an installed engine environment.
+        cls.engine = fake_engine_env(cls.data / "engine")
+        cls._home = os.environ.get("CRYOPOSEML_HOME")
+        os.environ["CRYOPOSEML_HOME"] = str(cls.engine)
         for name, n, seed in (("train", 800, 1), ("new", 300, 2)):
             r = cli("simulate", "--n", n, "--no-noise", "--shift-sigma", 2, "--seed", seed, "--out", cls.data / name)
             assert r.returncode == 0, r.stderr
@@ -139,6 +199,10 @@ class TestCryoposemlTemplates(BaseTest):
     @classmethod
     def tearDownClass(cls):
         os.chdir(cls._cwd)
+        if cls._home is None:
+            os.environ.pop("CRYOPOSEML_HOME", None)
+        else:
+            os.environ["CRYOPOSEML_HOME"] = cls._home
 
     def test_templates_load(self):
         """Every template parses, names only existing protocols, and wires outputs that exist."""
@@ -206,6 +270,12 @@ class TestCryoposemlTemplates(BaseTest):
         assert "3 MPI x 1 threads" in Path(script).read_text()
         (launched,) = (self.site / "mpirun.log").read_text().splitlines()   # only Relion runs under MPI
         assert launched.startswith("-np 3 ") and "relion_refine_mpi" in launched and "--auto_refine" in launched
+        # ... and every engine command ran in the engine environment (CRYOPOSEML_HOME), none in Scipion's.
+        calls = [line.split()[2:4] for line in (self.engine / "calls.log").read_text().splitlines()]
+        for command in ("train", "predict", "cleanup", "refine"):
+            assert any(c[0] == command for c in calls), (command, calls)
+        refine_calls = [line for line in (self.engine / "calls.log").read_text().splitlines() if " refine " in line]
+        assert len(refine_calls) == 2 and "--prepare-only" in refine_calls[0] and "--finish" in refine_calls[1]
         imp_train, train, imp_new, predict, cleanup, refine = (self.proj.getProtocol(p.getObjId()) for p in
                                                                 (imp_train, train, imp_new, predict, cleanup, refine))
         train_parts = imp_train.outputParticles

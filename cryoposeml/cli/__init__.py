@@ -13,6 +13,9 @@ import sys
 
 from .. import __version__
 
+#: what the [engine] extra installs (see setup.py)
+ENGINE_MODULES = {"torch", "healpy", "e3nn", "escnn", "roma", "safetensors", "sklearn"}
+
 COMMANDS = ["simulate", "train", "predict", "cleanup", "reconstruct", "refine", "evaluate", "abinitio", "hetero", "demo"]
 
 
@@ -45,6 +48,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"cryoposeml {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        if getattr(e, "name", None) in ENGINE_MODULES or "engine" in str(e):
+            print(f"cryoposeml {args.command}: error: the engine is not installed in {sys.executable} ({e}); "
+                  "install it with: pip install 'scipion-em-cryoposeml[engine]'", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-import torch
 
-from .fourier import frequency_grid_2d
+from ._lazy import LazyModule
+
+torch = LazyModule("torch", __name__)
 
 __all__ = ["CtfParams", "ctf_2d", "electron_wavelength_angstrom"]
 
@@ -55,10 +56,14 @@ def electron_wavelength_angstrom(voltage_kv):
     return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
 
 
-def ctf_2d(params: CtfParams, box: int, pixel_size_angstrom: float, dtype=torch.float32,
+def ctf_2d(params: CtfParams, box: int, pixel_size_angstrom: float, dtype=None,
            device=None) -> torch.Tensor:
     """The CTF the images carry ``(B, box, box)``, centred Fourier layout (DC at ``box // 2``):
     ``|CTF|`` for phase-flipped particles."""
+    from .fourier import frequency_grid_2d
+
+    dtype = torch.float32 if dtype is None else dtype
+
     def col(v):
         return torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float64), (len(params),)).copy(),
                                device=device)[:, None, None]

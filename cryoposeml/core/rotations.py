@@ -25,8 +25,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import roma
-import torch
+
+from ._lazy import LazyModule, is_tensor
+
+roma = LazyModule("roma", __name__)
+torch = LazyModule("torch", __name__)
 
 __all__ = [
     "euler_to_matrix",
@@ -48,7 +51,7 @@ def _numpy_in_numpy_out(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if isinstance(args[0], torch.Tensor):
+        if is_tensor(args[0]):
             return fn(*args, **kwargs)
         out = fn(*(torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64)) for a in args), **kwargs)
         return out.detach().cpu().numpy()
@@ -56,46 +59,64 @@ def _numpy_in_numpy_out(fn):
     return wrapper
 
 
-def _rz(a: torch.Tensor) -> torch.Tensor:
+def _xp(x):
+    """The array namespace of ``x``: torch for tensors, numpy otherwise (the Euler conversions are
+    written once for both, so that numpy callers never need torch)."""
+    return torch if is_tensor(x) else np
+
+
+def _rz(a):
     """Active rotation about z by angle ``a`` (radians): (..., 3, 3)."""
-    c, s = torch.cos(a), torch.sin(a)
-    z, o = torch.zeros_like(a), torch.ones_like(a)
-    return torch.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(*a.shape, 3, 3)
+    xp = _xp(a)
+    c, s = xp.cos(a), xp.sin(a)
+    z, o = xp.zeros_like(a), xp.ones_like(a)
+    return xp.stack([c, -s, z, s, c, z, z, z, o], -1).reshape(*a.shape, 3, 3)
 
 
-def _ry(a: torch.Tensor) -> torch.Tensor:
+def _ry(a):
     """Active rotation about y by angle ``a`` (radians): (..., 3, 3)."""
-    c, s = torch.cos(a), torch.sin(a)
-    z, o = torch.zeros_like(a), torch.ones_like(a)
-    return torch.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(*a.shape, 3, 3)
+    xp = _xp(a)
+    c, s = xp.cos(a), xp.sin(a)
+    z, o = xp.zeros_like(a), xp.ones_like(a)
+    return xp.stack([c, z, s, z, o, z, -s, z, c], -1).reshape(*a.shape, 3, 3)
 
 
-@_numpy_in_numpy_out
+def _as_float64(x):
+    return x if is_tensor(x) else np.asarray(x, dtype=np.float64)
+
+
 def euler_to_matrix(angles_deg):
     """Relion Euler angles ``(..., 3)`` [rot, tilt, psi] in degrees -> matrices ``A`` ``(..., 3, 3)``."""
-    a = torch.deg2rad(angles_deg)
+    angles_deg = _as_float64(angles_deg)
+    xp = _xp(angles_deg)
+    a = xp.deg2rad(angles_deg)
     rot, tilt, psi = a[..., 0], a[..., 1], a[..., 2]
-    return (_rz(rot) @ _ry(tilt) @ _rz(psi)).transpose(-1, -2)
+    return (_rz(rot) @ _ry(tilt) @ _rz(psi)).swapaxes(-1, -2)
 
 
-@_numpy_in_numpy_out
+#: below this |sin(tilt)| Relion treats a matrix as gimbal-locked (16 float32 epsilons)
+_GIMBAL_EPS = 16 * 1.1920928955078125e-07
+
+
 def matrix_to_euler(A):
     """Matrices ``A`` ``(..., 3, 3)`` -> Relion Euler angles ``(..., 3)`` in degrees, tilt in [0, 180].
 
     Follows Relion's Euler_matrix2angles, including its choice at tilt 0 / 180 (rot = 0).
     """
-    sb = torch.sqrt(A[..., 0, 2] ** 2 + A[..., 1, 2] ** 2)
-    regular = sb > 16 * torch.finfo(torch.float32).eps
-    psi = torch.atan2(A[..., 1, 2], -A[..., 0, 2])
-    rot = torch.atan2(A[..., 2, 1], A[..., 2, 0])
-    tilt = torch.atan2(sb, A[..., 2, 2])
+    A = _as_float64(A)
+    xp = _xp(A)
+    sb = xp.sqrt(A[..., 0, 2] ** 2 + A[..., 1, 2] ** 2)
+    regular = sb > _GIMBAL_EPS
+    psi = xp.arctan2(A[..., 1, 2], -A[..., 0, 2])
+    rot = xp.arctan2(A[..., 2, 1], A[..., 2, 0])
+    tilt = xp.arctan2(sb, A[..., 2, 2])
     up = A[..., 2, 2] > 0
-    psi_deg = torch.where(up, torch.atan2(-A[..., 1, 0], A[..., 0, 0]), torch.atan2(A[..., 1, 0], -A[..., 0, 0]))
-    tilt_deg = torch.where(up, torch.zeros_like(tilt), torch.full_like(tilt, torch.pi))
-    rot = torch.where(regular, rot, torch.zeros_like(rot))
-    tilt = torch.where(regular, tilt, tilt_deg)
-    psi = torch.where(regular, psi, psi_deg)
-    return torch.rad2deg(torch.stack([rot, tilt, psi], -1))
+    psi_deg = xp.where(up, xp.arctan2(-A[..., 1, 0], A[..., 0, 0]), xp.arctan2(A[..., 1, 0], -A[..., 0, 0]))
+    tilt_deg = xp.where(up, xp.zeros_like(tilt), xp.full_like(tilt, np.pi))
+    rot = xp.where(regular, rot, xp.zeros_like(rot))
+    tilt = xp.where(regular, tilt, tilt_deg)
+    psi = xp.where(regular, psi, psi_deg)
+    return xp.rad2deg(xp.stack([rot, tilt, psi], -1))
 
 
 @_numpy_in_numpy_out

@@ -15,11 +15,13 @@ import functools
 import re
 
 import numpy as np
-import torch
 from scipy.spatial.transform import Rotation
 
+from ._lazy import LazyModule, is_tensor
 from .errors import InputError
 from .rotations import rotation_angle_deg
+
+torch = LazyModule("torch", __name__)
 
 __all__ = ["symmetry_group", "symmetric_distance_deg", "closest_mate_angle_deg", "expand_over_group", "to_asymmetric_unit",
            "symmetrize_map"]
@@ -91,7 +93,7 @@ def symmetry_group(sym: str) -> np.ndarray:
 
 
 def _as_torch(x):
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64))
+    return x if is_tensor(x) else torch.as_tensor(np.ascontiguousarray(x, dtype=np.float64))
 
 
 def closest_mate_angle_deg(A1: torch.Tensor, A2: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def symmetric_distance_deg(A1, A2, sym: str = "C1"):
 
     Accepts numpy arrays or torch tensors ``(..., 3, 3)`` and returns the same kind.
     """
-    is_numpy = not isinstance(A1, torch.Tensor)
+    is_numpy = not is_tensor(A1)
     A1, A2 = _as_torch(A1), _as_torch(A2)
     G = torch.as_tensor(symmetry_group(sym), dtype=A1.dtype, device=A1.device)
     out = closest_mate_angle_deg(A1, A2, G)
@@ -117,7 +119,7 @@ def symmetric_distance_deg(A1, A2, sym: str = "C1"):
 
 def expand_over_group(A, sym: str = "C1"):
     """All symmetry mates ``A @ g``: ``(..., 3, 3)`` -> ``(..., |G|, 3, 3)`` (numpy or torch)."""
-    is_numpy = not isinstance(A, torch.Tensor)
+    is_numpy = not is_tensor(A)
     A = _as_torch(A)
     G = torch.as_tensor(symmetry_group(sym), dtype=A.dtype, device=A.device)
     out = A.unsqueeze(-3) @ G
@@ -130,7 +132,7 @@ def to_asymmetric_unit(A, sym: str = "C1"):
     This picks one representative per orbit (a Voronoi cell of the group around the identity),
     so equal poses up to symmetry map to the same matrix.
     """
-    is_numpy = not isinstance(A, torch.Tensor)
+    is_numpy = not is_tensor(A)
     mates = expand_over_group(_as_torch(A), sym)
     tr = mates.diagonal(dim1=-2, dim2=-1).sum(-1)
     idx = tr.argmax(-1)

@@ -13,7 +13,7 @@ import numpy as np
 from ..core.errors import InputError
 from ._atomic import atomic_path
 
-__all__ = ["read_map", "write_map", "write_stack", "StackInfo", "stack_info", "StackReader"]
+__all__ = ["read_map", "write_map", "write_stack", "StackInfo", "stack_info", "StackReader", "half_map_paths"]
 
 _MODES = {0: np.int8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}
 
@@ -137,3 +137,10 @@ class StackReader:
             for mm in self._maps.values():
                 mm._mmap.close()
             self._maps.clear()
+
+
+def half_map_paths(out: Path) -> tuple[Path, Path, Path]:
+    """``MAP.mrc`` -> ``MAP_half1.mrc``, ``MAP_half2.mrc``, ``MAP_fsc.json``."""
+    stem = out.with_suffix("")
+    return (stem.parent / f"{stem.name}_half1.mrc", stem.parent / f"{stem.name}_half2.mrc",
+            stem.parent / f"{stem.name}_fsc.json")

@@ -14,7 +14,7 @@ from ..core.errors import InputError
 from ..core.metrics import fsc, resolution_at, soft_sphere_mask
 from ..core.reconstruction import BackProjector
 from ..data.dataset import ParticleDataset
-from ..data.mrc import write_map
+from ..data.mrc import half_map_paths, write_map  # noqa: F401  (half_map_paths: re-exported)
 from ..data.star import ParticleStar, read_star
 from ._outputs import check_new_file, stamp, write_json
 
@@ -127,13 +127,6 @@ def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, s
                                        bps[2].reconstruct(regularization),
                                        {"particles": n, "half_counts": [bps[1].count, bps[2].count],
                                         "halves_assigned_randomly": made_up})
-
-
-def half_map_paths(out: Path) -> tuple[Path, Path, Path]:
-    """``MAP.mrc`` -> ``MAP_half1.mrc``, ``MAP_half2.mrc``, ``MAP_fsc.json``."""
-    stem = out.with_suffix("")
-    return (stem.parent / f"{stem.name}_half1.mrc", stem.parent / f"{stem.name}_half2.mrc",
-            stem.parent / f"{stem.name}_fsc.json")
 
 
 def reconstruct(particles, out, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,

@@ -83,11 +83,10 @@ class CryoPoseMLProtBase(EMProtocol):
         return " --resume"
 
     def _environ(self):
-        import pyworkflow.utils as pwutils
-
-        env = pwutils.Environ(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, self.numberOfThreads.get() if hasattr(self, "numberOfThreads")
-                                                   and self.numberOfThreads.get() else 1)))
+        """The engine's environment (``Plugin.getEnviron``) with this protocol's threads for OpenMP."""
+        env = Plugin.getEnviron()
+        threads = self.numberOfThreads.get() if hasattr(self, "numberOfThreads") and self.numberOfThreads.get() else 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
         return env
 
     # -------------------------- outputs -------------------------------------
@@ -98,7 +97,7 @@ class CryoPoseMLProtBase(EMProtocol):
 
         import pwem.objects as emobj
 
-        from ..engine.reconstruct import half_map_paths   # the owner of that naming
+        from ..data.mrc import half_map_paths   # the owner of that naming
 
         half1, half2, _ = half_map_paths(Path(mapPath))
         vol = emobj.Volume(location=str(mapPath))
