@@ -15,8 +15,9 @@ what=${1:-setup}; shift || true
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# 1. System packages: Relion (CPU, 3.1.x) and MPI for the referee/handoff; gfortran for escnn's py3nj.
-APT_PKGS="relion openmpi-bin gfortran"
+# 1. System packages: Relion (CPU, 3.1.x) and MPI for the referee/handoff; gfortran for escnn's py3nj;
+#    Xvfb for the GUI test (the Scipion forms in a real window).
+APT_PKGS="relion openmpi-bin gfortran xvfb"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

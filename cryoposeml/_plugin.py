@@ -9,7 +9,7 @@ an environment of its own, as Scipion's deep-learning plugins do:
   ``software/em/cryoposeml-<version>`` with torch for this machine (the CUDA build where
   ``nvidia-smi`` answers, else the CPU build; ``CRYOPOSEML_TORCH`` / ``CRYOPOSEML_TORCH_INDEX``
   choose another) and cryoposeml's engine;
-* ``CRYOPOSEML_PYTHON`` (scipion.conf or the environment) points at an existing Python that has
+* ``CRYOPOSEML_ENGINE_PYTHON`` (scipion.conf or the environment) points at an existing Python that has
   the engine (a site's shared environment, or a checkout set up with ``bootstrap.sh``) instead;
 * without either, the engine is looked for in Scipion's own Python (``pip install -e .[engine]``,
   what the tests and the README's developer set-up do).
@@ -23,7 +23,7 @@ import pwem
 from . import __version__
 
 CRYOPOSEML_HOME = "CRYOPOSEML_HOME"
-CRYOPOSEML_PYTHON = "CRYOPOSEML_PYTHON"
+CRYOPOSEML_ENGINE_PYTHON = "CRYOPOSEML_ENGINE_PYTHON"
 CRYOPOSEML_TORCH = "CRYOPOSEML_TORCH"
 CRYOPOSEML_TORCH_INDEX = "CRYOPOSEML_TORCH_INDEX"
 
@@ -44,7 +44,7 @@ class Plugin(pwem.Plugin):
     def _defineVariables(cls):
         cls._defineEmVar(CRYOPOSEML_HOME, f"cryoposeml-{__version__}",
                          description="Folder of the engine environment that 'scipion installb cryoposeml' creates")
-        cls._defineVar(CRYOPOSEML_PYTHON, "",
+        cls._defineVar(CRYOPOSEML_ENGINE_PYTHON, "",
                        description="A Python that already has the cryoposeml engine (empty: the one installed "
                                    "under CRYOPOSEML_HOME, else Scipion's own)")
         cls._defineVar(CRYOPOSEML_TORCH, DEFAULT_TORCH, description="pip requirement for torch in the engine")
@@ -54,9 +54,9 @@ class Plugin(pwem.Plugin):
     # -------------------------- the engine -----------------------------------
     @classmethod
     def getEnginePython(cls) -> str:
-        """The Python that runs the engine: ``CRYOPOSEML_PYTHON``, else the installed environment's,
+        """The Python that runs the engine: ``CRYOPOSEML_ENGINE_PYTHON``, else the installed environment's,
         else Scipion's own."""
-        explicit = cls.getVar(CRYOPOSEML_PYTHON)
+        explicit = cls.getVar(CRYOPOSEML_ENGINE_PYTHON)
         if explicit:
             return explicit
         installed = cls.getEnvPython()

@@ -86,10 +86,12 @@ class CryoPoseMLViewerTrain(_FigureViewer):
 
 class CryoPoseMLViewerPredict(_FigureViewer):
     """Predicted poses: angular distribution, expected-error histogram, and the model's held-out
-    error vs confidence with these particles' confidences (works while streaming)."""
+    error vs confidence with these particles' confidences; the live map (central slices, half-map
+    FSC, resolution vs particles kept and vs time). Both work while streaming."""
     _label = "cryoposeml prediction viewer"
     _targets = [CryoPoseMLProtPredict]
-    _figures = {"showPoses": ("Angular distribution, uncertainty and calibration", "_poseFigure")}
+    _figures = {"showPoses": ("Angular distribution, uncertainty and calibration", "_poseFigure"),
+                "showLiveMap": ("Live map: slices, half-map FSC, resolution vs particles and time", "_liveFigure")}
 
     def _poseFigure(self):
         from .engine.calibration import Calibration
@@ -104,6 +106,19 @@ class CryoPoseMLViewerPredict(_FigureViewer):
         run = "full" if "full" in meta["runs"] else sorted(meta["runs"])[0]
         calib = Calibration(**meta["runs"][run]["calibration"])
         return pose_figure(angles, expected, calib, confidence)
+
+    def _liveFigure(self):
+        """The map grown batch by batch (extra/live), as it stands now."""
+        import json
+
+        from .data.mrc import read_map
+        from .engine.plots import live_map_figure
+
+        folder = Path(self.protocol._getExtraPath("live"))
+        with open(folder / "history.json") as f:
+            record = json.load(f)
+        volume = read_map(folder / "map.mrc")[0] if (folder / "map.mrc").exists() else None
+        return live_map_figure(record, volume)
 
 
 class CryoPoseMLViewerCleanup(_FigureViewer):

@@ -92,3 +92,43 @@ def test_every_protocol_parameter_has_help():
             if not (param.help.get() if getattr(param, "help", None) is not None else ""):
                 missing.append(f"{name}.{pname}")
     assert not missing, missing
+
+
+#: what the [engine] extra installs: Scipion's own environment need not have any of it
+ENGINE_PACKAGES = ("torch", "e3nn", "escnn", "healpy", "roma", "safetensors", "sklearn")
+
+
+def test_scipion_side_runs_without_the_engine(tmp_path):
+    """What Scipion's process does itself (protocol modules, viewers, STAR/MRC files, pose conversion
+    to and from Scipion, form checks, figures) works in a Python where the engine packages cannot be
+    imported: the plugin is light, and the engine runs in its own environment (Plugin.getProgram)."""
+    pytest.importorskip("pwem")
+    from conftest import cli
+
+    r = cli("simulate", "--n", 12, "--no-noise", "--seed", 1, "--out", tmp_path / "sim")
+    assert r.returncode == 0, r.stderr
+    code = f"""
+import sys
+for name in {ENGINE_PACKAGES!r}:
+    sys.modules[name] = None   # import fails, as in an environment without them
+import numpy as np
+import cryoposeml, cryoposeml.protocols, cryoposeml.viewers, cryoposeml.convert, cryoposeml.objects
+from cryoposeml.core.rotations import euler_to_matrix, relion_to_scipion_matrix, scipion_matrix_to_relion
+from cryoposeml.core.symmetry import symmetry_group
+from cryoposeml.data.mrc import half_map_paths
+from cryoposeml.data.star import read_star, write_star
+from cryoposeml.engine.calibration import Calibration
+from cryoposeml.engine.plots import live_map_figure, pose_figure
+from cryoposeml.engine.spool import SpoolClient
+star = read_star({str(tmp_path / "sim" / "ground_truth.star")!r})
+angles = star.particles[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+a, s = scipion_matrix_to_relion(relion_to_scipion_matrix(angles, np.zeros((len(angles), 2))))
+assert np.abs(euler_to_matrix(a) - star.matrices()).max() < 1e-9
+assert symmetry_group("D7").shape == (14, 3, 3) and len(star.ctf_params()) == 12
+write_star(star, {str(tmp_path / "copy.star")!r})
+pose_figure(a, np.ones(len(a)), None, None)
+live_map_figure({{"batches": []}}, np.zeros((16, 16, 16), np.float32))
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -105,6 +105,7 @@ def wait_finished(test, prot, timeout_s=1800):
     """A protocol sent to a queue returns at once: poll the project until it ends."""
     t0 = time.time()
     while time.time() - t0 < timeout_s:
+        test.proj._updateProtocol(test.proj.getProtocol(prot.getObjId()))   # what the GUI's refresh does
         prot = test.proj.getProtocol(prot.getObjId())
         if prot.isFinished() or prot.isFailed() or prot.isAborted():
             break
@@ -162,11 +163,11 @@ def test_define_binaries_builds_the_engine_environment(monkeypatch):
     monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_TORCH_INDEX", "https://mirror.example/torch")
     assert Plugin.torchRequirement() == ("torch==2.5.1", "https://mirror.example/torch")
     # no environment built yet: the engine is this (Scipion's) Python
-    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_PYTHON", "")
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_ENGINE_PYTHON", "")
     assert not os.path.exists(os.path.join(home, ENV_DONE))
     assert Plugin.getProgram("train").split()[1:] == ["-m", "cryoposeml.cli", "train"]
     assert not Plugin.usesOwnEnvironment()
-    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_PYTHON", "/opt/site/engine/bin/python")
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_ENGINE_PYTHON", "/opt/site/engine/bin/python")
     assert Plugin.getProgram("predict") == "/opt/site/engine/bin/python -m cryoposeml.cli predict"
     assert Plugin.usesOwnEnvironment()
 
@@ -218,7 +219,8 @@ class TestCryoposemlTemplates(BaseTest):
             found = Domain.findViewers(prot, DESKTOP_TKINTER)
             assert any(v.__module__ == "cryoposeml.viewers" for v in found), (prot, found)
         paths = sorted(TEMPLATES.glob("*.json.template"))
-        assert [p.name for p in paths] == ["cryoposeml_pipeline.json.template", "cryoposeml_streaming.json.template"]
+        assert [p.name for p in paths] == ["cryoposeml_abinitio_hetero.json.template", "cryoposeml_pipeline.json.template",
+                                           "cryoposeml_streaming.json.template"]
         for path in paths:
             t = LocalTemplate("cryoposeml", str(path))
             assert t.description and t.description != "Not provided", path
@@ -265,9 +267,10 @@ class TestCryoposemlTemplates(BaseTest):
         self.proj.saveProtocol(refine)
         self.launchProtocol(refine)
         refine = wait_finished(self, refine)
-        script = refine._getLogsPath(f"{refine.strId()}.job")
-        assert (self.site / "submitted.log").read_text().split() == [os.path.abspath(script)]
-        assert "3 MPI x 1 threads" in Path(script).read_text()
+        (submitted,) = (self.site / "submitted.log").read_text().split()   # one protocol went to the queue
+        script = Path(self.proj.path) / submitted
+        assert script.samefile(Path(self.proj.path) / refine._getLogsPath(f"{refine.strId()}.job"))
+        assert "3 MPI x 1 threads" in script.read_text()
         (launched,) = (self.site / "mpirun.log").read_text().splitlines()   # only Relion runs under MPI
         assert launched.startswith("-np 3 ") and "relion_refine_mpi" in launched and "--auto_refine" in launched
         # ... and every engine command ran in the engine environment (CRYOPOSEML_HOME), none in Scipion's.
@@ -287,8 +290,10 @@ class TestCryoposemlTemplates(BaseTest):
         assert model.getBox() == 64 and model.getSymmetry() == "C1" and os.path.isdir(model.getPath())
 
         out = predict.outputParticles
-        assert out.getSize() == 300 and not out.isStreamOpen() and out.hasAlignmentProj()
-        ids = sorted(p.getObjId() for p in out)
+        junk = getattr(predict, "outputJunk", None)
+        n_junk = junk.getSize() if junk is not None else 0
+        assert out.getSize() + n_junk == 300 and n_junk <= 15 and not out.isStreamOpen() and out.hasAlignmentProj()
+        ids = sorted([p.getObjId() for p in out] + ([p.getObjId() for p in junk] if junk is not None else []))
         assert ids == sorted(p.getObjId() for p in new_parts)       # every particle, exactly once
         first = out.getFirstItem()
         for attr in ("_cryoposemlExpectedError", "_cryoposemlFigureOfMerit", "_cryoposemlConfidence",
@@ -317,13 +322,13 @@ class TestCryoposemlTemplates(BaseTest):
 
         kept, gone = cleanup.outputParticles, getattr(cleanup, "outputDiscarded", None)
         n_gone = gone.getSize() if gone is not None else 0
-        assert kept.getSize() + n_gone == 300 and kept.getSize() >= 150   # auto keeps >= 50%
+        assert kept.getSize() + n_gone == out.getSize() and kept.getSize() >= 150   # auto keeps >= 50%
         if n_gone:   # verified poses are ranked by their match z (junk matches no view of the map)
             worst_kept = min(p._cryoposemlMatchZ.get() for p in kept)
             best_gone = max(p._cryoposemlMatchZ.get() for p in gone)
             assert worst_kept >= best_gone
         assert os.path.exists(cleanup._getExtraPath("kept_cleanup.png"))
-        assert cleanup.summaryJson()["particles_in"] == 300
+        assert cleanup.summaryJson()["particles_in"] == out.getSize()
 
         assert refine.outputParticles.getSize() == kept.getSize() and refine.outputVolume.hasHalfMaps()
         s = refine.summaryJson()
@@ -368,51 +373,42 @@ class TestCryoposemlTemplates(BaseTest):
         assert len(fig.axes[1].collections[0].get_offsets()) == kept.getSize()        # pose change per particle
         assert np.all(rel["rlnCpmlPoseChangeDeg"].to_numpy() >= 0)
 
-    def test_abinitio_protocol(self):
-        """Ab initio in Scipion: particles without poses -> a volume with its half-maps and aligned
-        particles; a second run continues the first from its checkpoints; the viewer draws the curves.
-        (Plumbing only: 2 epochs at 16 px. Convergence is tested in test_abinitio.py.)"""
-        from cryoposeml.protocols import CryoPoseMLProtAbinitio, CryoPoseMLProtImportParticles
-        from cryoposeml.viewers import CryoPoseMLViewerAbinitio
+    def test_abinitio_hetero_template(self):
+        """The third template, particles without poses -> ab initio -> conformations: ab initio gives a
+        volume with its half-maps and aligned particles (every particle once); a second run continues
+        the first from its checkpoints; heterogeneity starts from the ab initio poses and gives particles
+        with their z and class, 3D classes with a volume each, and the class volumes with half-maps (the
+        Scipion classes are the CLI's); the viewers draw the curves and z by class. (Plumbing only, a few
+        epochs at 16 px: convergence and separation are tested in test_abinitio.py / test_hetero.py.)"""
+        from cryoposeml.data.star import read_star
+        from cryoposeml.protocols import CryoPoseMLProtAbinitio
+        from cryoposeml.viewers import CryoPoseMLViewerAbinitio, CryoPoseMLViewerHetero
 
-        imp = self.newProtocol(CryoPoseMLProtImportParticles, filesPattern=str(self.data / "new" / "particles.star"),
-                               importAlignment=False)
-        imp = self.launchProtocol(imp)
+        imp, ab, het = load_template(self.proj, "cryoposeml_abinitio_hetero",
+                                     particles_star=self.data / "two_states" / "particles.star", abinitio_epochs=2,
+                                     box=16, abinitio_args="--widths 8 16", gpu="false", classes=2, hetero_epochs=4,
+                                     hetero_args="--widths 8 16")
+        for name, value in (("encoder", 1), ("loss", 1), ("searchEpochs", 1), ("batchSize", 32)):
+            getattr(ab, name).set(value)
+        het.zdim.set(3)
+        het.batchSize.set(16)
+        for prot in (imp, ab, het):
+            self.proj.saveProtocol(prot)
+            self.launchProtocol(prot)
+        imp, ab, het = (self.proj.getProtocol(p.getObjId()) for p in (imp, ab, het))
         assert not imp.outputParticles.hasAlignmentProj()
-        kwargs = dict(inputParticles=imp.outputParticles, encoder=1, loss=1, epochs=2, searchEpochs=1, boxPx=16,
-                      batchSize=32, extraParams="--widths 8 16", useGpu=False)
-        ab = self.launchProtocol(self.newProtocol(CryoPoseMLProtAbinitio, **kwargs))
+
         vol, parts = ab.outputVolume, ab.outputParticles
         assert vol.getDim() == (64, 64, 64) and vol.getSamplingRate() == pytest.approx(1.5)
         assert all(os.path.exists(h) for h in vol.getHalfMaps().split(","))
         assert parts.getSize() == 300 and parts.hasAlignmentProj()
-        ids = sorted(p.getObjId() for p in parts)
-        assert ids == sorted(p.getObjId() for p in imp.outputParticles)
+        assert sorted(p.getObjId() for p in parts) == sorted(p.getObjId() for p in imp.outputParticles)
         s = ab.summaryJson()
         assert s["half_maps_independent"] and set(s["runs"]) == {"half1", "half2"}
         assert any("Gold-standard half-map FSC" in line for line in ab.summary())
-        # continue: the copy resumes from the checkpoints, so no epoch is trained again
-        more = self.launchProtocol(self.newProtocol(CryoPoseMLProtAbinitio, continueRun=ab, **kwargs))
-        assert more.summaryJson()["runs"]["half1"]["epochs_run"] == 2
-        assert "resuming" in open(more.getLogPaths()[0]).read() + open(more.getLogPaths()[1]).read()
         fig = CryoPoseMLViewerAbinitio(project=self.proj, protocol=ab).figure("showCurves")
         assert len(fig.axes[0].lines[0].get_xdata()) == 2
 
-    def test_hetero_protocol(self):
-        """Heterogeneity in Scipion: aligned particles of two states -> particles with their z and
-        class, 3D classes with a volume each, and the set of class volumes (with half-maps); the
-        Scipion classes are the CLI's; the viewer draws z by class. (Plumbing, 4 epochs at 24 px: the
-        separation itself is tested in test_hetero.py.)"""
-        from cryoposeml.data.star import read_star
-        from cryoposeml.protocols import CryoPoseMLProtHetero, CryoPoseMLProtImportParticles
-        from cryoposeml.viewers import CryoPoseMLViewerHetero
-
-        imp = self.newProtocol(CryoPoseMLProtImportParticles,
-                               filesPattern=str(self.data / "two_states" / "ground_truth.star"), importAlignment=True)
-        imp = self.launchProtocol(imp)
-        het = self.launchProtocol(self.newProtocol(
-            CryoPoseMLProtHetero, inputParticles=imp.outputParticles, usePoses=True, classes=2, zdim=3, epochs=4,
-            boxPx=24, batchSize=16, extraParams="--widths 8 16 32", useGpu=False))
         parts, classes, volumes = het.outputParticles, het.outputClasses, het.outputVolumes
         assert parts.getSize() == 300 and parts.hasAlignmentProj()
         star = read_star(Path(het._getExtraPath("hetero", "particles.star"))).particles.set_index("rlnImageId")
@@ -427,6 +423,14 @@ class TestCryoposemlTemplates(BaseTest):
         assert any("Entanglement" in line for line in het.summary())
         fig = CryoPoseMLViewerHetero(project=self.proj, protocol=het).figure("showLatent")
         assert len(fig.axes[0].collections[0].get_offsets()) == 300
+
+        # continue ab initio: the copy resumes from the checkpoints, so no epoch is trained again
+        kwargs = {name: getattr(ab, name).get() for name in ("encoder", "loss", "epochs", "searchEpochs", "boxPx",
+                                                              "batchSize", "extraParams", "useGpu")}
+        more = self.launchProtocol(self.newProtocol(CryoPoseMLProtAbinitio, continueRun=ab,
+                                                    inputParticles=imp.outputParticles, **kwargs))
+        assert more.summaryJson()["runs"]["half1"]["epochs_run"] == 2
+        assert "resuming" in open(more.getLogPaths()[0]).read() + open(more.getLogPaths()[1]).read()
 
     @classmethod
     def _model(cls):
@@ -459,6 +463,22 @@ class TestCryoposemlTemplates(BaseTest):
             self.printLastLogLines(p)
         raise AssertionError(f"timed out after {timeout} s")
 
+    def _keptAndJunk(self, predict):
+        """The ids predict kept and dropped as junk: each particle in exactly one, once; the live map
+        holds exactly the kept ones; the junk failed the match-score test, the kept passed it."""
+        kept = [p.getObjId() for p in predict.outputParticles]
+        junk_set = getattr(predict, "outputJunk", None)
+        junk = [p.getObjId() for p in junk_set] if junk_set is not None else []
+        assert len(kept) + len(junk) == len(set(kept) | set(junk)) == 300, (len(kept), len(junk))
+        threshold = predict.junkQuantile.get()
+        assert all(p._cryoposemlMatchQuantile.get() >= threshold for p in predict.outputParticles)
+        if junk_set is not None:
+            assert all(p._cryoposemlMatchQuantile.get() < threshold for p in junk_set)
+            assert not junk_set.isStreamOpen()
+        live = json.loads(Path(predict._getExtraPath("live", "history.json")).read_text())["batches"]
+        assert live[-1]["particles_kept"] == len(kept) and sum(r["junk_dropped_batch"] for r in live) == len(junk)
+        return kept, junk
+
     def test_streaming_template(self):
         """Three STAR files arrive one after another; predict works on each while the input is still
         open; every particle appears exactly once; outputs close; cleanup runs at the end."""
@@ -472,10 +492,10 @@ class TestCryoposemlTemplates(BaseTest):
         for prot in (imp, predict, cleanup):
             self.proj.scheduleProtocol(prot)
 
-        predicted = Path(self.proj.getProtocol(predict.getObjId())._getPath("particles.sqlite"))
+        folder = Path(self.proj.getProtocol(predict.getObjId())._getPath())
 
-        def n_predicted():
-            return set_size(predicted)
+        def n_predicted():   # kept + junk
+            return set_size(folder / "particles.sqlite") + set_size(folder / "junk.sqlite")
 
         for k, star in enumerate(parts):
             # Written into the watched folder only now (same folder as the stacks' STAR: paths stay valid).
@@ -490,17 +510,23 @@ class TestCryoposemlTemplates(BaseTest):
         assert imp.outputParticles.getSize() == 300 and not imp.outputParticles.isStreamOpen()
         out = predict.outputParticles
         assert not out.isStreamOpen()
-        ids = [p.getObjId() for p in out]
-        assert len(ids) == len(set(ids)) == 300 and set(ids) == set(imp.outputParticles.getIdSet())
+        kept, junk = self._keptAndJunk(predict)
+        assert set(kept) | set(junk) == set(imp.outputParticles.getIdSet())
         assert len(list(Path(predict._getExtraPath()).glob("batch_*/predicted.star"))) == 3   # one per arrival
-        # the live map grew with each arrival, and is the output volume
+        # the live map grew with each arrival, holds exactly the kept particles, and is the output volume
         live = json.loads(Path(predict._getExtraPath("live", "history.json")).read_text())["batches"]
         assert [r["particles_seen"] for r in live] == [100, 200, 300], live
+        assert all(r["resolution_fsc0143_angstrom"] for r in live), live      # a resolution after every batch
         assert 250 <= live[-1]["particles_kept"] <= 300 and live[-1]["resolution_fsc0143_angstrom"] < 20, live
         assert predict.outputVolume.hasHalfMaps() and "live" in predict.outputVolume.getFileName()
+        from cryoposeml.viewers import CryoPoseMLViewerPredict
+
+        fig = CryoPoseMLViewerPredict(project=self.proj, protocol=predict).figure("showLiveMap")
+        assert [len(ax.lines[0].get_xdata()) for ax in fig.axes[4:6]] == [3, 3]   # resolution vs particles, time
+        fig.savefig(Path(self.proj.path) / "live_map_viewer.png")
         sources = imp.outputParticles.getUniqueValues("_cryoposemlSourceStar")
         assert sorted(Path(s).name for s in sources) == ["batch_1.star", "batch_2.star", "batch_3.star"]
-        assert cleanup.summaryJson()["particles_in"] == 300
+        assert cleanup.summaryJson()["particles_in"] == len(kept)
 
     def test_streaming_kill_and_resume(self):
         """Import and predict are killed mid-stream (after the first of three STAR files), more files
@@ -513,10 +539,10 @@ class TestCryoposemlTemplates(BaseTest):
         imp, predict, _ = load_template(
             self.proj, "cryoposeml_streaming", pattern=watched / "*.star", file_timeout=1, timeout=600,
             end_marker=watched / "DONE", sleep=2, model=self._model(), batch=100, gpu="false", sym="C1")
-        predicted = Path(predict._getPath("particles.sqlite"))
+        folder = Path(predict._getPath())
 
-        def n_predicted():
-            return set_size(predicted)
+        def n_predicted():   # kept + junk
+            return set_size(folder / "particles.sqlite") + set_size(folder / "junk.sqlite")
 
         os.replace(parts[0], watched / parts[0].name)
         for prot in (imp, predict):
@@ -541,6 +567,8 @@ class TestCryoposemlTemplates(BaseTest):
         sources = [p._cryoposemlSourceStar.get() for p in imp.outputParticles]
         assert sorted(Path(s).name for s in set(sources)) == ["batch_1.star", "batch_2.star", "batch_3.star"]
         assert all(sources.count(s) == 100 for s in set(sources))
-        out = [p.getObjId() for p in predict.outputParticles]
-        assert len(out) == len(set(out)) == 300 and set(out) == set(imported)
+        kept, junk = self._keptAndJunk(predict)
+        assert set(kept) | set(junk) == set(imported)
         assert not predict.outputParticles.isStreamOpen()
+        live = json.loads(Path(predict._getExtraPath("live", "history.json")).read_text())["batches"]
+        assert len({r["batch"] for r in live}) == len(live) == 3 and live[-1]["particles_seen"] == 300, live

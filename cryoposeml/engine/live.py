@@ -29,7 +29,7 @@ from ..core.reconstruction import BackProjector
 from ..data._atomic import atomic_path
 from ..data.mrc import write_map
 from ..data.star import read_star
-from .plots import plot_fsc_curves, pyplot, save_figure
+from .plots import live_map_figure, save_figure
 from .reconstruct import insert_particles, half_map_paths, half_set_labels
 
 __all__ = ["LiveMap"]
@@ -47,6 +47,7 @@ class LiveMap:
         self.bps = {k: BackProjector(box, sym) for k in (1, 2)}
         self.history: list[dict] = []
         self._fsc = None   # the last half-map FSC (frequency, curve), once both halves have particles
+        self._map = None   # the last full map (for the figure)
         state = self.folder / "state.pt"
         if state.exists():
             s = torch.load(state, weights_only=True)
@@ -97,6 +98,7 @@ class LiveMap:
         write_map(h1, half1, self.apix)
         write_map(h2, half2, self.apix)
         write_map(self.folder / "map.mrc", full, self.apix)
+        self._map = full
         freq, curve = fsc(half1, half2, self.apix, soft_sphere_mask(self.box))
         self._fsc = (freq, curve)
         return {"resolution_fsc0143_angstrom": resolution_at(freq, curve, 0.143),
@@ -115,17 +117,7 @@ class LiveMap:
                                                                              self._fsc[1].tolist())
         with atomic_path(self.folder / "history.json") as tmp:
             tmp.write_text(json.dumps(record, indent=1))
-        self._plot()
+        self._plot(record, self._map)
 
-    def _plot(self) -> None:
-        rows = [r for r in self.history if r["resolution_fsc0143_angstrom"]]
-        if not rows:
-            return
-        fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 4))
-        a.plot([r["particles_kept"] for r in rows], [r["resolution_fsc0143_angstrom"] for r in rows], "o-")
-        a.set_xlabel("particles kept")
-        a.set_ylabel("half-map FSC 0.143 resolution (A)")
-        a.set_title("live map")
-        if self._fsc is not None:
-            plot_fsc_curves(b, {"half-map 1 vs 2": self._fsc})
-        save_figure(fig, self.folder / "live.png")
+    def _plot(self, record: dict, volume) -> None:
+        save_figure(live_map_figure(record, volume), self.folder / "live.png")

@@ -9,7 +9,7 @@ import numpy as np
 from ..data._atomic import atomic_path
 
 __all__ = ["pyplot", "plot_fsc_curves", "save_figure", "training_figure", "angular_distribution", "pose_figure", "abinitio_figure",
-           "cleanup_figure", "refine_figure", "hetero_figure", "latent_figure"]
+           "cleanup_figure", "refine_figure", "hetero_figure", "latent_figure", "live_map_figure"]
 
 
 def pyplot():
@@ -249,4 +249,40 @@ def latent_figure(pcs: np.ndarray, labels: np.ndarray, states: np.ndarray | None
         ax[2].scatter(pcs[:, 0], y, c=states, s=4, cmap="viridis")
         ax[2].set_xlabel("PC1")
         ax[2].set_title("true state")
+    return fig
+
+
+def live_map_figure(record: dict, volume: np.ndarray | None = None):
+    """The live map of a streaming prediction: central slices of the map (top), its half-map FSC,
+    the FSC-0.143 resolution against particles kept and against minutes since the first batch
+    (bottom). ``record`` is the live map's ``history.json``."""
+    plt = pyplot()
+    rows = [r for r in record.get("batches", []) if r.get("resolution_fsc0143_angstrom")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
+    if volume is not None:
+        c = volume.shape[0] // 2
+        for ax, (name, plane) in zip(axes[0], (("z", volume[c]), ("y", volume[:, c]), ("x", volume[:, :, c]))):
+            ax.imshow(plane, cmap="gray", origin="lower")
+            ax.set_title(f"central slice, {name} = {c}")
+            ax.set_axis_off()
+    else:
+        for ax in axes[0]:
+            ax.set_axis_off()
+        axes[0][1].set_title("no map yet")
+    a, b, t = axes[1]
+    if "fsc_half_maps" in record:
+        plot_fsc_curves(a, {"half-map 1 vs 2": (np.asarray(record["fsc_frequency_per_angstrom"]),
+                                                np.asarray(record["fsc_half_maps"]))})
+    a.set_title(f"{rows[-1]['particles_kept']} particles kept" if rows else "half-map FSC")
+    res = [r["resolution_fsc0143_angstrom"] for r in rows]
+    b.plot([r["particles_kept"] for r in rows], res, "o-")
+    b.set_xlabel("particles kept")
+    b.set_ylabel("FSC 0.143 resolution (A)")
+    b.set_title("resolution vs particles")
+    if rows:
+        t0 = min(r["time"] for r in record["batches"])
+        t.plot([(r["time"] - t0) / 60 for r in rows], res, "o-")
+    t.set_xlabel("minutes since the first batch")
+    t.set_ylabel("FSC 0.143 resolution (A)")
+    t.set_title("resolution vs time")
     return fig

@@ -20,6 +20,7 @@ MATCHING_CHOICES = ("auto", "proposals", "exhaustive", "none")
 
 class PredictOutputs(enum.Enum):
     outputParticles = emobj.SetOfParticles
+    outputJunk = emobj.SetOfParticles
     outputVolume = emobj.Volume
 
 
@@ -31,6 +32,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
     error, degrees), `_cryoposemlFigureOfMerit` (0..1), `_cryoposemlMatchZ` (how much better the
     pose matches than a random view, in noise SDs: junk scores low), `_cryoposemlMaxProb`
     (Relion's rlnMaxValueProbDistribution), `_cryoposemlEscalated` and `_cryoposemlConfidence`.
+
+    Junk: a particle whose verified pose matches the map worse than all but a small fraction of the
+    model's own good particles (`_cryoposemlMatchQuantile` under the threshold, 1% by default, fixed
+    when the model was trained) goes to `outputJunk` instead, batch by batch.
 
     Streaming: while the input set is still open (particles arriving from the microscope), new
     particles are predicted in batches as they come and appended to an open output, which is
@@ -72,6 +77,17 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                            "history.json and live.png give the resolution against particles kept). Earlier "
                            "batches are not read again; the output volume is this map. No: one reconstruction of "
                            "all predicted particles once the input closes."),
+        form.addParam("dropJunk", params.BooleanParam, default=True, label="Drop junk as it comes?",
+                      help="Yes: particles whose verified pose matches the model's map worse than the given "
+                           "fraction of the model's own good training particles (their match-score quantile, "
+                           "fixed when the model was trained) go to a separate output, 'outputJunk', and not "
+                           "into the map. Needs verification against the model's own map (not 'none', no other "
+                           "reference); otherwise every particle is kept. No: every particle is kept.")
+        form.addParam("junkQuantile", params.FloatParam, default=0.01, condition="dropJunk",
+                      label="Junk threshold (quantile)",
+                      help="Drop a particle that matches the map worse than this fraction of the model's good "
+                           "particles: 0.01 loses about 1% of good particles; 0.02-0.03 removes more junk "
+                           "(measured: docs/verified_prediction.md).")
         form.addParam("matching", params.EnumParam, choices=list(MATCHING_CHOICES), default=0,
                       label="Verify against the map",
                       help="auto: the network proposes, the map decides; particles the proposals do not explain "
@@ -100,6 +116,13 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
     def _outputSqlite(self):
         return self._getPath("particles.sqlite")
 
+    def _junkSqlite(self):
+        return self._getPath("junk.sqlite")
+
+    def _junkThreshold(self):
+        """The match-score quantile under which a particle is junk (0: none is)."""
+        return float(self.junkQuantile.get()) if self.dropJunk.get() else 0.0
+
     def _loadInput(self):
         """The input set reloaded from its database (it may have grown since the last look)."""
         inp = self.inputParticles.get()
@@ -108,11 +131,13 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         return fresh
 
     def _doneIds(self):
-        if not os.path.exists(self._outputSqlite()):
-            return set()
-        out = emobj.SetOfParticles(filename=self._outputSqlite())
-        ids = set(out.getIdSet())
-        out.close()
+        """Ids already in an output (kept or junk)."""
+        ids = set()
+        for path in (self._outputSqlite(), self._junkSqlite()):
+            if os.path.exists(path):
+                out = emobj.SetOfParticles(filename=path)
+                ids.update(out.getIdSet())
+                out.close()
         return ids
 
     # -------------------------- steps --------------------------------------
@@ -160,13 +185,21 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         self._predictWithWorker(tag, star_in, star_out)
         with self._lock:
             done = self._doneIds()
-            out = self._openOutput(inp)
+            out, junk = self._openOutput(inp), None
             fresh = emobj.SetOfParticles(filename=self._getTmpPath(f"batch_{tag}_out.sqlite"))
             fillParticles(fresh, subset, star_out)
+            threshold = self._junkThreshold()
             for p in fresh.iterItems():
-                if p.getObjId() not in done:   # never twice, even when a batch is redone after a kill
+                if p.getObjId() in done:   # never twice, even when a batch is redone after a kill
+                    continue
+                if threshold > 0 and hasattr(p, "_cryoposemlMatchQuantile") and p._cryoposemlMatchQuantile.get() < threshold:
+                    junk = junk or self._openOutput(inp, self._junkSqlite())
+                    junk.append(p.clone())
+                else:
                     out.append(p.clone())
             self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_OPEN)
+            if junk is not None:
+                self._updateOutputSet(PredictOutputs.outputJunk.name, junk, state=Set.STREAM_OPEN)
             if self._growsLiveMap():
                 self._defineLiveVolume(inp.getSamplingRate())
         inp.close()
@@ -177,8 +210,8 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         args = f"--model {self._modelPath()} --matching {MATCHING_CHOICES[self.matching.get()]}"
         if self.symmetry.get():
             args += f" --sym {self.symmetry.get()}"
-        if self._growsLiveMap():
-            args += f" --live-map {self._livePath()}"
+        if self._growsLiveMap():   # the map takes exactly the particles this protocol keeps
+            args += f" --live-map {self._livePath()} --junk-quantile {self._junkThreshold()}"
         return args + self._referenceArgs()
 
     def _growsLiveMap(self):
@@ -248,13 +281,14 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
             worker.kill()
         self._worker = None
 
-    def _openOutput(self, inp):
-        if os.path.exists(self._outputSqlite()):
-            out = emobj.SetOfParticles(filename=self._outputSqlite())
+    def _openOutput(self, inp, path=None):
+        path = path or self._outputSqlite()
+        if os.path.exists(path):
+            out = emobj.SetOfParticles(filename=path)
             out.loadAllProperties()
             out.enableAppend()
         else:
-            out = emobj.SetOfParticles(filename=self._outputSqlite())
+            out = emobj.SetOfParticles(filename=path)
             out.copyInfo(inp)
             out.setAlignmentProj()
         return out
@@ -264,6 +298,9 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         with self._lock:
             out = self._openOutput(self._loadInput())
             self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_CLOSED)
+            if os.path.exists(self._junkSqlite()):
+                junk = self._openOutput(self._loadInput(), self._junkSqlite())
+                self._updateOutputSet(PredictOutputs.outputJunk.name, junk, state=Set.STREAM_CLOSED)
         self._defineSourceRelation(self.inputParticles, getattr(self, PredictOutputs.outputParticles.name))
         if not self.reconstruct:
             return
@@ -344,7 +381,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         if not hasattr(self, PredictOutputs.outputParticles.name):
             return ["No particles predicted yet."]
         out = getattr(self, PredictOutputs.outputParticles.name)
-        s = [f"{out.getSize()} particles predicted" + (" (streaming, open)" if out.isStreamOpen() else "") + "."]
+        junk = getattr(self, PredictOutputs.outputJunk.name, None)
+        n_junk = junk.getSize() if junk is not None else 0
+        s = [f"{out.getSize() + n_junk} particles predicted" + (" (streaming, open)" if out.isStreamOpen() else "")
+             + (f"; {n_junk} dropped as junk (match-score quantile < {self._junkThreshold():g})." if n_junk else ".")]
         import numpy as np
 
         err, esc = [], []

@@ -56,6 +56,12 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         form.addHidden(GPU_LIST, params.StringParam, default="0", label="GPU IDs",
                        help="GPUs for Relion, as Relion's --gpu takes them (e.g. 0:1); Scipion fills them in "
                             "when it allocates GPUs.")
+        form.addParam("relionResources", params.LabelParam, important=True,
+                      label="Relion runs with the MPIs and Threads above (and the GPU, if set)",
+                      help="relion_refine_mpi gets this protocol's MPI processes (at least 3: a leader and one per "
+                           "half-set) and threads per process, launched by hosts.conf's MPI command; with 'Use a "
+                           "queue engine', on the queue's node. The steps before and after Relion (the starting "
+                           "map, the search width, reading Relion's results) are single-process.")
         form.addParallelSection(threads=1, mpi=3)
 
     def _insertAllSteps(self):
