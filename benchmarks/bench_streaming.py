@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     sim = args.work / "sim"
     if not (sim / "particles.star").exists():
         t = time.perf_counter()
-        r = subprocess.run(cli("simulate", "--n", args.n, "--snr", 0.1, "--shift-sigma", 2, "--seed", 11,
+        r = subprocess.run(cli("simulate", "--map", "adk_open", "--n", args.n, "--snr", 0.1, "--shift-sigma", 2, "--seed", 11,
                                "--out", sim), capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(r.stderr)

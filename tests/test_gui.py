@@ -55,6 +55,7 @@ def test_forms_open_in_the_real_gui(display, tmp_path):
     assert len(forms) == 7, sorted(forms)
     for name, form in forms.items():
         assert form["params"] and not form["missing_widgets"], (name, form["missing_widgets"])
+        assert ("symmetry" in form["wizards"]) == ("symmetry" in form["params"]), (name, form["wizards"])
         for tab in form["tabs"]:
             assert tab["content_height"] <= tab["screen_height"], (name, tab)
     for name in ("CryoPoseMLProtTrain", "CryoPoseMLProtPredict", "CryoPoseMLProtCleanup", "CryoPoseMLProtLocalRefine"):

@@ -132,3 +132,24 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_symmetry_wizard_covers_every_symmetry_field():
+    """The symmetry wizard is registered for every protocol with a 'symmetry' field, and every choice
+    it offers is a point group the core accepts."""
+    pytest.importorskip("pwem")
+    from pwem import Domain
+    from pyworkflow.wizard import DESKTOP_TKINTER
+
+    from cryoposeml import protocols
+    from cryoposeml.core.symmetry import symmetry_group
+    from cryoposeml.wizards import CryoPoseMLSymmetryWizard, symmetryChoices
+
+    for name, _ in symmetryChoices():
+        assert len(symmetry_group(name)) >= 1, name
+    with_symmetry = [getattr(protocols, n) for n in dir(protocols) if n.startswith("CryoPoseMLProt")
+                     and hasattr(getattr(protocols, n)(), "symmetry")]
+    assert len(with_symmetry) >= 4
+    for cls in with_symmetry:
+        found = Domain.findWizards(cls(), DESKTOP_TKINTER)
+        assert found.get("symmetry") is CryoPoseMLSymmetryWizard, (cls.__name__, found)

@@ -48,7 +48,7 @@ for cls in sorted(classes, key=lambda c: c.__name__):
              if section.getLabel() not in ("General", "Parallelization")
              for name, _ in section.iterParams()]
     entry = {"label": cls._label, "params": shown, "missing_widgets": [n for n in shown if n not in form.widgetDict],
-             "tabs": [], "screenshots": []}
+             "tabs": [], "screenshots": [], "wizards": sorted(form.wizards)}
     notebook = form._sections[0].master if form._sections else None
     for k, section in enumerate(form._sections):
         notebook.select(section)
