@@ -153,3 +153,26 @@ def test_symmetry_wizard_covers_every_symmetry_field():
     for cls in with_symmetry:
         found = Domain.findWizards(cls(), DESKTOP_TKINTER)
         assert found.get("symmetry") is CryoPoseMLSymmetryWizard, (cls.__name__, found)
+
+
+def test_validation_catches_a_missing_engine_and_a_missing_gpu(monkeypatch):
+    """Before a run, Scipion's validateInstallation: 'Use GPU' on a machine without an NVIDIA driver is
+    refused (unless the protocol goes to a queue), and so is an engine Python that does not exist."""
+    pytest.importorskip("pwem")
+    import shutil
+
+    from pwem import Domain
+
+    Plugin = Domain.getPluginModule("cryoposeml").Plugin
+    prot = Domain.getProtocols()["CryoPoseMLProtTrain"]()   # registered, as Scipion creates it
+    prot.useGpu.set(False)
+    assert prot.validateInstallation() == []
+    prot.useGpu.set(True)
+    gpu_errors = [e for e in prot.validateInstallation() if "nvidia-smi" in e]
+    assert bool(gpu_errors) == (shutil.which("nvidia-smi") is None)
+    prot._useQueue.set(True)   # a queue may have GPUs this machine lacks
+    assert not [e for e in prot.validateInstallation() if "nvidia-smi" in e]
+    prot.useGpu.set(False)
+    monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_ENGINE_PYTHON", "/nonexistent/engine/bin/python")
+    (error,) = prot.validateInstallation()
+    assert "/nonexistent/engine/bin/python" in error and "installb cryoposeml" in error

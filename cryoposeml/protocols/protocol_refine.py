@@ -151,9 +151,6 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
                           "Relion 3.1+ with MPI on the PATH.")
         if self.numberOfMpi.get() < 3:
             errors.append("Relion's auto-refinement needs at least 3 MPI processes (1 leader + 2 half-sets).")
-        if self.usesGpu() and not self.useQueue() and shutil.which("nvidia-smi") is None:
-            errors.append("'Use GPU for Relion' is set but this machine has no NVIDIA driver (nvidia-smi not found): "
-                          "set it to No, or send the protocol to a queue with GPUs.")
         ref, parts = self.referenceVolume.get(), self.inputParticles.get()
         if ref is not None and parts is not None and ref.getXDim() != parts.getXDim():
             errors.append(f"The starting map is {ref.getXDim()} px, the particles {parts.getXDim()} px.")
