@@ -182,3 +182,85 @@ def test_relion_30_star_is_read_as_relion_convert_star_converts_it(sim_noise_fre
     starfile.write({"": p.drop(columns=["rlnMagnification"])}, tmp_path / "nopix.star", overwrite=True)
     with pytest.raises(InputError, match="nopix.star.*rlnMagnification and rlnDetectorPixelSize"):
         read_star(tmp_path / "nopix.star")
+
+
+def _pyem_expmap(e):
+    """pyem's geom.expmap (what csparc2star turns alignments3D/pose into, the matrix Relion's Euler
+    angles describe), written out here as the reference for the convention."""
+    theta = np.linalg.norm(e)
+    w = e / theta
+    k = np.array([[0, w[2], -w[1]], [-w[2], 0, w[0]], [w[1], -w[0], 0]])
+    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * k @ k
+
+
+def test_cryosparc_cs_files_are_read_as_relion_particles(sim_noise_free_ctf, tmp_path):
+    """A cryoSPARC job's particles (J5_particles.cs with the blobs, J5_passthrough_particles.cs with CTF
+    and poses, stacks under J3/ relative to the project folder) read as the Relion STAR they came
+    from: same images, CTF, poses (by pyem's csparc2star convention) and shifts, half-sets; bad files
+    are refused naming the file and the field."""
+    from scipy.spatial.transform import Rotation
+
+    src = read_star(sim_noise_free_ctf / "ground_truth.star")
+    n = len(src)
+    project = tmp_path / "CS-project"
+    (project / "J3").mkdir(parents=True)
+    stacks, stack_of, slices = src.image_locations()
+    for s in stacks:
+        os.symlink(s, project / "J3" / s.name)
+    (project / "J5").mkdir()
+    apix = src.pixel_size_angstrom
+    A = src.matrices()
+    pose = Rotation.from_matrix(np.swapaxes(A, 1, 2)).as_rotvec()
+    ctf = src.ctf_params()
+    blobs = np.zeros(n, dtype=[("uid", "<u8"), ("blob/path", "S64"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+                               ("blob/psize_A", "<f4"), ("blob/sign", "<f4")])
+    blobs["uid"] = np.arange(n) + 10 ** 15
+    blobs["blob/path"] = [f">J3/{stacks[k].name}".encode() for k in stack_of]
+    blobs["blob/idx"], blobs["blob/shape"], blobs["blob/psize_A"], blobs["blob/sign"] = slices, src.box, apix, 1.0
+    passthrough = np.zeros(n, dtype=[("uid", "<u8"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+                                     ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
+                                     ("ctf/df_angle_rad", "<f4"), ("alignments3D/pose", "<f4", (3,)),
+                                     ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4"),
+                                     ("alignments3D/split", "<u4")])
+    order = np.random.default_rng(0).permutation(n)   # the passthrough rows come in another order
+    passthrough["uid"] = blobs["uid"][order]
+    for field, value in (("ctf/accel_kv", ctf.voltage_kv), ("ctf/cs_mm", ctf.cs_mm),
+                         ("ctf/amp_contrast", ctf.amplitude_contrast), ("ctf/df1_A", ctf.defocus_u_angstrom),
+                         ("ctf/df2_A", ctf.defocus_v_angstrom), ("ctf/df_angle_rad", np.deg2rad(ctf.defocus_angle_deg))):
+        passthrough[field] = np.broadcast_to(value, n)[order]
+    passthrough["alignments3D/pose"] = pose[order]
+    passthrough["alignments3D/shift"] = (src.shifts_angstrom() / apix)[order]
+    passthrough["alignments3D/psize_A"] = apix
+    passthrough["alignments3D/split"] = (np.arange(n) % 2)[order]
+    for name, table in (("J5_particles.cs", blobs), ("J5_passthrough_particles.cs", passthrough)):
+        with open(project / "J5" / name, "wb") as f:   # numpy.save, as cryoSPARC writes them
+            np.save(f, table)
+
+    cs = read_star(project / "J5" / "J5_particles.cs")
+    assert len(cs) == n and cs.box == src.box and cs.pixel_size_angstrom == pytest.approx(apix, abs=1e-5)
+    np.testing.assert_allclose(cs.matrices(), np.stack([_pyem_expmap(p) for p in pose]), atol=1e-5)
+    np.testing.assert_allclose(cs.matrices(), A, atol=1e-5)
+    np.testing.assert_allclose(cs.shifts_angstrom(), src.shifts_angstrom(), atol=1e-4)
+    for f in ("defocus_u_angstrom", "defocus_v_angstrom", "defocus_angle_deg", "voltage_kv", "cs_mm"):
+        np.testing.assert_allclose(np.broadcast_to(getattr(cs.ctf_params(), f), n),
+                                   np.broadcast_to(getattr(ctf, f), n), rtol=1e-5, atol=1e-3, err_msg=f)
+    assert (cs.particles["rlnRandomSubset"].to_numpy() == np.arange(n) % 2 + 1).all()
+    assert cs.image_keys() == src.image_keys()   # the very same images
+    np.testing.assert_array_equal(ParticleDataset(cs).read_batch([0, 599]), ParticleDataset(src).read_batch([0, 599]))
+    back = read_star(write_star(cs, tmp_path / "from_cs.star"))   # and written as a Relion 3.1 STAR
+    np.testing.assert_allclose(back.matrices(), A, atol=1e-5)
+
+    # refused, naming the file and the problem
+    dark = blobs.copy()
+    dark["blob/sign"] = -1
+    with open(project / "J5" / "dark.cs", "wb") as f:
+        np.save(f, dark)
+    with pytest.raises(InputError, match="dark.cs.*blob/sign is -1"):
+        read_star(project / "J5" / "dark.cs")
+    with open(project / "J5" / "noblob.cs", "wb") as f:
+        np.save(f, passthrough)
+    with pytest.raises(InputError, match="noblob.cs.*no blob/path"):
+        read_star(project / "J5" / "noblob.cs")
+    (project / "J5" / "text.cs").write_text("not numpy")
+    with pytest.raises(InputError, match="text.cs.*not a NumPy-format"):
+        read_star(project / "J5" / "text.cs")

@@ -176,3 +176,17 @@ def test_validation_catches_a_missing_engine_and_a_missing_gpu(monkeypatch):
     monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_ENGINE_PYTHON", "/nonexistent/engine/bin/python")
     (error,) = prot.validateInstallation()
     assert "/nonexistent/engine/bin/python" in error and "installb cryoposeml" in error
+
+
+def test_possible_outputs_have_distinct_names():
+    """A protocol's _possibleOutputs names every output once: in an Enum, two outputs of the same
+    class are aliases of one name (the second output would silently overwrite the first)."""
+    pytest.importorskip("pwem")
+    import enum
+
+    from cryoposeml import protocols
+
+    for name in dir(protocols):
+        outputs = getattr(getattr(protocols, name), "_possibleOutputs", None)
+        if isinstance(outputs, type) and issubclass(outputs, enum.Enum):
+            assert len(outputs.__members__) == len(list(outputs)), (name, list(outputs.__members__))

@@ -507,6 +507,9 @@ class TestCryoposemlTemplates(BaseTest):
                 self._waitFinished([imp, predict, cleanup], timeout=600, until=lambda: n_predicted() >= 100 * (k + 1))
                 fresh_imp = self.proj.getProtocol(imp.getObjId())
                 assert fresh_imp.outputParticles.isStreamOpen()
+                # the running map is there after each batch, with that batch's row, while the input is open
+                rows = json.loads((folder / "extra" / "live" / "history.json").read_text())["batches"]
+                assert len(rows) >= k + 1 and (folder / "extra" / "live" / "map.mrc").exists(), rows
         (watched / "DONE").touch()
         imp, predict, cleanup = self._waitFinished([imp, predict, cleanup], timeout=900)
 

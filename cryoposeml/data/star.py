@@ -270,10 +270,15 @@ def _from_relion30(table: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, pd.Da
 def read_star(path) -> ParticleStar:
     """Read and check a Relion particle STAR file (clear :class:`InputError` when it is not). Relion
     3.1-5.0 files are read as they are; a Relion 3.0 file (no optics block) is converted on the fly
-    as ``relion_convert_star`` would (see :func:`_from_relion30`); outputs are written as 3.1."""
+    as ``relion_convert_star`` would (see :func:`_from_relion30`); a cryoSPARC ``.cs`` file is read
+    by :func:`cryoposeml.data.cryosparc.read_cs`; outputs are written as 3.1."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
+    if path.suffix.lower() == ".cs":   # cryoSPARC particles, read directly
+        from .cryosparc import read_cs
+
+        return read_cs(path)
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as e:  # starfile raises a variety of parser errors

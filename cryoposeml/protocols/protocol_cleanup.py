@@ -118,10 +118,14 @@ class CryoPoseMLProtCleanup(CryoPoseMLProtBase, ProtProcessParticles):
             s = self.summaryJson()
         except OSError:
             return ["Not finished yet."]
-        return [f"Kept {s['particles_kept']} of {s['particles_in']} particles ({s['fraction_kept']:.0%}), expected "
-                f"error <= {s['score_threshold']:.2f} deg.",
-                f"Half-map FSC 0.143: {s['resolution_all_fsc0143_angstrom']:.2f} A with all particles, "
-                f"{s['resolution_kept_fsc0143_angstrom']:.2f} A with those kept."]
+        lines = [f"Kept {s['particles_kept']} of {s['particles_in']} particles ({s['fraction_kept']:.0%}), expected "
+                 f"error <= {s['score_threshold']:.2f} deg.",
+                 f"Half-map FSC 0.143: {s['resolution_all_fsc0143_angstrom']:.2f} A with all particles, "
+                 f"{s['resolution_kept_fsc0143_angstrom']:.2f} A with those kept."]
+        junk = s.get("junk_test")
+        if junk:
+            lines.insert(1, f"{junk['particles']} failed the junk test first (match-score quantile < {junk['below']:g}).")
+        return lines
 
     def _methods(self):
         return ["Particles were cleaned up by the uncertainty of their predicted poses with cryoposeml "

@@ -1,4 +1,3 @@
-import enum
 import os
 import time
 
@@ -18,10 +17,9 @@ SOURCE_RUN, SOURCE_FOLDER = 0, 1
 MATCHING_CHOICES = ("auto", "proposals", "exhaustive", "none")
 
 
-class PredictOutputs(enum.Enum):
-    outputParticles = emobj.SetOfParticles
-    outputJunk = emobj.SetOfParticles
-    outputVolume = emobj.Volume
+# A dict, not an Enum: two outputs of the same class would be aliases in an Enum.
+OUT_PARTICLES, OUT_JUNK, OUT_VOLUME = "outputParticles", "outputJunk", "outputVolume"
+PREDICT_OUTPUTS = {OUT_PARTICLES: emobj.SetOfParticles, OUT_JUNK: emobj.SetOfParticles, OUT_VOLUME: emobj.Volume}
 
 
 class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D):
@@ -48,7 +46,7 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
     """
     _label = "predict poses"
     _devStatus = BETA
-    _possibleOutputs = PredictOutputs
+    _possibleOutputs = PREDICT_OUTPUTS
     stepsExecutionMode = STEPS_PARALLEL
 
     def _defineParams(self, form):
@@ -197,9 +195,9 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
                     junk.append(p.clone())
                 else:
                     out.append(p.clone())
-            self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_OPEN)
+            self._updateOutputSet(OUT_PARTICLES, out, state=Set.STREAM_OPEN)
             if junk is not None:
-                self._updateOutputSet(PredictOutputs.outputJunk.name, junk, state=Set.STREAM_OPEN)
+                self._updateOutputSet(OUT_JUNK, junk, state=Set.STREAM_OPEN)
             if self._growsLiveMap():
                 self._defineLiveVolume(inp.getSamplingRate())
         inp.close()
@@ -223,10 +221,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
     def _defineLiveVolume(self, samplingRate):
         """The live map as the output volume, once it exists (its files change under it as batches
         come; Scipion shows the latest)."""
-        if hasattr(self, PredictOutputs.outputVolume.name) or not os.path.exists(self._livePath("map.mrc")):
+        if hasattr(self, OUT_VOLUME) or not os.path.exists(self._livePath("map.mrc")):
             return
         vol = self._halfMapVolume(self._livePath("map.mrc"), samplingRate)
-        self._defineOutputs(**{PredictOutputs.outputVolume.name: vol})
+        self._defineOutputs(**{OUT_VOLUME: vol})
         self._defineSourceRelation(self.inputParticles, vol)
 
     def _ensureWorker(self):
@@ -297,14 +295,14 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         self._stopWorker()
         with self._lock:
             out = self._openOutput(self._loadInput())
-            self._updateOutputSet(PredictOutputs.outputParticles.name, out, state=Set.STREAM_CLOSED)
+            self._updateOutputSet(OUT_PARTICLES, out, state=Set.STREAM_CLOSED)
             if os.path.exists(self._junkSqlite()):
                 junk = self._openOutput(self._loadInput(), self._junkSqlite())
-                self._updateOutputSet(PredictOutputs.outputJunk.name, junk, state=Set.STREAM_CLOSED)
-        self._defineSourceRelation(self.inputParticles, getattr(self, PredictOutputs.outputParticles.name))
+                self._updateOutputSet(OUT_JUNK, junk, state=Set.STREAM_CLOSED)
+        self._defineSourceRelation(self.inputParticles, getattr(self, OUT_PARTICLES))
         if not self.reconstruct:
             return
-        outSet = getattr(self, PredictOutputs.outputParticles.name)
+        outSet = getattr(self, OUT_PARTICLES)
         if self._growsLiveMap() and os.path.exists(self._livePath("map.mrc")):
             with self._lock:
                 self._defineLiveVolume(outSet.getSamplingRate())   # the live map is the volume
@@ -315,7 +313,7 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         self.runCryoposeml("reconstruct", f"--particles {star} --out {vol_path} --halves --sym "
                                           f"{self._modelSymmetry()}")
         vol = self._halfMapVolume(vol_path, outSet.getSamplingRate())
-        self._defineOutputs(**{PredictOutputs.outputVolume.name: vol})
+        self._defineOutputs(**{OUT_VOLUME: vol})
         self._defineSourceRelation(self.inputParticles, vol)
 
     def _referenceArgs(self):
@@ -378,10 +376,10 @@ class CryoPoseMLProtPredict(CryoPoseMLProtBase, ProtStreamingBase, ProtRefine3D)
         return warnings
 
     def _summary(self):
-        if not hasattr(self, PredictOutputs.outputParticles.name):
+        if not hasattr(self, OUT_PARTICLES):
             return ["No particles predicted yet."]
-        out = getattr(self, PredictOutputs.outputParticles.name)
-        junk = getattr(self, PredictOutputs.outputJunk.name, None)
+        out = getattr(self, OUT_PARTICLES)
+        junk = getattr(self, OUT_JUNK, None)
         n_junk = junk.getSize() if junk is not None else 0
         s = [f"{out.getSize() + n_junk} particles predicted" + (" (streaming, open)" if out.isStreamOpen() else "")
              + (f"; {n_junk} dropped as junk (match-score quantile < {self._junkThreshold():g})." if n_junk else ".")]
