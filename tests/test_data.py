@@ -264,3 +264,44 @@ def test_cryosparc_cs_files_are_read_as_relion_particles(sim_noise_free_ctf, tmp
     (project / "J5" / "text.cs").write_text("not numpy")
     with pytest.raises(InputError, match="text.cs.*not a NumPy-format"):
         read_star(project / "J5" / "text.cs")
+
+
+def test_star_flavours_relion_4_and_5_and_optics_groups(sim_noise_free_ctf, tmp_path):
+    """Relion 4.0/5.0 particle STAR files (a version line, a data_general block, columns we do not
+    know) read and round-trip with all of it kept; several optics groups of one pixel size and box
+    read with each particle's own optics; groups of different pixel sizes or boxes are refused,
+    naming the file."""
+    src = read_star(sim_noise_free_ctf / "ground_truth.star")
+    stacks, stack_of, slices = src.image_locations()
+    p = src.particles.copy()
+    p["rlnImageName"] = [f"{i + 1:06d}@{stacks[k]}" for k, i in zip(stack_of, slices)]
+    p["rlnCtfMaxResolution"] = 4.2
+    p["rlnImageOriginalName"] = p["rlnImageName"]
+    p["rlnOpticsGroup"] = np.arange(len(p)) % 2 + 1          # two optics groups
+    optics = pd.concat([src.optics, src.optics], ignore_index=True)
+    optics["rlnOpticsGroup"] = [1, 2]
+    optics["rlnOpticsGroupName"] = ["opticsGroup1", "opticsGroup2"]
+    optics.loc[1, "rlnVoltage"] = 200.0
+    optics["rlnOddEvenMtf"] = "mtf_k3.star"                 # an optics column we do not use
+    general = {"rlnTomoSubTomosAre2DStacks": 0}               # Relion 5 writes a data_general block
+    for version in ("40000", "50001"):
+        path = tmp_path / f"relion{version}.star"
+        starfile.write({"general": general, "optics": optics, "particles": p}, path, overwrite=True)
+        path.write_text(f"# version {version}\n\n" + path.read_text().replace("data_optics", f"# version {version}\n\ndata_optics"))
+        star = read_star(path)
+        assert len(star) == len(src) and star.box == src.box and "general" in star.other_blocks
+        volt = np.broadcast_to(star.ctf_params().voltage_kv, len(star))
+        assert (volt == np.where(np.arange(len(star)) % 2 == 0, src.optics["rlnVoltage"].iloc[0], 200.0)).all()
+        back = read_star(write_star(star, tmp_path / f"copy{version}.star"))
+        assert "general" in back.other_blocks and "rlnOddEvenMtf" in back.optics.columns
+        assert (back.particles["rlnCtfMaxResolution"] == 4.2).all()
+        np.testing.assert_allclose(back.matrices(), src.matrices(), atol=1e-5)
+    for column, value, message in (("rlnImagePixelSize", 1.2, "different pixel sizes"),
+                                   ("rlnImageSize", 96, "different box sizes")):
+        bad = optics.copy()
+        bad.loc[1, column] = value
+        path = tmp_path / f"mixed_{column}.star"
+        starfile.write({"optics": bad, "particles": p}, path, overwrite=True)
+        with pytest.raises(InputError, match=f"mixed_{column}.star.*{message}"):
+            star = read_star(path)
+            star.pixel_size_angstrom, star.box
