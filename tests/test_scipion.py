@@ -362,14 +362,15 @@ class TestCryoposemlTemplates(BaseTest):
 
         def figure(viewer_class, prot):
             viewer = viewer_class(project=self.proj, protocol=prot)
-            (name,) = viewer_class._figures
-            return viewer.figure(name)
+            return viewer.figure(next(iter(viewer_class._figures)))   # the first plot of each viewer
 
         fig = figure(CryoPoseMLViewerTrain, train)
         assert [len(line.get_xdata()) for line in fig.axes[1].lines] == [3, 3]        # 3 epochs: median, mean
         fig = figure(CryoPoseMLViewerPredict, predict)
-        assert fig.axes[0].collections[0].get_array().sum() == 300                   # every particle's direction
-        assert sum(p.get_height() for p in fig.axes[2].patches) == 300               # expected-error histogram
+        assert fig.axes[0].collections[0].get_array().sum() == out.getSize()         # every particle's direction
+        assert sum(p.get_height() for p in fig.axes[2].patches) == out.getSize()     # expected-error histogram
+        live = CryoPoseMLViewerPredict(project=self.proj, protocol=predict).figure("showLiveMap")
+        assert len(live.axes[4].lines[0].get_xdata()) == 3                          # 3 batches of 120, 120, 60
         fig = figure(CryoPoseMLViewerCleanup, cleanup)
         assert len(fig.axes[0].lines[0].get_xdata()) == len(cleanup.summaryJson()["sweep"])
         fig = figure(CryoPoseMLViewerRefine, refine)
