@@ -156,4 +156,7 @@ def test_half_space_float32_accumulators(adk_map):
             bp.insert(img, A, o)
             maps.append(bp.reconstruct())
         assert np.abs(maps[0] - maps[1]).max() <= 1e-5 * np.abs(maps[0]).max()
+        # the inverse transform in small blocks (as at a 256 px box, where a block is a few slabs)
+        bp.BLOCK_BYTES = 200_000
+        assert np.abs(bp.reconstruct() - maps[1]).max() <= 1e-6 * np.abs(maps[1]).max()
     assert BackProjector(256).nbytes < 0.85e9
