@@ -10,5 +10,5 @@ def write_results(out, name: str, args, rows: list[dict]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "rows": rows}, indent=2))
+    path.write_text(json.dumps({"machine": platform.platform(), "args": vars(args), "rows": rows}, indent=2, default=str))
     return path

@@ -3,7 +3,7 @@ every cryoposeml protocol's form in it, selects each tab, and writes a screensho
 live-map viewer's figure in a Tk window. Prints a JSON report: per form, the parameters without a
 widget, per tab whether its content fits, and the files written.
 
-Usage: python forms_under_x.py OUT_DIR PROJECT_NAME HOSTS_CONF"""
+Usage: python forms_under_x.py OUT_DIR PROJECT_NAME HOSTS_CONF [LIVE_MAP_FOLDER]"""
 import json
 import os
 import sys
@@ -72,9 +72,10 @@ from cryoposeml.data.bundled import resolve_map  # noqa: E402
 from cryoposeml.data.mrc import read_map  # noqa: E402
 from cryoposeml.engine.plots import live_map_figure  # noqa: E402
 
-record = json.loads(Path(sys.argv[4]).read_text()) if len(sys.argv) > 4 else None
-volume = read_map(resolve_map("adk_open"))[0]
-if record is None:   # a stand-in history when no streaming run is given
+live = Path(sys.argv[4]) if len(sys.argv) > 4 else None   # a live-map folder (history.json, map.mrc)
+record = json.loads((live / "history.json").read_text()) if live else None
+volume = read_map(live / "map.mrc" if live else resolve_map("adk_open"))[0]
+if record is None:   # a stand-in history (and the bundled map) when no streaming run is given
     freq = np.linspace(0, 1 / 3.0, 33)
     record = {"batches": [{"batch": f"b{k}", "particles_seen": 1000 * k, "particles_kept": 970 * k,
                            "resolution_fsc0143_angstrom": 12 / np.sqrt(k), "time": 60.0 * k} for k in range(1, 6)],
