@@ -91,6 +91,23 @@ class Plugin(pwem.Plugin):
             env.pop("PYTHONPATH", None)
         return env
 
+    @classmethod
+    def validateInstallation(cls):
+        """Scipion's installation check (protocols show as not installed while it fails): the engine's
+        Python exists, and, when it is Scipion's own, has torch (looked up, not imported)."""
+        import importlib.util
+
+        python = cls.getEnginePython()
+        if cls.usesOwnEnvironment():
+            if not os.path.exists(python):
+                return [f"The cryoposeml engine's Python ({python}) does not exist: run 'scipion installb cryoposeml' "
+                        "or set CRYOPOSEML_ENGINE_PYTHON to a Python with the engine."]
+            return []
+        if importlib.util.find_spec("torch") is None:
+            return ["The cryoposeml engine is not installed: run 'scipion installb cryoposeml' (its own environment), "
+                    "or set CRYOPOSEML_ENGINE_PYTHON to a Python with the engine."]
+        return []
+
     # -------------------------- installation -----------------------------------
     @classmethod
     def torchRequirement(cls) -> tuple:

@@ -156,26 +156,31 @@ def test_symmetry_wizard_covers_every_symmetry_field():
 
 
 def test_validation_catches_a_missing_engine_and_a_missing_gpu(monkeypatch):
-    """Before a run, Scipion's validateInstallation: 'Use GPU' on a machine without an NVIDIA driver is
-    refused (unless the protocol goes to a queue), and so is an engine Python that does not exist."""
+    """Before a run: 'Use GPU' on a machine without an NVIDIA driver is refused (unless the protocol
+    goes to a queue); an engine Python that does not exist makes Scipion's installation check fail
+    (the protocols show as not installed) with the way to install it."""
     pytest.importorskip("pwem")
     import shutil
 
     from pwem import Domain
 
     Plugin = Domain.getPluginModule("cryoposeml").Plugin
-    prot = Domain.getProtocols()["CryoPoseMLProtTrain"]()   # registered, as Scipion creates it
+    cls = Domain.getProtocols()["CryoPoseMLProtTrain"]
+    prot = cls()   # as Scipion creates it
+    assert cls.validateInstallation() == [] and cls.isInstalled()   # a classmethod, as the GUI's tree calls it
+
+    def gpu_errors():
+        return [e for e in prot.validate() if "nvidia-smi" in e]
+
     prot.useGpu.set(False)
-    assert prot.validateInstallation() == []
+    assert not gpu_errors()
     prot.useGpu.set(True)
-    gpu_errors = [e for e in prot.validateInstallation() if "nvidia-smi" in e]
-    assert bool(gpu_errors) == (shutil.which("nvidia-smi") is None)
+    assert bool(gpu_errors()) == (shutil.which("nvidia-smi") is None)
     prot._useQueue.set(True)   # a queue may have GPUs this machine lacks
-    assert not [e for e in prot.validateInstallation() if "nvidia-smi" in e]
-    prot.useGpu.set(False)
+    assert not gpu_errors()
     monkeypatch.setitem(Plugin._vars, "CRYOPOSEML_ENGINE_PYTHON", "/nonexistent/engine/bin/python")
-    (error,) = prot.validateInstallation()
-    assert "/nonexistent/engine/bin/python" in error and "installb cryoposeml" in error
+    (error,) = cls.validateInstallation()
+    assert "/nonexistent/engine/bin/python" in error and "installb cryoposeml" in error and not cls.isInstalled()
 
 
 def test_possible_outputs_have_distinct_names():

@@ -106,10 +106,11 @@ class CryoPoseMLProtBase(EMProtocol):
         return vol
 
     # -------------------------- validation ----------------------------------
-    def validateInstallation(self):
-        """Scipion's check before a run: the engine can run here, and a GPU asked for exists."""
-        errors = list(super().validateInstallation() or [])
-        errors += self._engineErrors()
+    def validate(self):
+        """Scipion's check before a run (its own, then each protocol's ``_validate``), and: a GPU asked
+        for must exist here, unless the protocol goes to a queue. (Whether the engine is installed is
+        the plugin's check, ``Plugin.validateInstallation``.)"""
+        errors = super().validate()
         if self.usesGpu() and not self.useQueue() and not self._hasNvidiaGpu():
             errors.append("'Use GPU' is set but this machine has no NVIDIA driver (nvidia-smi not found): set it to "
                           "No to run on the CPU, or send the protocol to a queue with GPUs.")
@@ -120,23 +121,6 @@ class CryoPoseMLProtBase(EMProtocol):
         import shutil
 
         return shutil.which("nvidia-smi") is not None
-
-    @staticmethod
-    def _engineErrors() -> list:
-        """The engine's Python must exist, and have torch (looked up, not imported)."""
-        import importlib.util
-        import sys
-
-        python = Plugin.getEnginePython()
-        if Plugin.usesOwnEnvironment():
-            if not os.path.exists(python):
-                return [f"The cryoposeml engine's Python ({python}) does not exist: run 'scipion installb cryoposeml' "
-                        "or set CRYOPOSEML_ENGINE_PYTHON to a Python with the engine."]
-            return []
-        if os.path.realpath(python) == os.path.realpath(sys.executable) and importlib.util.find_spec("torch") is None:
-            return ["The cryoposeml engine is not installed: run 'scipion installb cryoposeml' (its own environment), "
-                    "or set CRYOPOSEML_ENGINE_PYTHON to a Python with the engine."]
-        return []
 
     @staticmethod
     def _particleErrors(particles, needAlignment=False) -> list:
