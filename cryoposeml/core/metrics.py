@@ -70,8 +70,8 @@ def pcc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 def _soft_edge(r: np.ndarray, radius: float, width: float) -> np.ndarray:
     if width <= 0:
         return (r <= radius).astype(np.float32)
-    t = np.clip((r - radius) / width, 0.0, 1.0)
-    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+    t = np.clip((r - radius) / width, 0.0, 1.0).astype(np.float32, copy=False)
+    return (0.5 + 0.5 * np.cos(np.float32(np.pi) * t)).astype(np.float32, copy=False)
 
 
 def particle_radius_px(volume: np.ndarray, pixel_size_angstrom: float, lowpass_angstrom: float = 15.0,
@@ -116,12 +116,17 @@ def mask_outside_sphere(volume: np.ndarray, radius_px: float | None = None, widt
     box corners carry no noise or aliasing. Relion applies it to every reconstruction."""
     box = volume.shape[0]
     radius = box / 2 if radius_px is None else radius_px
-    k = np.arange(box) - box // 2
+    k = (np.arange(box) - box // 2).astype(np.float32)   # float32 throughout: a 256^3 map stays small
     r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    keep = _soft_edge(r, radius, width_px)
     outside = r > radius
-    background = float(volume[outside].mean()) if outside.any() else 0.0
-    return (volume * keep + background * (1 - keep)).astype(volume.dtype)
+    background = float(volume[outside].mean(dtype=np.float64)) if outside.any() else 0.0
+    keep = _soft_edge(r, radius, width_px)
+    del r, outside
+    out = volume.astype(np.result_type(volume.dtype, np.float32), copy=True)
+    out -= background          # background + keep * (volume - background), in place
+    out *= keep
+    out += background
+    return out.astype(volume.dtype, copy=False)
 
 
 def angular_error_stats(pred: np.ndarray, true: np.ndarray, sym: str = "C1",

@@ -36,7 +36,7 @@ class BackProjector:
     """
 
     #: image frequencies handled at once by :meth:`insert` (bounds its temporaries, ~100 MB)
-    CHUNK_POINTS = 1 << 22
+    CHUNK_POINTS = 1 << 21
 
     def __init__(self, box: int, sym: str = "C1", pad: int = 2, device=None, dtype=torch.float32):
         self.box, self.pad = box, pad
@@ -129,7 +129,7 @@ class BackProjector:
         return new
 
     #: bytes of complex spectrum handled per block in :meth:`reconstruct` (bounds its temporaries)
-    BLOCK_BYTES = 32 << 20
+    BLOCK_BYTES = 16 << 20
 
     def reconstruct(self, regularization: float = 1e-3, mask_corners: bool = True) -> np.ndarray:
         """The map ``(N, N, N)`` float32, ``(z, y, x)``, centre at ``N // 2``.

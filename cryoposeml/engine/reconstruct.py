@@ -65,6 +65,8 @@ def insert_particles(star: ParticleStar, bps: dict, subset: np.ndarray, order: n
     ds = ParticleDataset(star)
     box, apix = star.box, star.pixel_size_angstrom
     ctf = star.ctf_params() if use_ctf else None
+    # at large boxes fewer images at a time: the CTFs' float64 temporaries are (batch, box, box) each
+    batch_size = max(8, min(batch_size, (1 << 22) // (box * box)))
     for idx, images in ds.batches(batch_size, order):
         c = ctf_2d(ctf.subset(idx), box, apix, dtype=torch.float64) if use_ctf else None
         for k, bp in bps.items():
