@@ -3,7 +3,8 @@
 Memory: as Relion keeps its Fourier grids, only the half-space ``p_x >= 0`` of the padded
 spectrum is stored (the rest is its Hermitian mirror), in float32: ``(M, M, M/2 + 1, 3)`` values
 for ``M = pad * box``, about 0.8 GB at a 256 px box (the full float64 grid was 3.2 GB). Images are
-inserted in chunks, so temporaries stay bounded whatever the batch.
+inserted in chunks, and the map is made block by block (see :meth:`BackProjector.reconstruct`), so
+temporaries stay bounded whatever the batch: 2.6 GB peak for two half-sets at 256 px.
 
 ``V_hat = sum_i w_i CTF_i conj(shift_i) F_i / (sum_i w_i CTF_i^2 + lambda)`` accumulated by
 trilinear scattering at ``A_i.T @ (kx, ky, 0)`` (the adjoint of :class:`~.projection.Projector`),
@@ -35,7 +36,7 @@ class BackProjector:
         dtype: of the accumulators (float32; float64 for tests of the arithmetic).
     """
 
-    #: image frequencies handled at once by :meth:`insert` (bounds its temporaries, ~100 MB)
+    #: image frequencies handled at once by :meth:`insert` (bounds its temporaries, ~300 MB)
     CHUNK_POINTS = 1 << 21
 
     def __init__(self, box: int, sym: str = "C1", pad: int = 2, device=None, dtype=torch.float32):
