@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -241,38 +240,21 @@ def worker_row(d: Path, model: Path, truth, sym: str, n_batches: int = 4) -> dic
     start-up (process, model, reference, library), then each batch from its submission to its
     outputs on disk (reading, network, matching, writing). Steady state: the batches after the
     first, the worker already waiting."""
-    from cryoposeml.engine.spool import SpoolClient
+    from _worker import feed_worker
 
     star = read_star(d / "test" / "particles.star")
     folder = d / "worker"
-    if folder.exists():
-        shutil.rmtree(folder)
-    client = SpoolClient(folder / "spool")
     parts = np.array_split(np.arange(len(star)), n_batches)
     paths = []
     for k, rows in enumerate(parts):
         b = star.copy()
         b.particles = star.particles.iloc[rows].reset_index(drop=True)
         paths.append(write_star(b, d / "test" / f"worker_batch{k}.star"))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cli("predict", "--model", model, "--spool", client.folder), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while not (client.folder / "worker.json").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    startup = time.perf_counter() - t0
-    walls = []
-    for k, path in enumerate(paths):
-        t = time.perf_counter()
-        client.submit(f"b{k}", path, folder / f"out{k}.star")
-        client.wait(f"b{k}", poll_s=0.02)
-        walls.append(time.perf_counter() - t)
-    client.stop()
-    proc.communicate(timeout=60)
+    run = feed_worker(model, paths, folder)
+    startup, walls = run["startup_s"], run["batch_wall_s"]
     steady = sum(len(r) for r in parts[1:]) / sum(walls[1:])
     out = star.copy()
-    out.particles = pd.concat([read_star(folder / f"out{k}.star").particles for k in range(n_batches)],
-                              ignore_index=True)
+    out.particles = pd.concat([read_star(p).particles for p in run["outputs"]], ignore_index=True)
     merged = write_star(out, folder / "all.star")
     row = {"dataset": d.name, "method": f"cryoposeml auto, streaming worker ({n_batches} batches)",
            "particles": len(star), "worker_startup_s": startup, "batch_wall_s": walls,

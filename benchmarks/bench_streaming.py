@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -25,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from cryoposeml.data.star import read_star, write_star
-from cryoposeml.engine.spool import SpoolClient
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
+from _worker import feed_worker  # noqa: E402
 
 
 def cli(*args) -> list[str]:
@@ -36,29 +35,10 @@ def cli(*args) -> list[str]:
 
 
 def run_worker(model: Path, batches: list[Path], folder: Path) -> dict:
-    """One worker fed ``batches`` one after another (each waited for, as the protocol does)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    client = SpoolClient(folder / "spool")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cli("predict", "--model", model, "--spool", client.folder, "--live-map", folder / "live"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (client.folder / "worker.json").exists():
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read())
-        time.sleep(0.05)
-    startup = time.perf_counter() - t0
-    walls = []
-    for k, path in enumerate(batches):
-        t = time.perf_counter()
-        client.submit(f"b{k:04d}", path, folder / f"out{k:04d}.star")
-        client.wait(f"b{k:04d}", poll_s=0.02)
-        walls.append(time.perf_counter() - t)
-        client.heartbeat()
-    client.stop()
-    proc.communicate(timeout=120)
+    """One worker with the live map fed ``batches`` one after another (as the protocol does)."""
+    run = feed_worker(model, batches, folder, ("--live-map", folder / "live"))
     live = json.loads((folder / "live" / "history.json").read_text())["batches"]
-    return {"startup_s": startup, "batch_wall_s": walls, "total_s": float(sum(walls)),
+    return {"startup_s": run["startup_s"], "batch_wall_s": run["batch_wall_s"], "total_s": float(sum(run["batch_wall_s"])),
             "live_particles_kept": live[-1]["particles_kept"], "live_particles_seen": live[-1]["particles_seen"],
             "live_fsc0143_angstrom": live[-1]["resolution_fsc0143_angstrom"]}
 
