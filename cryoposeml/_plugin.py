@@ -62,7 +62,16 @@ class Plugin(pwem.Plugin):
         installed = cls.getEnvPython()
         if os.path.exists(os.path.join(cls.getHome(), ENV_DONE)) and os.path.exists(installed):
             return installed
+        return cls._scipionPython()
+
+    @staticmethod
+    def _scipionPython() -> str:
         return os.environ.get("SCIPION_PYTHON") or sys.executable
+
+    @staticmethod
+    def hasNvidiaGpu() -> bool:
+        """Whether this machine has an NVIDIA driver (``nvidia-smi`` on the PATH)."""
+        return shutil.which("nvidia-smi") is not None
 
     @classmethod
     def getEnvPython(cls) -> str:
@@ -73,7 +82,7 @@ class Plugin(pwem.Plugin):
     def usesOwnEnvironment(cls) -> bool:
         """Whether the engine runs in another Python than Scipion's (then Scipion's PYTHONPATH is not passed on)."""
         python = cls.getEnginePython()
-        return os.path.realpath(python) != os.path.realpath(os.environ.get("SCIPION_PYTHON") or sys.executable)
+        return os.path.realpath(python) != os.path.realpath(cls._scipionPython())
 
     @classmethod
     def getProgram(cls, command: str) -> str:
@@ -114,7 +123,7 @@ class Plugin(pwem.Plugin):
         """``(pip requirement, index URL)`` for torch on this machine."""
         index = cls.getVar(CRYOPOSEML_TORCH_INDEX)
         if not index:
-            index = TORCH_INDEX_CUDA if shutil.which("nvidia-smi") else TORCH_INDEX_CPU
+            index = TORCH_INDEX_CUDA if cls.hasNvidiaGpu() else TORCH_INDEX_CPU
         return cls.getVar(CRYOPOSEML_TORCH) or DEFAULT_TORCH, index
 
     @classmethod

@@ -111,16 +111,10 @@ class CryoPoseMLProtBase(EMProtocol):
         for must exist here, unless the protocol goes to a queue. (Whether the engine is installed is
         the plugin's check, ``Plugin.validateInstallation``.)"""
         errors = super().validate()
-        if self.usesGpu() and not self.useQueue() and not self._hasNvidiaGpu():
+        if self.usesGpu() and not self.useQueue() and not Plugin.hasNvidiaGpu():
             errors.append("'Use GPU' is set but this machine has no NVIDIA driver (nvidia-smi not found): set it to "
                           "No to run on the CPU, or send the protocol to a queue with GPUs.")
         return errors
-
-    @staticmethod
-    def _hasNvidiaGpu() -> bool:
-        import shutil
-
-        return shutil.which("nvidia-smi") is not None
 
     @staticmethod
     def _particleErrors(particles, needAlignment=False) -> list:

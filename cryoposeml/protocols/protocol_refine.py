@@ -102,7 +102,8 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         args = shlex.join(job["args"])
         if self.usesGpu():
             args += ' --gpu "%(GPU)s"'
-        self.runJob(self._relionProgram(job["program"]), args, cwd=job["cwd"], env=self._relionEnviron(),
+        # runJob resolves the program on this environment's PATH for its MPI command
+        self.runJob(job["program"], args, cwd=job["cwd"], env=self._relionEnviron(),
                     numberOfMpi=self.numberOfMpi.get(), numberOfThreads=self.numberOfThreads.get())
 
     def finishStep(self):
@@ -125,10 +126,6 @@ class CryoPoseMLProtLocalRefine(CryoPoseMLProtBase, ProtRefine3D):
         if not self.useQueue():   # a workstation: more ranks than cores is slow, not wrong
             env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
         return env
-
-    def _relionProgram(self, name="relion_refine_mpi"):
-        """The Relion program's full path in the Relion environment (the name if not found there)."""
-        return shutil.which(name, path=self._relionEnviron().get("PATH")) or name
 
     def summaryJson(self):
         with open(self._getExtraPath("refine", "refine.json")) as f:
