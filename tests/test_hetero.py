@@ -111,3 +111,24 @@ def test_phase_schedule_with_and_without_the_class_restart():
     given = HeteroConfig(poses="input", classes=2, epochs=8)
     assert given.n_restart_epochs() == 0
     assert schedule(given, given=True) == ["consensus"] * 2 + ["hetero"] * 6
+
+
+def test_a_killed_and_resumed_hetero_run_equals_an_uninterrupted_one(sim_noise_free_ctf, tmp_path, monkeypatch):
+    """From no poses: killed after the search epoch and resumed, the run (conditional search, local
+    refinement, task 2's random poses and noise) ends where an uninterrupted one does, to 1e-6."""
+    from test_abinitio import assert_same_weights, run_killed_and_resumed, small_subset
+
+    from cryoposeml.engine.hetero import HeteroConfig, hetero
+
+    particles = small_subset(sim_noise_free_ctf / "particles.star", 96, tmp_path / "p.star")
+    cfg = HeteroConfig(poses="search", zdim=2, classes=2, box_px=16, widths=(8, 16, 32), batch_size=16, epochs=5,
+                       search_epochs=1, hetero_search_epochs=1, restart_epochs=0, device="cpu")
+    logged = run_killed_and_resumed(monkeypatch, lambda out, resume: hetero(particles, out, cfg, resume=resume,
+                                                                            progress=False),
+                                    tmp_path / "full", tmp_path / "resumed", kill_after=1)
+    assert logged == 1
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert_same_weights(full / "weights.safetensors", resumed / "weights.safetensors")
+    np.testing.assert_allclose(np.load(resumed / "z.npy"), np.load(full / "z.npy"), atol=1e-6)
+    phases = [r.split(",")[1] for r in (resumed / "metrics.csv").read_text().splitlines()[1:]]
+    assert phases == ["search", "hetero search", "hetero", "hetero", "hetero"]

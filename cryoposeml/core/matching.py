@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from .fourier import fft2_centered, fftn_centered, frequency_index_2d, ifftn_centered, trilinear_apodization
-from .grids import healpix_so3_grid
 from .rotations import rotation_angle_deg
-from .symmetry import symmetry_group, to_asymmetric_unit
+from .search import axis_moves, cube_moves, pattern_search, shift_moves, so3_grid
+from .symmetry import symmetry_group
 
-__all__ = ["Band", "ReferenceMatcher", "noise_power", "local_moves", "axis_moves", "pseudo_symmetries",
+__all__ = ["Band", "ReferenceMatcher", "noise_power", "pseudo_symmetries",
            "MatchBatch"]
 
 #: standard deviation of the match score's noise (complex Gaussian noise, real part)
@@ -89,18 +89,6 @@ def noise_power(images: torch.Tensor, band: Band, radius_px: float) -> torch.Ten
     prof = num / cnt.clamp(min=1)
     prof[0] = prof[1] if n_shell > 1 else 1.0
     return prof
-
-
-def local_moves(step_deg: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``(27, 3, 3)`` small rotations: rotation vectors ``step * {-1, 0, 1}^3``; index 13 is the
-    identity."""
-    from scipy.spatial.transform import Rotation
-
-    g = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij")).reshape(3, -1).T
-    return torch.as_tensor(Rotation.from_rotvec(g * np.radians(step_deg)).as_matrix(), dtype=dtype, device=device)
-
-
-_SHIFT_MOVES = torch.tensor([[0.0, 0.0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [-1, 1], [-1, -1]])
 
 
 @dataclass
@@ -209,11 +197,7 @@ class ReferenceMatcher:
         ``(P, 3, 3)``, their coarse-band slices ``S`` ``(P, 2M)`` and ``|S|^2`` ``(P, M)``, and the
         fixed poses whose scores are every particle's null distribution."""
         if self._library is None:
-            grid = torch.as_tensor(healpix_so3_grid(self.order), dtype=torch.float32)
-            if len(self.group) > 1:
-                canon = to_asymmetric_unit(grid.double(), self.sym).float()
-                grid = grid[((canon - grid).abs().amax((-2, -1)) < 1e-4)]
-            grid = grid.to(self.device)
+            grid = so3_grid(self.order, self.sym, self.device)
             S = self.slices(grid, self.coarse)
             gen = torch.Generator().manual_seed(0)
             null = torch.randperm(len(grid), generator=gen)[: min(self.n_null, len(grid))].to(self.device)
@@ -302,30 +286,19 @@ class ReferenceMatcher:
         Returns the final ``matrix`` ``(B, 3, 3)``, ``origin`` ``(B, 2)``, ``score`` ``(B,)`` and
         ``power`` (``sum CTF^2 |S|^2 / sigma2`` at the final pose) in the last step's band, and
         ``n_scored`` ``(B,)``, the poses x origins each particle scored."""
-        A = A.to(self.device, torch.float32).clone()
-        o = origins.to(self.device, torch.float32).clone()
-        B = len(A)
-        score = torch.full((B,), -float("inf"), device=self.device)
-        power = torch.zeros(B, device=self.device)
-        n_scored = torch.zeros(B, device=self.device)
+        A = A.to(self.device, torch.float32)
+        o = origins.to(self.device, torch.float32)
+        n_scored = torch.zeros(len(A), device=self.device)
         for data, step, sstep in zip(datas, steps_deg, shift_steps_px):
-            turns = axis_moves(step, self.device)                                           # (7, 3, 3)
-            moves = _SHIFT_MOVES.to(self.device) * sstep                                   # (9, 2)
-            active = torch.arange(B, device=self.device)
-            for _ in range(repeats):
-                C = turns[None] @ A[active, None]                                          # (b, 7, 3, 3)
-                s, pw = self._scores(data, active, o[active], self.slices(C, data.band), True, moves)  # (b, 9, 7)
-                n_scored[active] += s.shape[1] * s.shape[2]
-                flat = s.reshape(len(active), -1)
-                best = flat.argmax(1)
-                bo, bc = best // len(turns), best % len(turns)
-                ar = torch.arange(len(active), device=self.device)
-                A[active], o[active] = C[ar, bc], o[active] + moves[bo]
-                score[active], power[active] = flat[ar, best], pw[ar, bc]
-                active = active[(bo != 0) | (bc != 0)]
-                if len(active) == 0:
-                    break
-        return {"matrix": A, "origin": o, "score": score, "power": power, "n_scored": n_scored}
+            moves = shift_moves(sstep, device=self.device)                                 # (9, 2)
+
+            def score(active, C, o_active, data=data, moves=moves):
+                return self._scores(data, active, o_active, self.slices(C, data.band), True, moves)  # (b, 9, 7)
+
+            res = pattern_search(score, A, o, axis_moves(step, self.device), moves, repeats)
+            A, o = res["matrix"], res["origin"]
+            n_scored += res["n_scored"]
+        return {"matrix": A, "origin": o, "score": res["score"], "power": res["extra"], "n_scored": n_scored}
 
     def posterior(self, data: MatchBatch, A: torch.Tensor, origins: torch.Tensor, step_deg: float = 1.0) -> dict:
         """A Laplace approximation of the posterior about each (refined) pose: the log-likelihood
@@ -381,14 +354,6 @@ def _power(S: torch.Tensor) -> torch.Tensor:
     return S[..., :M] ** 2 + S[..., M:] ** 2
 
 
-def axis_moves(step_deg: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """``(7, 3, 3)``: the identity (index 0), then turns by ``+-step`` about x, y and z."""
-    from scipy.spatial.transform import Rotation
-
-    vecs = np.vstack([np.zeros(3), np.eye(3), -np.eye(3)]) * np.radians(step_deg)
-    return torch.as_tensor(Rotation.from_rotvec(vecs).as_matrix(), dtype=dtype, device=device)
-
-
 def _quaternions(A: torch.Tensor) -> torch.Tensor:
     import roma
 
@@ -433,7 +398,7 @@ def pseudo_symmetries(volume, order: int = 2, threshold: float = 0.75, exclude_d
             out.append((smp @ ref) / smp.norm(dim=1).clamp(min=1e-12))
         return torch.cat(out)
 
-    grid = torch.as_tensor(healpix_so3_grid(order), dtype=torch.float32)
+    grid = so3_grid(order)
     cc = corr(grid)
     # local maxima over 25-degree neighbourhoods
     tr = torch.einsum("aij,bij->ab", grid, grid)
@@ -444,7 +409,7 @@ def pseudo_symmetries(volume, order: int = 2, threshold: float = 0.75, exclude_d
         R, best = grid[i:i + 1], float(cc[i])
         step = 60.0 / 2**order / 2
         for _ in range(6):   # hill-climb with shrinking steps
-            C = local_moves(step) @ R
+            C = cube_moves(step) @ R
             v_c = corr(C)
             j = int(v_c.argmax())
             if float(v_c[j]) > best:

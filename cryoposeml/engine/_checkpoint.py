@@ -1,4 +1,4 @@
-"""Checkpoints and per-epoch logs shared by the training loops (``train``, ``abinitio``)."""
+"""Checkpoints and per-epoch logs shared by the training loops (``train``, ``abinitio``, ``hetero``)."""
 from __future__ import annotations
 
 import csv
@@ -21,9 +21,11 @@ def load_checkpoint(path: Path, device) -> dict:
                          "run code. Delete it to start over", path) from e
 
 
-def restore(path: Path, device, model, optimizer, generator: torch.Generator, scheduler=None) -> dict:
-    """Load a checkpoint written with :func:`save_checkpoint` into the training objects; returns
-    the loop's saved ``state`` (a JSON string in the checkpoint, decoded)."""
+def restore(path: Path, device, model, optimizer, generator: torch.Generator, scheduler=None,
+            device_generator: torch.Generator | None = None) -> dict:
+    """Load a checkpoint written with :func:`save_checkpoint` into the training objects (the random
+    generators too: a resumed run draws what an uninterrupted one would); returns the loop's saved
+    ``state`` (a JSON string in the checkpoint, decoded)."""
     import json
 
     saved = load_checkpoint(path, device)
@@ -31,7 +33,12 @@ def restore(path: Path, device, model, optimizer, generator: torch.Generator, sc
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
-    generator.set_state(saved["generator"])
+    generator.set_state(saved["generator"].to("cpu"))   # generator states are CPU byte tensors
+    if device_generator is not None:
+        if "device_generator" not in saved:
+            raise InputError("this checkpoint has no device generator state (written by an older version): "
+                             "a resumed run would not continue as the interrupted one. Delete it to start over", path)
+        device_generator.set_state(saved["device_generator"].to("cpu"))
     return json.loads(saved["state"])
 
 

@@ -44,31 +44,28 @@ logged; with ``--reference-map`` (one map per state) the FSC of each class again
 """
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import roma
 import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from ..core.errors import InputError
-from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered, shift_phase_2d
+from ..core.fourier import fft2_centered, frequency_index_2d, ifft2_centered
+from ..core.grids import grid_spacing_deg
 from ..core.metrics import align_poses_globally, fsc, resolution_at, soft_sphere_mask
 from ..core.rotations import geodesic_distance_deg
+from ..core.search import GridSearch, image_loss, recentred
 from ..data.bundled import resolve_map
 from ..data.mrc import read_map, write_map
 from ..data.star import read_star, write_star
-from ..models import PoseNetConfig, build_model
 from ..models.decoders import ConditionalVoxelDecoder
 from ..models.encoders import ConformationEncoder
-from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
-from .abinitio import (_PoseBank, _PoseSearch, _image_loss, _local_search, _pose_distance, _radial_profile,
-                       _reference_rows, _working_set)
+from .amortized import (ENCODERS, MIN_REFINE_EPOCHS, EpochLoop, PoseBank, local_search, phase_flipped, pose_distance,
+                        pose_encoder, radial_profile, reference_rows, render, working_set)
 from .plots import hetero_figure, latent_figure, save_figure
 from .reconstruct import half_set_labels, reconstruct_star
 from .train import resolve_device
@@ -79,7 +76,6 @@ __all__ = ["HeteroConfig", "hetero", "POSE_SOURCES", "pca", "latent_analysis", "
 log = logging.getLogger(__name__)
 
 POSE_SOURCES = ("auto", "search", "input")
-_MIN_REFINE_EPOCHS = 4
 
 
 @dataclass
@@ -119,7 +115,7 @@ class HeteroConfig:
         """Epochs of the first phase (pose search, or with input poses the consensus map at them)."""
         given = self.poses == "input"
         n = (2 if given else self.epochs // 3) if self.search_epochs is None else self.search_epochs
-        return min(n, max(0, self.epochs - (1 if given else _MIN_REFINE_EPOCHS)))
+        return min(n, max(0, self.epochs - (1 if given else MIN_REFINE_EPOCHS)))
 
     def n_frozen_epochs(self) -> int:
         n = self.n_search_epochs()
@@ -131,20 +127,17 @@ class HeteroConfig:
         if self.poses == "input" or self.classes < 2:
             return 0
         n = self.n_search_epochs() if self.restart_epochs is None else self.restart_epochs
-        room = self.epochs - (self.n_search_epochs() + self.hetero_search_epochs + 2 + _MIN_REFINE_EPOCHS)
+        room = self.epochs - (self.n_search_epochs() + self.hetero_search_epochs + 2 + MIN_REFINE_EPOCHS)
         return max(0, min(n, room))
 
 
 class _HeteroNet(torch.nn.Module):
     def __init__(self, cfg: HeteroConfig, n: int):
         super().__init__()
-        family = {"cnn": "sixd", "equivariant": "equivariant"}[cfg.encoder]
-        # the cnn encoder keeps the 4 x 4 pooled layout it was benchmarked with here
-        self.encoder = build_model(PoseNetConfig(family=family, box=cfg.box_px, widths=tuple(cfg.widths),
-                                                 dropout=0.0, pool_grid=4))
+        self.encoder = pose_encoder(cfg.encoder, cfg.box_px, cfg.widths)
         self.conformation = ConformationEncoder(cfg.zdim, tuple(cfg.widths[:3]))
         self.decoder = ConditionalVoxelDecoder(cfg.box_px, cfg.zdim)
-        self.bank = _PoseBank(n)
+        self.bank = PoseBank(n)
         self.register_buffer("z", torch.zeros(n, cfg.zdim))      # each particle's posterior mean of z
         # the class restart: each particle's class and the classes' codes (their centres in z)
         self.register_buffer("labels", torch.zeros(n, dtype=torch.long))
@@ -158,19 +151,7 @@ class _HeteroNet(torch.nn.Module):
         self.noise_var.fill_(r if float(self.noise_var) < 0 else 0.95 * float(self.noise_var) + 0.05 * r)
 
 
-def _phase_flipped(Y, ctf) -> torch.Tensor:
-    return ifft2_centered(Y * torch.sign(ctf)).real
-
-
-def _random_rotations_torch(n: int, generator, device) -> torch.Tensor:
-    """Uniform on SO(3): normalised Gaussian quaternions."""
-    from ..core.rotations import quaternion_to_matrix
-
-    q = torch.randn(n, 4, generator=generator, device=device)
-    return quaternion_to_matrix(q / q.norm(dim=1, keepdim=True))
-
-
-class _ConditionalPoseSearch(_PoseSearch):
+class ConditionalGridSearch(GridSearch):
     """The global search against each particle's own map ``V(z) = V_0 + sum_k z_k V_k``, for several
     candidate conformations per particle (its own posterior mean, and the class centres: a particle
     posed wrongly against the wrong conformation's map can then move to its own), the best
@@ -178,24 +159,23 @@ class _ConditionalPoseSearch(_PoseSearch):
     products of every pair, for the power term) and mixed per particle and candidate, so the cost
     grows with the latent's dimension squared, not with the batch or the candidates."""
 
+    def _basis(self, decoder, band):
+        S = decoder.render_basis(self.grid)[..., band]                                     # (1 + K, P, M)
+        pairs = {(k, l): (S[k] * S[l].conj()).real * (1.0 if k == l else 2.0)
+                 for k in range(len(S)) for l in range(k, len(S))}
+        return S, pairs
+
     @torch.no_grad()
     def losses(self, decoder, Y, ctf, band, z) -> torch.Tensor:
         """``z`` ``(B, C, zdim)``: C candidate conformations per particle -> ``(B, C, O, P)``."""
-        if self._slices is None or self._calls % self.refresh_steps == 0 or self._band != int(band.sum()):
-            self._band = int(band.sum())
-            S = decoder.render_basis(self.grid)[..., band]                                 # (1 + K, P, M)
-            self._slices = S
-            self._pairs = {(k, l): (S[k] * S[l].conj()).real * (1.0 if k == l else 2.0)
-                           for k in range(len(S)) for l in range(k, len(S))}
-        self._calls += 1
-        S = self._slices
+        S, pairs = self.cached(int(band.sum()), lambda: self._basis(decoder, band))
         B, C = z.shape[:2]
         w = decoder.weights(z.reshape(B * C, -1)).reshape(B, C, -1)                         # (B, C, 1 + K)
         c = ctf[:, band]
         c2 = c**2
         power = sum((w[:, :, k] * w[:, :, l])[..., None] * (c2 @ g.T)[:, None]
-                    for (k, l), g in self._pairs.items())                                   # (B, C, P)
-        Yo = (Y[:, None] * shift_phase_2d(self.origins, self.box)[None])[..., band]        # (B, O, M)
+                    for (k, l), g in pairs.items())                                         # (B, C, P)
+        Yo = recentred(Y, self.origins, band)                                               # (B, O, M)
         Yc = Yo.conj() * c[:, None]
         cross = sum(w[:, :, k, None, None] * (Yc @ S[k].T).real[:, None] for k in range(len(S)))   # (B, C, O, P)
         return (Yo.abs() ** 2).sum(-1, keepdim=True)[:, None] + power[:, :, None] - 2 * cross
@@ -207,19 +187,17 @@ class _ConditionalPoseSearch(_PoseSearch):
 
 def _search_step(net, search, Y, ctf, band, temperature, gen_device, idx):
     """Phase 1: ab initio's search against the mean map (the conformation frozen)."""
-    A, o, A_best, o_best = search.sample(net.decoder.maps[0], Y, ctf, band, temperature, gen_device)
+    A, o, A_best, o_best = search.sample(net.decoder.maps[0].render_many, Y, ctf, band, temperature, gen_device)
     moved = geodesic_distance_deg(net.bank(idx)[0], A_best) > search.spacing_deg
     net.bank.set(idx, A_best, o_best)
-    per = _image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band)
-    enc = net.encoder(_phase_flipped(Y, ctf))
-    enc_loss = _pose_distance(enc, A_best, o_best)
-    return per.mean() + enc_loss, moved
+    per = image_loss(render(net.decoder.maps[0](A), ctf, o), Y, band)
+    return per.mean() + pose_distance(net.encoder(phase_flipped(Y, ctf)), A_best, o_best), moved
 
 
 def _consensus_step(net, Y, ctf, band, idx):
     """Phase 1 with given poses: the mean map learns from the particles at their poses."""
     A, o = net.bank(idx)
-    return _image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, Y.shape[-1]), Y, band).mean()
+    return image_loss(render(net.decoder.maps[0](A), ctf, o), Y, band).mean()
 
 
 @torch.no_grad()
@@ -230,7 +208,7 @@ def _posterior_z(net, A, o, Y, ctf, band, beta: float):
     ``h_k = Re <B_k, Y - B_0>`` over the band, ``B_k`` the k-th map's slice times CTF and shift
     phase, ``s = N^2 sigma^2`` (the noise per Fourier coefficient). Returns ``(mean, P)``."""
     box = Y.shape[-1]
-    B_ = net.decoder.slices(A) * (ctf * shift_phase_2d(-o, box))[None]            # (1 + K, B, N, N)
+    B_ = render(net.decoder.slices(A), ctf, o)                                    # (1 + K, B, N, N)
     B_ = B_[..., band]                                                            # (1 + K, B, M)
     r = Y[..., band] - B_[0]
     Bk = B_[1:]
@@ -264,11 +242,10 @@ def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None
 
     Returns the loss, the per-particle image loss and KL, the posterior (for task 2) and, with
     ``search``, which best poses moved."""
-    box = Y.shape[-1]
     A, o = net.bank(idx)
     if float(net.noise_var) < 0:                                  # the first step: a noise level first
         with torch.no_grad():
-            net.update_noise(_image_loss(net.decoder.maps[0](A) * ctf * shift_phase_2d(-o, box), Y, band).mean())
+            net.update_noise(image_loss(render(net.decoder.maps[0](A), ctf, o), Y, band).mean())
     mean, P = _posterior_z(net, A, o, Y, ctf, band, cfg.beta)
     moved = None
     if search is not None:
@@ -282,23 +259,21 @@ def _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=None, search=None
         mean_s, P_s = _posterior_z(net, A, o, Y, ctf, band, cfg.beta)     # the decoder learns at the drawn pose
         z = _sample_posterior(mean_s, P_s, gen_device)
     else:
-        zr = mean.repeat_interleave(7, 0)
-        for _ in range(2):
-            A, o = _local_search(lambda R: net.decoder(R, zr), A, o, Y, ctf, band, delta)
+        A, o = local_search(lambda R, active: net.decoder(R, mean[active].repeat_interleave(len(R) // len(active), 0)),
+                            A, o, Y, ctf, band, delta)
         net.bank.set(idx, A, o)
         A_best, o_best = A, o
         mean, P = _posterior_z(net, A, o, Y, ctf, band, cfg.beta)
         net.z[torch.as_tensor(idx, device=net.z.device)] = mean
         z = _sample_posterior(mean, P, gen_device)
-    per = _image_loss(net.decoder(A, z) * ctf * shift_phase_2d(-o, box), Y, band)
+    per = image_loss(render(net.decoder(A, z), ctf, o), Y, band)
     net.update_noise(per.detach().mean())
-    enc_in = _phase_flipped(Y, ctf)
+    enc_in = phase_flipped(Y, ctf)
     mu, logvar = net.conformation(enc_in)
     d = (mu - mean)[..., None]
     kl = 0.5 * ((torch.diagonal(P, dim1=-2, dim2=-1) * logvar.exp()).sum(-1) + (d.transpose(-2, -1) @ P @ d)[:, 0, 0]
                 - mean.shape[1] - torch.logdet(P) - logvar.sum(-1))
-    enc = net.encoder(enc_in)
-    enc_loss = _pose_distance(enc, A_best, o_best)
+    enc_loss = pose_distance(net.encoder(enc_in), A_best, o_best)
     return per.mean() + kl.mean() / cfg.zdim + enc_loss, per.detach(), kl.detach(), (mean, P, o_best), moved
 
 
@@ -307,19 +282,18 @@ def _task2_loss(net, ctf, posterior, gen_device):
     posteriors with the frozen decoder (the batch's CTFs, its origins shuffled), add white noise at
     the data's level (the running residual), and regress the poses and the z back."""
     mean, P, o = posterior
-    B, box = len(mean), ctf.shape[-1]
+    B = len(mean)
     with torch.no_grad():
-        A = _random_rotations_torch(B, gen_device, mean.device)
+        A = roma.random_rotmat(B, device=mean.device, generator=gen_device)
         z = _sample_posterior(mean, P, gen_device)
         perm = torch.randperm(B, generator=gen_device, device=mean.device)
         origin = o[perm]
-        clean = ifft2_centered(net.decoder(A, z) * ctf * shift_phase_2d(-origin, box)).real
+        clean = ifft2_centered(render(net.decoder(A, z), ctf, origin)).real
         noise = torch.randn(clean.shape, generator=gen_device, device=mean.device)
         x = clean + noise * net.noise_var.clamp(min=0).sqrt()
-        enc_in = _phase_flipped(fft2_centered(x), ctf)
-    enc = net.encoder(enc_in)
+        enc_in = phase_flipped(fft2_centered(x), ctf)
     mu2, _ = net.conformation(enc_in)
-    return _pose_distance(enc, A, origin) + ((mu2 - z) ** 2).sum(-1).mean()
+    return pose_distance(net.encoder(enc_in), A, origin) + ((mu2 - z) ** 2).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -345,7 +319,7 @@ def _encode(net, images, ctf_fn, device, batch: int = 256):
     for s in range(0, len(images), batch):
         x = images[s:s + batch].to(device)
         ctf = ctf_fn(np.arange(s, min(len(images), s + batch))).to(device)
-        enc_in = _phase_flipped(fft2_centered(x), ctf)
+        enc_in = phase_flipped(fft2_centered(x), ctf)
         zs.append(net.conformation(enc_in)[0].double().cpu())
         out = net.encoder(enc_in)
         mats.append(out["matrix"].double().cpu())
@@ -436,7 +410,7 @@ def _spearman_pc1(pc1: np.ndarray, states: np.ndarray) -> float:
 def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(), resume: bool = False,
            overwrite: bool = False, progress: bool = True) -> dict:
     out = Path(out)
-    if cfg.encoder not in ("cnn", "equivariant"):
+    if cfg.encoder not in ENCODERS:
         raise InputError(f"--encoder must be cnn or equivariant (got {cfg.encoder!r})")
     if cfg.poses not in POSE_SOURCES:
         raise InputError(f"--poses must be one of {', '.join(POSE_SOURCES)} (got {cfg.poses!r})")
@@ -461,7 +435,7 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
                          f"for batches of {cfg.batch_size} and {cfg.classes} classes)", particles)
     truth, states = None, None
     if reference is not None:
-        ref, order = _reference_rows(star, reference)
+        ref, order = reference_rows(star, reference)
         truth = ref.matrices()[order]
         true_shifts = ref.shifts_angstrom()[order]
         if "rlnCpmlState" in ref.particles:
@@ -479,7 +453,7 @@ def hetero(particles, out, cfg: HeteroConfig, reference=None, reference_maps=(),
                          f"{'' if states is None else f' for {states.max()} states'})", reference)
 
     device = resolve_device(cfg.device)
-    images, pixel_out, ctf_fn = _working_set(star, cfg.box_px, progress)
+    images, pixel_out, ctf_fn = working_set(star, cfg.box_px, progress)
     n = len(images)
     out.mkdir(parents=True, exist_ok=True)
     initial = (star.matrices(), star.shifts_angstrom() / pixel_out) if cfg.poses == "input" else None
@@ -581,7 +555,7 @@ def _phase(cfg: HeteroConfig, epoch: int, rows: list[dict], given_poses: bool) -
         return "hetero search"
     last = rows[-1] if rows else {}
     if (last.get("phase") == "hetero search" and last.get("moved", 0.0) > cfg.search_until_stable
-            and epoch < cfg.epochs - _MIN_REFINE_EPOCHS):
+            and epoch < cfg.epochs - MIN_REFINE_EPOCHS):
         return "hetero search"
     return "hetero"
 
@@ -606,17 +580,14 @@ def _restart_classes(net, cfg: HeteroConfig) -> np.ndarray:
 def _class_search_step(net, cfg, search, Y, ctf, band, temperature, gen_device, idx):
     """The class restart's step: each particle's pose drawn from its posterior against its class's
     map ``V(code)``, the decoder learning there; the posterior of z at the best pose kept."""
-    box = Y.shape[-1]
     z = net.codes[net.labels[torch.as_tensor(idx, device=net.labels.device)]]
     A, o, A_best, o_best = search.sample_z(net.decoder, Y, ctf, band, z[:, None], temperature, gen_device)
     moved = geodesic_distance_deg(net.bank(idx)[0], A_best) > search.spacing_deg
     net.bank.set(idx, A_best, o_best)
-    per = _image_loss(net.decoder(A, z) * ctf * shift_phase_2d(-o, box), Y, band)
+    per = image_loss(render(net.decoder(A, z), ctf, o), Y, band)
     net.update_noise(per.detach().mean())
     net.z[torch.as_tensor(idx, device=net.z.device)] = _posterior_z(net, A_best, o_best, Y, ctf, band, cfg.beta)[0]
-    enc = net.encoder(_phase_flipped(Y, ctf))
-    enc_loss = _pose_distance(enc, A_best, o_best)
-    return per.mean() + enc_loss, moved
+    return per.mean() + pose_distance(net.encoder(phase_flipped(Y, ctf)), A_best, o_best), moved
 
 
 def _class_centres(net, cfg: HeteroConfig):
@@ -631,14 +602,13 @@ def _class_centres(net, cfg: HeteroConfig):
 def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out: Path, resume: bool,
          progress: bool):
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     n = len(images)
     net = _HeteroNet(cfg, n)
     if initial is not None:
         net.bank.set(torch.arange(n), torch.as_tensor(initial[0], dtype=torch.float32),
                      torch.as_tensor(initial[1], dtype=torch.float32))
     net = net.to(device)
-    net.decoder.set_radial_profile(_radial_profile(images, ctf_fn, cfg.box_px).to(device))
+    net.decoder.set_radial_profile(radial_profile(images, ctf_fn, cfg.box_px).to(device))
     encoders = list(net.encoder.parameters()) + list(net.conformation.parameters())
 
     def clip():   # each encoder on its own: the KL's scale follows the noise level, the poses' does not
@@ -647,127 +617,111 @@ def _run(cfg: HeteroConfig, images, ctf_fn, initial, truth, states, device, out:
 
     opt = torch.optim.Adam([{"params": encoders, "lr": cfg.lr},
                             {"params": net.decoder.parameters(), "lr": cfg.lr_decoder}])
-    steps = max(1, n // cfg.batch_size)
-    gen_device = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    state = {"epoch": 0, "rows": []}
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = restore(ckpt, device, net, opt, gen)
-        log.info("resuming %s at epoch %d", out, state["epoch"])
+    loop = EpochLoop(net, opt, n=n, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, device=device,
+                     out=out, name="hetero", figure=hetero_figure, clip=clip)
+    if resume:
+        loop.resume()
     kx, ky = frequency_index_2d(cfg.box_px, device=device)
     radius = torch.sqrt(kx**2 + ky**2)
     r_max = cfg.box_px / 2
     n_search = cfg.n_search_epochs()
-    search = _PoseSearch(cfg, device) if n_search and initial is None else None
-    csearch = _ConditionalPoseSearch(cfg, device) if initial is None else None
-    from ..core.grids import grid_spacing_deg
-
+    grid = (cfg.search_order, cfg.search_shift_px, cfg.box_px, cfg.search_refresh_steps, device)
+    search = GridSearch(*grid) if n_search and initial is None else None
+    csearch = ConditionalGridSearch(*grid) if initial is None else None
     spacing = grid_spacing_deg(cfg.search_order)
-    for epoch in range(state["epoch"], cfg.epochs):
-        t_epoch = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).numpy()
-        phase = _phase(cfg, epoch, state["rows"], initial is not None)
-        searching = phase in ("search", "hetero search", "class search")
-        r0 = n_search + cfg.hetero_search_epochs                      # the class restart's first epoch
+    steps = loop.steps
+    r0 = n_search + cfg.hetero_search_epochs                      # the class restart's first epoch
+    epoch_state = {}
+
+    def phase_of(epoch: int) -> str:
+        for s in (search, csearch):
+            if s is not None:
+                s.new_epoch()
+        phase = _phase(cfg, epoch, loop.rows, initial is not None)
         if phase == "class search" and epoch == r0:
             sizes = _restart_classes(net, cfg)
             for p in net.decoder.parameters():                         # Adam's moments are the old maps'
                 opt.state.pop(p, None)
-            csearch._slices = None
             log.info("class restart: classes of %s particles, maps low-passed to %.2f of Nyquist",
                      ", ".join(map(str, sizes)), cfg.restart_lowpass)
-        centres = _class_centres(net, cfg) if phase == "hetero search" else None
-        n_first = sum(r["phase"] != "hetero" for r in state["rows"])
-        losses, moved, pers, kls, task2 = [], [], [], [], []
-        bar = tqdm(range(steps), desc=f"hetero epoch {epoch + 1}/{cfg.epochs}"
-                   f"{' (pose search)' if searching else ''}", disable=not progress, leave=False)
-        for step in bar:
-            idx = np.sort(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
-            Y = fft2_centered(raw)
-            if searching:
-                # the band grows and the temperature falls over search_epochs (both searches share
-                # one schedule), and again over the class restart's epochs
-                if phase == "class search":
-                    t = min(1.0, ((epoch - r0) * steps + step) / (cfg.n_restart_epochs() * steps))
-                else:
-                    t = min(1.0, (epoch * steps + step) / (max(1, n_search) * steps))
-                band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
-                temperature = cfg.search_temperature ** (1 - t)
-            if phase == "search":
-                loss, mv = _search_step(net, search, Y, ctf, band, temperature, gen_device, idx)
-                moved.append(mv)
-            elif phase == "consensus":
-                loss = _consensus_step(net, Y, ctf, radius <= r_max, idx)
-            elif phase == "class search":
-                loss, mv = _class_search_step(net, cfg, csearch, Y, ctf, band, temperature, gen_device, idx)
-                moved.append(mv)
+        epoch_state["centres"] = _class_centres(net, cfg) if phase == "hetero search" else None
+        epoch_state["n_first"] = sum(r["phase"] != "hetero" for r in loop.rows)
+        return phase
+
+    def step(phase: str, epoch: int, s: int, idx):
+        raw, ctf = images[idx].to(device), ctf_fn(idx).to(device)
+        Y = fft2_centered(raw)
+        gen = loop.gen_device
+        if phase in ("search", "hetero search", "class search"):
+            # the band grows and the temperature falls over search_epochs (both searches share one
+            # schedule), and again over the class restart's epochs
+            if phase == "class search":
+                t = min(1.0, ((epoch - r0) * steps + s) / (cfg.n_restart_epochs() * steps))
             else:
-                if phase == "hetero search":
-                    loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, search=csearch,
-                                                               temperature=temperature, centres=centres)
-                    moved.append(mv)
-                else:
-                    band = radius <= r_max
-                    # the local step starts at half the grid spacing (a quarter from given poses) and
-                    # shrinks by 0.8 every epoch, down to 1 degree
-                    start = spacing / 2 if initial is None else spacing / 4
-                    delta = max(1.0, start * 0.8 ** (epoch - n_first))
-                    loss, per, kl, posterior, _ = _task1_step(net, cfg, Y, ctf, band, idx, gen_device, delta=delta)
-                pers.append(float(per.mean()))
-                kls.append(float(kl.mean()))
-            losses.append(float(loss.detach()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            clip()
-            opt.step()
-            if phase.startswith("hetero") and cfg.task2 and step % cfg.task2_every == 0:
-                loss2 = _task2_loss(net, ctf, posterior, gen_device)
-                task2.append(float(loss2.detach()))
-                opt.zero_grad(set_to_none=True)
-                loss2.backward()
-                clip()
-                opt.step()
-        row = {"epoch": epoch + 1, "phase": phase, "loss": float(np.mean(losses)),
-               "epoch_s": time.perf_counter() - t_epoch}
-        if moved:
-            row["moved"] = float(torch.cat(moved).float().mean())
-        if pers:
-            row.update(image_loss=float(np.mean(pers)), kl=float(np.mean(kls)))
-        if task2:
-            row["task2_loss"] = float(np.mean(task2))
+                t = min(1.0, (epoch * steps + s) / (max(1, n_search) * steps))
+            band = radius <= r_max * min(1.0, 0.2 + 0.8 * t)
+            temperature = cfg.search_temperature ** (1 - t)
+        if phase == "search":
+            loss, mv = _search_step(net, search, Y, ctf, band, temperature, gen, idx)
+            loop.acc["moved"].append(mv)
+            yield loss
+            return
+        if phase == "consensus":
+            yield _consensus_step(net, Y, ctf, radius <= r_max, idx)
+            return
+        if phase == "class search":
+            loss, mv = _class_search_step(net, cfg, csearch, Y, ctf, band, temperature, gen, idx)
+            loop.acc["moved"].append(mv)
+            yield loss
+            return
+        if phase == "hetero search":
+            loss, per, kl, posterior, mv = _task1_step(net, cfg, Y, ctf, band, idx, gen, search=csearch,
+                                                       temperature=temperature, centres=epoch_state["centres"])
+            loop.acc["moved"].append(mv)
+        else:
+            # the local step starts at half the grid spacing (a quarter from given poses) and shrinks
+            # by 0.8 every epoch, down to 1 degree
+            start = spacing / 2 if initial is None else spacing / 4
+            delta = max(1.0, start * 0.8 ** (epoch - epoch_state["n_first"]))
+            loss, per, kl, posterior, _ = _task1_step(net, cfg, Y, ctf, radius <= r_max, idx, gen, delta=delta)
+        loop.acc["image_loss"].append(float(per.mean()))
+        loop.acc["kl"].append(float(kl.mean()))
+        yield loss
+        if cfg.task2 and s % cfg.task2_every == 0:
+            loss2 = _task2_loss(net, ctf, posterior, gen)
+            loop.acc["task2_loss"].append(float(loss2.detach()))
+            yield loss2
+
+    def finish(epoch: int, phase: str, row: dict) -> str:
+        for key in ("image_loss", "kl", "task2_loss"):
+            if loop.acc[key]:
+                row[key] = float(np.mean(loop.acc[key]))
+        if truth is None:
+            return ""
+        sub = np.arange(min(n, 1000))
+        al = align_poses_globally(net.bank.matrix[:len(sub)].double().cpu().numpy(), truth[sub])
+        row.update(medse=al["medse"], median_deg=al["median_deg"])
         per_state = ""
-        if truth is not None:
-            sub = np.arange(min(n, 1000))
-            al = align_poses_globally(net.bank.matrix[:len(sub)].double().cpu().numpy(), truth[sub])
-            row.update(medse=al["medse"], median_deg=al["median_deg"])
-            if states is not None and states.max() <= 4:
-                per_state = " (per state: " + ", ".join(
-                    f"{np.median(al['errors_deg'][states[sub] == s]):.0f}" for s in np.unique(states[sub])) + ")"
-            if phase == "class search" and states is not None:
-                row["misclassified"] = misclassification(net.labels[:len(sub)].cpu().numpy(), states[sub])["misclassified"]
-            if phase.startswith("hetero") and states is not None:
-                # the run's z (each particle's posterior mean at its last visit) and the encoder's
-                lat = latent_analysis(net.z[:len(sub)].double().cpu().numpy(), cfg.classes, cfg.seed, starts=3)
-                row["misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
-                z, _, _ = _encode(net, images[sub], lambda i: ctf_fn(sub[i]), device)
-                lat = latent_analysis(z, cfg.classes, cfg.seed, starts=3)
-                row["encoder_misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
-        state["rows"].append(row)
-        state["epoch"] = epoch + 1
-        log.info("epoch %d (%s): loss %.4g%s%s%s%s", epoch + 1, row["phase"], row["loss"],
-                 f", {100 * row['moved']:.0f}% of best poses moved" if "moved" in row else "",
-                 f", median pose error {row['median_deg']:.1f} deg{per_state}" if "median_deg" in row else "",
-                 f", {100 * row['misclassified']:.1f}% misclassified" if "misclassified" in row else "",
-                 f" (encoder alone {100 * row['encoder_misclassified']:.1f}%)" if "encoder_misclassified" in row else "")
-        save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                               "state": json.dumps(state)})
-        write_rows_csv(out / "metrics.csv", state["rows"])
-        save_figure(hetero_figure(state["rows"]), out / "curves.png")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items() if not k.startswith("bank.")},
-              str(out / "weights.safetensors"))
-    rows = state["rows"]
-    run = {"epochs_run": state["epoch"], "first_phase_epochs_run": sum(r["phase"] != "hetero" for r in rows),
+        if states is not None and states.max() <= 4:
+            per_state = " (per state: " + ", ".join(
+                f"{np.median(al['errors_deg'][states[sub] == s]):.0f}" for s in np.unique(states[sub])) + ")"
+        if phase == "class search" and states is not None:
+            row["misclassified"] = misclassification(net.labels[:len(sub)].cpu().numpy(), states[sub])["misclassified"]
+        if phase.startswith("hetero") and states is not None:
+            # the run's z (each particle's posterior mean at its last visit) and the encoder's
+            lat = latent_analysis(net.z[:len(sub)].double().cpu().numpy(), cfg.classes, cfg.seed, starts=3)
+            row["misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
+            z, _, _ = _encode(net, images[sub], lambda i: ctf_fn(sub[i]), device)
+            lat = latent_analysis(z, cfg.classes, cfg.seed, starts=3)
+            row["encoder_misclassified"] = misclassification(lat["labels"], states[sub])["misclassified"]
+        return "".join([f", median pose error {row['median_deg']:.1f} deg{per_state}",
+                        f", {100 * row['misclassified']:.1f}% misclassified" if "misclassified" in row else "",
+                        f" (encoder alone {100 * row['encoder_misclassified']:.1f}%)"
+                        if "encoder_misclassified" in row else ""])
+
+    loop.run(phase_of, step, finish, progress)
+    rows = loop.rows
+    run = {"epochs_run": loop.state["epoch"], "first_phase_epochs_run": sum(r["phase"] != "hetero" for r in rows),
            "train_seconds": float(sum(r["epoch_s"] for r in rows)), "final_loss": rows[-1]["loss"] if rows else None,
            "noise_var": float(net.noise_var)}
     return net, run
