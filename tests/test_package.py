@@ -195,3 +195,27 @@ def test_possible_outputs_have_distinct_names():
         outputs = getattr(getattr(protocols, name), "_possibleOutputs", None)
         if isinstance(outputs, type) and issubclass(outputs, enum.Enum):
             assert len(outputs.__members__) == len(list(outputs)), (name, list(outputs.__members__))
+
+
+def test_model_families_come_from_one_registry():
+    """One table declares the families: the CLI offers its names, the Scipion train form its names
+    in its order (a saved project's index keeps its meaning) with one help line each, and cites
+    what it cites; every citation is in the plugin's bibliography."""
+    pytest.importorskip("pwem")
+    from cryoposeml import bibtex
+    from cryoposeml.families import FAMILIES, family
+    from cryoposeml.protocols import protocol_train
+
+    assert protocol_train.FAMILIES == ["image2sphere", "equivariant", "bingham", "sixd"] == list(FAMILIES)
+    keys = set(re.findall(r"@\w+\{(\w+),", bibtex.__doc__))
+    for i, name in enumerate(FAMILIES):
+        f = family(name)
+        assert f.citations and set(f.citations) <= keys, (name, f.citations)
+        prot = protocol_train.CryoPoseMLProtTrain.__new__(protocol_train.CryoPoseMLProtTrain)
+        prot.modelFamily = type("P", (), {"get": lambda self, i=i: i})()
+        assert prot._citations() == list(f.citations)
+    with pytest.raises(ValueError, match="available: image2sphere, equivariant, bingham, sixd"):
+        family("resnet")
+    r = subprocess.run([sys.executable, "-m", "cryoposeml.cli", "train", "--help"], capture_output=True, text=True)
+    for name in FAMILIES:
+        assert name in r.stdout

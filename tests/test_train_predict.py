@@ -462,3 +462,31 @@ def test_phase_flipped_particles_get_the_poses_of_their_originals(tiny_training,
            for name in ("plain", "flipped", "flag_lost")}
     assert abs(err["flipped"] - err["plain"]) < 0.3, err
     assert err["flag_lost"] > 3 * err["plain"] + 1, err
+
+
+def test_every_registered_family_builds_and_trains_with_its_loss():
+    """Each family of the registry builds from a PoseNetConfig, gives what its declared
+    capabilities say (a ranked ``top_k`` for distributions, a confidence for every family) and its
+    declared loss on its own output is finite and reaches the network's first layers."""
+    from cryoposeml.core.symmetry import symmetry_group
+    from cryoposeml.families import FAMILIES
+    from cryoposeml.models import PoseNetConfig, build_model
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 32)
+    A = torch.as_tensor(random_rotations(4, 0), dtype=torch.float32)
+    group = torch.as_tensor(symmetry_group("C1"), dtype=torch.float32)
+    for name, fam in FAMILIES.items():
+        net = build_model(PoseNetConfig(family=name, box=32, widths=(8, 16), dropout=fam.dropout))
+        out = net(x)
+        assert out["matrix"].shape == (4, 3, 3) and out["confidence"].shape == (4,) and out["shift_px"].shape == (4, 2)
+        assert hasattr(net, "top_k") == fam.distribution, name
+        if fam.distribution:
+            tk = net.top_k(out, 3, group)
+            assert tk["matrix"].shape == (4, 3, 3, 3) and (tk["probability"].diff(dim=1) <= 0).all(), name
+        loss = fam.loss_function()(out, A, torch.ones(4), group, beta1=0.5, siamese=True,
+                                   confidence=fam.learns_confidence)
+        assert torch.isfinite(loss), name
+        loss.backward()
+        first = next(p for p in net.parameters() if p.requires_grad)
+        assert first.grad is not None and first.grad.abs().sum() > 0, name

@@ -12,14 +12,15 @@ import argparse
 import os
 
 from ..engine.train import TrainConfig, train
-from ..models import MODEL_FAMILIES
+from ..families import FAMILIES
 
 
 def add_args(p):
     d = TrainConfig()
     p.add_argument("--particles", required=True, help="Relion 3.1+ STAR with poses")
     p.add_argument("--out", required=True, help="model folder")
-    p.add_argument("--model", default=d.model, choices=MODEL_FAMILIES, help="model family (default: %(default)s)")
+    p.add_argument("--model", default=d.model, choices=list(FAMILIES),
+                   help="model family (default: %(default)s): " + "; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.values()))
     p.add_argument("--sym", default=d.sym, help="point group (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")

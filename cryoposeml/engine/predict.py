@@ -42,6 +42,7 @@ from ..core.errors import InputError
 from ..core.symmetry import symmetric_distance_deg, symmetry_group, to_asymmetric_unit
 from ..data.dataset import ParticleDataset
 from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, ParticleStar, read_star, write_star
+from ..families import FAMILIES, family
 from ._outputs import check_new_file, stamp, write_json
 from .calibration import Calibration
 from .plots import pose_figure, save_figure
@@ -115,7 +116,8 @@ def predict_arrays(star: ParticleStar, rows: np.ndarray, models: dict, meta: dic
         pseudo = reference.pseudo_symmetries(cfg)   # mates proposed too, and checked after refinement
         ctf_params = star.ctf_params() if star.has_ctf() else None
         radius = 0.5 * star.box - 0.125 * star.box   # the particle's radius for the background noise estimate
-    k_prop = cfg.top_k if matching and all(hasattr(m, "top_k") for m in models.values()) else 0
+    # distribution models propose their top k poses to the matching, the others their one pose
+    k_prop = cfg.top_k if matching and family(meta["network"]["family"]).distribution else 0
     if top_k:
         out["top_matrix"], out["top_prob"] = np.empty((n, top_k, 3, 3)), np.empty((n, top_k))
     batches = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
@@ -203,8 +205,9 @@ class Predictor:
             symmetry_group(sym)
             if sym.strip().upper() != meta["sym"]:
                 raise InputError(f"the model was trained with symmetry {meta['sym']}, not {sym}", model_dir)
-        if top_k and not all(hasattr(m, "top_k") for m in models.values()):
-            raise InputError(f"--top-k needs a model that predicts a distribution over poses (image2sphere); this "
+        if top_k and not family(meta["network"]["family"]).distribution:
+            kinds = ", ".join(f.name for f in FAMILIES.values() if f.distribution)
+            raise InputError(f"--top-k needs a model that predicts a distribution over poses ({kinds}); this "
                              f"{meta['network']['family']} model predicts one pose per particle", model_dir)
         inp = meta["input"]
         self.ref = ref = None

@@ -27,9 +27,8 @@ from ..core.symmetry import symmetric_distance_deg, symmetry_group
 from ..data.dataset import ParticleDataset
 from ..data.preprocess import Preprocessor
 from ..data.star import ParticleStar, read_star
+from ..families import family
 from ..models import PoseNetConfig, build_model
-from ..models.losses import (confidence_regression_loss, grid_cross_entropy, siamese_distance_loss,
-                             symmetric_geodesic_loss)
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
 from .calibration import auroc, cross_fitted_ece, fit_calibration
@@ -58,7 +57,7 @@ class TrainConfig:
     siamese: bool = False
     shift_weight: float = 0.1
     widths: tuple = (32, 64, 128, 256)
-    dropout: float | None = None      # None: the family's default (FAMILY_DROPOUT, else 0.1)
+    dropout: float | None = None      # None: the family's default (cryoposeml.families)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"           # auto: bfloat16 autocast on CUDA, float32 on CPU; or fp32, bf16
@@ -68,9 +67,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-#: dropout by family where it differs from 0.1: the regression heads underfit with it (bingham on
-#: the 2,800-particle test set: 17.5 deg held-out median without, 21 deg with 0.1)
-FAMILY_DROPOUT = {"bingham": 0.0, "sixd": 0.0}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,19 +176,12 @@ class _Distributed:
             dist.barrier()
 
 
-def _batch_loss(model, core, x, a, o, w, group, cfg, net_cfg, beta1, autocast) -> torch.Tensor:
+def _batch_loss(model, loss_fn, x, a, o, w, group, cfg, net_cfg, beta1, autocast) -> torch.Tensor:
     with autocast:
         out = model(x)
     out = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
-    if "logits" in out:   # a distribution over a rotation grid (image2sphere)
-        loss = (w * grid_cross_entropy(out["logits"], out["grid_matrix"], a, group)).mean()
-    else:
-        theta = symmetric_geodesic_loss(out["quaternion"], a, group)
-        loss = beta1 * (w * theta).mean()
-        if getattr(core, "learns_confidence", False):
-            loss = loss + 0.1 * confidence_regression_loss(out["confidence"], theta)
-        if cfg.siamese:
-            loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], a, group)
+    fam = family(net_cfg.family)
+    loss = loss_fn(out, a, w, group, beta1=beta1, siamese=cfg.siamese, confidence=fam.learns_confidence)
     if net_cfg.predict_shifts:
         loss = loss + cfg.shift_weight * torch.nn.functional.smooth_l1_loss(out["shift_px"], o)
     return loss
@@ -205,6 +194,7 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
     gen = torch.Generator().manual_seed(cfg.seed)
     core = build_model(net_cfg).to(device)
     model = ddp.wrap(core)
+    loss_fn = family(net_cfg.family).loss_function()
     # mixed precision (bfloat16: no loss scaling needed) on GPUs; the losses stay in float32
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -253,7 +243,7 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
                     for j, part in enumerate(parts):
                         sync = ddp.world == 1 or j == len(parts) - 1
                         with contextlib.nullcontext() if sync else model.no_sync():
-                            loss = _batch_loss(model, core, x[part].to(device), a[part].to(device),
+                            loss = _batch_loss(model, loss_fn, x[part].to(device), a[part].to(device),
                                                o[part].to(device), weights_t[batch[part]].to(device), group, cfg,
                                                net_cfg, beta1, autocast) * (len(part) / len(mine))
                             loss.backward()
@@ -345,7 +335,7 @@ def train(particles, out, cfg: TrainConfig, resume: bool = False, overwrite: boo
     A = star.matrices()
     origins = star.shifts_angstrom() / pixel_out
     weights, weight_column = label_weights(star, cfg.label_confidence, particles)
-    dropout = cfg.dropout if cfg.dropout is not None else FAMILY_DROPOUT.get(cfg.model, 0.1)
+    dropout = cfg.dropout if cfg.dropout is not None else family(cfg.model).dropout
     if not 0.0 <= dropout < 1.0:
         raise InputError(f"--dropout must be in [0, 1) (got {dropout})")
     net_cfg = PoseNetConfig(family=cfg.model, box=cfg.box_px, widths=tuple(cfg.widths), dropout=dropout)

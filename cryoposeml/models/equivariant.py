@@ -57,8 +57,6 @@ class EquivariantPoseNet(nn.Module):
     """``forward(images (B, N, N))`` -> dict with ``matrix``, ``quaternion``, ``confidence``,
     ``shift_px`` (as the other families)."""
 
-    learns_confidence = True
-
     def __init__(self, cfg):
         super().__init__()
         from escnn import gspaces

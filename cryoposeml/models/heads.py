@@ -70,8 +70,6 @@ class SixDHead(nn.Module):
     """``(B, F)`` -> 6D rotation (Gram-Schmidt to ``matrix``), a quaternion of it, and a learned
     ``confidence``, trained to predict ``-log(error in radians)`` (see the training loss)."""
 
-    learns_confidence = True
-
     def __init__(self, in_features: int, hidden: int = 256, dropout: float = 0.1):
         super().__init__()
         self.mlp = _mlp(in_features, hidden, 7, dropout)

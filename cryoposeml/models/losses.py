@@ -6,7 +6,8 @@ import torch
 from ..core.rotations import matrix_to_quaternion
 from ..core.symmetry import closest_mate_angle_deg
 
-__all__ = ["symmetric_geodesic_loss", "siamese_distance_loss", "confidence_regression_loss", "grid_cross_entropy"]
+__all__ = ["symmetric_geodesic_loss", "siamese_distance_loss", "confidence_regression_loss", "grid_cross_entropy",
+           "distribution_loss", "regression_loss"]
 
 
 def symmetric_geodesic_loss(q_pred: torch.Tensor, A_label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -60,3 +61,27 @@ def grid_cross_entropy(logits: torch.Tensor, grid_matrix: torch.Tensor, A_label:
     target = tr.argmax(-1)                                             # (B, G)
     logp = logits.log_softmax(-1)
     return -logp.gather(1, target).mean(1)
+
+
+# -- the families' training losses (cryoposeml.families names one per family) ---------------------
+
+def distribution_loss(out: dict, A_label: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, *,
+                      beta1: float = 1.0, siamese: bool = False, confidence: bool = False) -> torch.Tensor:
+    """A distribution over a rotation grid (``out["logits"]`` over ``out["grid_matrix"]``): the
+    weighted mean of :func:`grid_cross_entropy`. The regression options do not apply."""
+    return (weights * grid_cross_entropy(out["logits"], out["grid_matrix"], A_label, group)).mean()
+
+
+def regression_loss(out: dict, A_label: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, *,
+                    beta1: float = 1.0, siamese: bool = False, confidence: bool = False) -> torch.Tensor:
+    """One pose per particle (``out["quaternion"]``, ``out["matrix"]``): ``beta1`` times the weighted
+    :func:`symmetric_geodesic_loss`, with ``confidence`` 0.1 times :func:`confidence_regression_loss`
+    of ``out["confidence"]``, with ``siamese`` ``1 - beta1`` times :func:`siamese_distance_loss`
+    (cryo-forum's curriculum moves ``beta1``)."""
+    theta = symmetric_geodesic_loss(out["quaternion"], A_label, group)
+    loss = beta1 * (weights * theta).mean()
+    if confidence:
+        loss = loss + 0.1 * confidence_regression_loss(out["confidence"], theta)
+    if siamese:
+        loss = loss + (1 - beta1) * siamese_distance_loss(out["matrix"], A_label, group)
+    return loss

@@ -9,9 +9,7 @@ from torch import nn
 from .encoders import BlurStack, VGGEncoder
 from .heads import BinghamHead, ShiftHead, SixDHead
 
-__all__ = ["PoseNetConfig", "PoseNet", "build_model", "MODEL_FAMILIES"]
-
-MODEL_FAMILIES = ("image2sphere", "bingham", "equivariant", "sixd")
+__all__ = ["PoseNetConfig", "PoseNet", "build_model"]
 
 
 @dataclass
@@ -63,7 +61,6 @@ class PoseNet(nn.Module):
         else:
             self.rotation = SixDHead(self.encoder.out_features, dropout=cfg.dropout)
         self.shift = ShiftHead(self.encoder.out_features) if cfg.predict_shifts else None
-        self.learns_confidence = getattr(self.rotation, "learns_confidence", False)
 
     def forward(self, images: torch.Tensor) -> dict:
         feats = self.encoder(self.blur(images[:, None]))
@@ -74,14 +71,7 @@ class PoseNet(nn.Module):
 
 
 def build_model(cfg: PoseNetConfig) -> nn.Module:
-    if cfg.family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {cfg.family!r} (available: {', '.join(MODEL_FAMILIES)})")
-    if cfg.family == "image2sphere":
-        from .image2sphere import Image2Sphere
+    """The network of ``cfg.family`` (:mod:`cryoposeml.families`)."""
+    from ..families import family
 
-        return Image2Sphere(cfg)
-    if cfg.family == "equivariant":
-        from .equivariant import EquivariantPoseNet
-
-        return EquivariantPoseNet(cfg)
-    return PoseNet(cfg)
+    return family(cfg.family).network_class()(cfg)

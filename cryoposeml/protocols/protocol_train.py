@@ -5,10 +5,12 @@ from pyworkflow import BETA
 from pwem.protocols import ProtRefine3D
 
 from ..convert import writeParticlesStar
+from ..families import FAMILIES as _REGISTRY
 from ..objects import CryoPoseMLModel
 from .protocol_base import CryoPoseMLProtBase
 
-FAMILIES = ["image2sphere", "equivariant", "bingham", "sixd"]
+#: the choices of the form, in the registry's order (a saved project keeps its index)
+FAMILIES = list(_REGISTRY)
 
 
 class TrainOutputs(enum.Enum):
@@ -33,8 +35,7 @@ class CryoPoseMLProtTrain(CryoPoseMLProtBase, ProtRefine3D):
                       help="Particles with 3D poses (e.g. from a Relion 3D auto-refine) and CTF.")
         form.addParam("modelFamily", params.EnumParam, choices=FAMILIES, default=0, label="Model family",
                       display=params.EnumParam.DISPLAY_COMBO,
-                      help="image2sphere: SO(3) distribution (CESPED), best accuracy; equivariant: D4-equivariant "
-                           "escnn encoder; bingham: cryo-forum's quaternion + Bingham head; sixd: a 6D baseline.")
+                      help="\n".join(f"{f.name}: {f.summary}." for f in _REGISTRY.values()))
         form.addParam("symmetry", params.StringParam, default="C1", label="Symmetry",
                       help="Point group in Relion's convention: Cn, Dn, T, O, I.")
         form.addParam("halfSets", params.BooleanParam, default=False, label="Gold-standard half-sets?",
@@ -115,5 +116,4 @@ class CryoPoseMLProtTrain(CryoPoseMLProtBase, ProtRefine3D):
                 f"{self.epochs.get()} epochs, {self.boxPx.get()} px network box)."]
 
     def _citations(self):
-        return {0: ["Cesped2024"], 1: ["Cesped2024"], 2: ["Fang2025"], 3: ["Cesped2024"]}.get(
-            self.modelFamily.get(), []) + (["Equivariant2025"] if self.modelFamily.get() == 1 else [])
+        return list(_REGISTRY[FAMILIES[self.modelFamily.get()]].citations)
