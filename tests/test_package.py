@@ -219,3 +219,41 @@ def test_model_families_come_from_one_registry():
     r = subprocess.run([sys.executable, "-m", "cryoposeml.cli", "train", "--help"], capture_output=True, text=True)
     for name in FAMILIES:
         assert name in r.stdout
+
+
+def test_cli_options_are_declared_once_on_the_configs():
+    """Each command's options come from its configuration dataclass: parsed with nothing but the
+    required arguments they give the dataclass's defaults, and every option has help."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from cryoposeml.cli import build_parser
+    from cryoposeml.engine.abinitio import AbinitioConfig
+    from cryoposeml.engine.cleanup import CleanupConfig
+    from cryoposeml.engine.hetero import HeteroConfig
+    from cryoposeml.engine.refine import RefineConfig
+    from cryoposeml.engine.simulate import SimulationConfig
+    from cryoposeml.engine.train import TrainConfig
+    from cryoposeml.engine.verify import MatchConfig
+    from cryoposeml.options import from_args
+
+    parser = build_parser()
+    cases = {"abinitio": (AbinitioConfig, ["--particles", "p.star", "--out", "o"]),
+             "hetero": (HeteroConfig, ["--particles", "p.star", "--out", "o"]),
+             "train": (TrainConfig, ["--particles", "p.star", "--out", "o"]),
+             "cleanup": (CleanupConfig, ["--particles", "p.star", "--out", "o.star"]),
+             "refine": (RefineConfig, ["--particles", "p.star", "--out", "o"]),
+             "predict": (MatchConfig, ["--particles", "p.star", "--model", "m", "--out", "o.star"]),
+             "simulate": (SimulationConfig, ["--out", "o"])}
+    for command, (cls, required) in cases.items():
+        args = parser.parse_args([command, *required])
+        assert from_args(cls, args, **({"map": "adk_open"} if cls is SimulationConfig else {})) == cls(), command
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli"):
+                assert f.metadata["help"] or f.name in {"epochs", "batch_size", "lr_decoder", "seed",
+                                                        "amplitude_contrast", "method", "encoder", "decoder"}, (command, f.name)
+    # a value given on the command line reaches the dataclass, tuples and negated booleans included
+    args = parser.parse_args(["abinitio", "--particles", "p", "--out", "o", "--widths", "8", "16",
+                              "--no-frequency-marching", "--search-epochs", "3"])
+    cfg = from_args(AbinitioConfig, args)
+    assert cfg.widths == (8, 16) and cfg.frequency_marching is False and cfg.search_epochs == 3

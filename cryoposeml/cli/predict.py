@@ -15,6 +15,7 @@ growing as the session goes; cryoposeml.engine.live).
 from ..core.errors import InputError
 from ..engine.predict import Predictor, predict
 from ..engine.verify import MATCHING_MODES, MatchConfig
+from ..options import add_options, from_args
 
 
 def add_args(p):
@@ -51,17 +52,11 @@ def add_args(p):
     p.add_argument("--cross-halves", action="store_true",
                    help="CESPED's evaluation protocol: half-1 particles go to the half-2 network and map (for "
                         "scoring a model on its own training particles); default: same half (gold standard)")
-    p.add_argument("--escalate-right", type=float, default=MatchConfig.escalate_right,
-                   help="auto: the share of right proposals (on the model's calibration particles) that are searched "
-                        "exhaustively too; the match-z threshold that gives it catches most wrong proposals. Higher: "
-                        "more accurate and slower (default: %(default)s)")
-    p.add_argument("--escalate-z", type=float, default=None,
-                   help="auto: search exhaustively the particles whose best proposal matches with a z-score below "
-                        "this (overrides --escalate-right)")
+    add_options(p, MatchConfig)
 
 
 def main(args):
-    cfg = MatchConfig(escalate_z=args.escalate_z, escalate_right=args.escalate_right)
+    cfg = from_args(MatchConfig, args)
     if args.spool:
         if args.particles or args.out:
             raise InputError("give either --spool (a streaming worker) or --particles and --out, not both")

@@ -15,30 +15,13 @@ import shlex
 
 from ..core.errors import InputError
 from ..engine.refine import RefineConfig, finish_refine, prepare_refine, refine
+from ..options import add_options, from_args
 
 
 def add_args(p):
     p.add_argument("--particles", help="STAR file with predicted poses (cryoposeml predict/cleanup)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sym", default="C1", help="point group (default: %(default)s)")
-    p.add_argument("--reference", help="starting map (default: reconstructed from the predicted poses)")
-    p.add_argument("--lowpass", type=float, dest="lowpass_angstrom",
-                   help="low-pass of the starting map, A (default: its half-map FSC-0.143, at least 10 A; "
-                        "15 A for --reference)")
-    p.add_argument("--sigma-ang", type=float, help="prior width, deg (default: from rlnCpmlExpectedErrorDeg)")
-    p.add_argument("--healpix-order", type=int, help="initial (local) HEALPix order (default: from sigma)")
-    p.add_argument("--offset-range", type=float, default=3.0, dest="offset_range_px",
-                   help="offset search range, px (default: %(default)s)")
-    p.add_argument("--offset-step", type=float, default=1.0, dest="offset_step_px",
-                   help="offset search step, px (default: %(default)s)")
-    p.add_argument("--particle-diameter", type=float, dest="particle_diameter_angstrom",
-                   help="mask diameter, A (default: 90%% of the box)")
-    p.add_argument("--no-priors", dest="priors", action="store_false",
-                   help="use the predicted poses only as the start (no prior columns)")
-    p.add_argument("--mpi", type=int, default=3, dest="mpi_ranks", help="MPI ranks, >= 3 (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="threads per rank (default: %(default)s)")
-    p.add_argument("--relion-args", default="", dest="extra_args",
-                   help="extra arguments appended to relion_refine_mpi's command line")
+    add_options(p, RefineConfig)
     step = p.add_mutually_exclusive_group()
     step.add_argument("--prepare-only", action="store_true",
                       help="write OUT/relion_job.json (and the inputs it names) and stop; Relion is not run")
@@ -53,11 +36,7 @@ def main(args):
         return
     if not args.particles:
         raise InputError("--particles is required (except with --finish)")
-    cfg = RefineConfig(sym=args.sym, reference=args.reference, lowpass_angstrom=args.lowpass_angstrom,
-                       sigma_ang=args.sigma_ang, healpix_order=args.healpix_order,
-                       offset_range_px=args.offset_range_px, offset_step_px=args.offset_step_px,
-                       particle_diameter_angstrom=args.particle_diameter_angstrom, priors=args.priors,
-                       mpi_ranks=args.mpi_ranks, threads=args.threads, extra_args=args.extra_args)
+    cfg = from_args(RefineConfig, args)
     if args.prepare_only:
         job = prepare_refine(args.particles, args.out, cfg, args.overwrite, not args.quiet)
         print(f"prepared {args.out}/relion_job.json; run in {job['cwd']} with {job['mpi_ranks']} MPI ranks:")

@@ -64,6 +64,7 @@ from ..data.bundled import resolve_map
 from ..data.mrc import half_map_paths, read_map, write_map
 from ..data.star import read_star, write_star
 from ..models.decoders import DECODERS, build_decoder
+from ..options import option
 from ._outputs import check_run_folder, stamp, write_json
 from .amortized import (ENCODERS, MIN_REFINE_EPOCHS, EpochLoop, PoseBank, local_search, phase_flipped, pose_distance,
                         pose_encoder, radial_profile, reference_rows, render, working_set)
@@ -85,26 +86,37 @@ CONVERGED_MEDSE = 8 * np.sin(np.radians(10) / 2) ** 2
 
 @dataclass
 class AbinitioConfig:
-    encoder: str = "equivariant"
-    decoder: str = "voxel"
-    loss: str = "l2"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3               # encoder
-    lr_decoder: float = 5e-2
-    box_px: int = 64
-    widths: tuple = (16, 32, 64, 128)
-    frequency_marching: bool = True
-    search_epochs: int | None = None   # global pose search during the first epochs (None: half of them)
-    search_order: int = 2              # HEALPix order of the search grid (4,608 rotations, ~15 degrees)
-    search_shift_px: int = 1           # search origins on a (2k+1)^2 grid of whole pixels
-    search_temperature: float = 10.0   # posterior temperature at the start, annealed to 1
-    search_until_stable: float = 0.1   # after search_epochs, go on searching while more than this
-                                       # fraction of best poses moved by over a grid step in an epoch
-    search_refresh_steps: int = 4      # render the search grid's slices every this many batches
-    halves: bool = False           # one independent run per half-set (gold standard)
-    seed: int = 0
-    device: str = "auto"
+    encoder: str = option("equivariant", choices=ENCODERS)
+    decoder: str = option("voxel", choices=DECODERS)
+    loss: str = option("l2", "l2; symmetric: also the image turned by 180 deg, the smaller loss counts; mirror: also "
+                             "its mirrors", choices=LOSSES)
+    epochs: int = option(20)
+    batch_size: int = option(32)
+    lr: float = option(1e-3, "encoder learning rate")
+    lr_decoder: float = option(5e-2)
+    box_px: int = option(64, "working box")
+    widths: tuple = option((16, 32, 64, 128), "encoder widths")
+    frequency_marching: bool = option(True, "compare a band that grows from 1/5 of Nyquist (--no-frequency-marching: "
+                                            "all frequencies from the start)")
+    search_epochs: int | None = option(
+        None, "epochs of global pose search at the start: the decoder learns from poses drawn from each particle's "
+              "posterior over a HEALPix grid, the encoder learns to predict the best ones; the search goes on while "
+              "the poses still move (--search-until-stable); then local refinement of each particle's pose, the "
+              "encoder still learning them. 0: amortized from the start (the image loss alone), as cryoAI",
+        none_means="half of --epochs")
+    search_order: int = option(2, "HEALPix order of the search grid: 1 (576 rotations, 30 deg), 2 (4,608, 15 deg)")
+    search_shift_px: int = option(1, "search origins on a (2k+1)^2 grid of whole pixels of the working box")
+    search_temperature: float = option(10.0, "posterior temperature at the start of the search, annealed to 1 over "
+                                             "--search-epochs; higher explores longer")
+    search_until_stable: float = option(0.1, "after --search-epochs, keep searching while more than this fraction of "
+                                             "the particles' best poses moved by over a grid step in the last epoch, "
+                                             "leaving 4 epochs to refine (0: search until then; 1: never extend)")
+    search_refresh_steps: int = option(4, "render the search grid's slices every this many batches (the map moves "
+                                          "little in a few steps)")
+    halves: bool = option(False, "gold standard: one independent run per rlnRandomSubset (or a random split); half 2 "
+                                 "is brought into half 1's frame by the rotation between the two encoders' poses")
+    seed: int = option(0)
+    device: str = option("auto", "auto, cpu or cuda[:N]")
 
     def n_search_epochs(self) -> int:
         return self.epochs // 2 if self.search_epochs is None else min(self.search_epochs, self.epochs)

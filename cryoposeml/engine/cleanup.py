@@ -35,6 +35,7 @@ from ..core.errors import InputError
 from ..core.metrics import fsc, resolution_at, soft_sphere_mask
 from ..data.mrc import write_map
 from ..data.star import ParticleStar, read_star, write_star
+from ..options import option
 from ._outputs import check_new_file, stamp, write_json
 from .plots import cleanup_figure, save_figure
 from .reconstruct import half_map_paths, half_set_labels, nested_half_reconstructions, reconstruct_star
@@ -56,18 +57,22 @@ TIE_BREAK = "rlnCpmlConfidence"
 
 @dataclass
 class CleanupConfig:
-    method: str = "auto"
-    quantile: float = 0.25              # quantile: fraction dropped
-    max_error_deg: float | None = None  # max-error: bound on the score
-    column: str = DEFAULT_COLUMN
-    larger_is_better: bool | None = None  # None: from the column name
-    sym: str = "C1"
-    min_keep: float = 0.5               # auto: smallest fraction tried
-    step: float = 0.05                  # auto: step of the fraction kept
-    tie_shells: float = 0.25            # auto: resolutions this close (in Fourier shells) tie
-    junk_quantile: float = 0.01         # auto: junk matches the map worse than this share of good particles
+    method: str = option("auto", choices=METHODS)
+    quantile: float = option(0.25, "quantile: fraction of most uncertain particles dropped")
+    max_error_deg: float | None = option(None, "max-error: drop particles whose expected error exceeds this (degrees)",
+                                         flag="--max-error", none_means="none; needed by --method max-error")
+    column: str = option(DEFAULT_COLUMN, "uncertainty column")
+    larger_is_better: bool | None = option(None, "the column is a confidence (--no-larger-is-better: an error)",
+                                           none_means="from the column's name; known confidence columns are "
+                                                      "recognised")
+    sym: str = option("C1", "point group for the reconstructions")
+    min_keep: float = option(0.5, "auto: smallest fraction of particles tried")
+    step: float = option(0.05, "auto: step of the fraction kept")
+    tie_shells: float = option(0.25, "auto: resolutions within this many Fourier shells tie; ties keep more particles")
+    junk_quantile: float = option(0.01, "auto: particles with rlnCpmlMatchQuantile below this are junk (the share of "
+                                        "good particles the test loses); 0: no junk test")
     regularization: float = 1e-3
-    batch_size: int = 256
+    batch_size: int = option(256)
 
     def check(self) -> None:
         if self.method not in METHODS:

@@ -63,6 +63,7 @@ from ..data.mrc import read_map, write_map
 from ..data.star import read_star, write_star
 from ..models.decoders import ConditionalVoxelDecoder
 from ..models.encoders import ConformationEncoder
+from ..options import option
 from ._outputs import check_run_folder, stamp, write_json
 from .amortized import (ENCODERS, MIN_REFINE_EPOCHS, EpochLoop, PoseBank, local_search, phase_flipped, pose_distance,
                         pose_encoder, radial_profile, reference_rows, render, working_set)
@@ -80,36 +81,43 @@ POSE_SOURCES = ("auto", "search", "input")
 
 @dataclass
 class HeteroConfig:
-    zdim: int = 8
-    classes: int = 2
-    encoder: str = "cnn"               # pose encoder: cnn (6D head) or equivariant (escnn D4)
-    poses: str = "auto"                # search (global pose search first), input (the STAR's poses, e.g. a
-                                       # consensus refinement), auto (input when the STAR has poses)
-    epochs: int = 24
-    search_epochs: int | None = None   # None: a third of the epochs (with input poses: 2 of consensus)
-    frozen_epochs: int | None = None   # the conformation frozen for the first epochs (None: the whole
-                                       # search_epochs; earlier, z absorbs pose errors and the search locks in)
-    hetero_search_epochs: int = 4      # the search (against each particle's own map V(z) once the
-                                       # conformation learns) goes on this many epochs after search_epochs
-    restart_epochs: int | None = None  # from no poses, with 2+ classes: the class restart's epochs (the maps
-                                       # low-passed, each class searched against its own; None: search_epochs;
-                                       # 0: none)
-    restart_lowpass: float = 0.25      # the maps are cut to this fraction of Nyquist at the restart
-    task2: bool = True                 # conditional pose prediction
-    task2_every: int = 1               # one task-2 step after every this many task-1 steps
-    beta: float = 1.0                  # weight of the prior of z (a beta-VAE's beta)
-    batch_size: int = 32
-    lr: float = 1e-3                   # encoders
-    lr_decoder: float = 5e-2
-    box_px: int = 64
-    widths: tuple = (16, 32, 64, 128)
-    search_order: int = 2
-    search_shift_px: int = 1
-    search_temperature: float = 10.0
-    search_until_stable: float = 0.1
-    search_refresh_steps: int = 4
-    seed: int = 0
-    device: str = "auto"
+    zdim: int = option(8, "dimension of the conformation latent")
+    classes: int = option(2, "k-means classes of z, one volume each")
+    encoder: str = option("cnn", "pose encoder: cnn (6D head) or equivariant (escnn D4)", choices=ENCODERS)
+    poses: str = option("auto", "search: find the poses first (ab initio's global search, conformations frozen; from "
+                                "no poses one conformation tends to take over); input: start from the STAR's poses, "
+                                "e.g. a consensus refinement, and refine them; auto: input when the STAR has poses",
+                        choices=POSE_SOURCES)
+    epochs: int = option(24)
+    search_epochs: int | None = option(
+        None, "epochs of global pose search with the conformation frozen, extended while the poses still move; with "
+              "--poses input, epochs learning the consensus map at the given poses",
+        none_means="a third of --epochs; with --poses input 2")
+    frozen_epochs: int | None = option(
+        None, "the conformation frozen for the first epochs (earlier, z absorbs pose errors and the search locks in)",
+        none_means="--search-epochs")
+    hetero_search_epochs: int = option(4, "the search (against each particle's own map V(z) once the conformation "
+                                          "learns) goes on this many epochs after --search-epochs")
+    restart_epochs: int | None = option(
+        None, "from no poses with 2+ classes: epochs of the class restart (the maps low-passed, each class searched "
+              "again against its own) when --epochs leave room; 0: none", none_means="as --search-epochs")
+    restart_lowpass: float = option(0.25, "the maps are cut to this fraction of Nyquist at the restart")
+    task2: bool = option(True, "the conditional pose prediction task (--no-task2: the ablation)")
+    task2_every: int = option(1, "one task-2 step after every this many task-1 steps")
+    beta: float = option(1.0, "weight of the prior of z (a beta-VAE's beta)")
+    batch_size: int = option(32)
+    lr: float = option(1e-3, "encoders' learning rate")
+    lr_decoder: float = option(5e-2)
+    box_px: int = option(64, "working box")
+    widths: tuple = option((16, 32, 64, 128), "encoder widths")
+    search_order: int = option(2, "HEALPix order of the search grid: 1 (576 rotations, 30 deg), 2 (4,608, 15 deg)")
+    search_shift_px: int = option(1, "search origins on a (2k+1)^2 grid of whole pixels of the working box")
+    search_temperature: float = option(10.0, "posterior temperature at the start of a search, annealed to 1")
+    search_until_stable: float = option(0.1, "keep searching while more than this fraction of the best poses moved "
+                                             "by over a grid step in the last epoch")
+    search_refresh_steps: int = option(4, "render the search grid's slices every this many batches")
+    seed: int = option(0)
+    device: str = option("auto", "auto, cpu or cuda[:N]")
 
     def n_search_epochs(self) -> int:
         """Epochs of the first phase (pose search, or with input poses the consensus map at them)."""

@@ -53,6 +53,7 @@ from ..core.metrics import fsc, resolution_at, soft_sphere_mask
 from ..core.symmetry import symmetric_distance_deg, symmetry_group
 from ..data.mrc import read_map, write_map
 from ..data.star import ANGLE_COLUMNS, SHIFT_COLUMNS, ParticleStar, read_star, write_star
+from ..options import option
 from ._outputs import check_run_folder, stamp, write_json
 from .plots import refine_figure, save_figure
 from .reconstruct import half_set_labels, reconstruct_star
@@ -78,18 +79,21 @@ class RelionTimeout(RelionError):
 
 @dataclass
 class RefineConfig:
-    sym: str = "C1"
-    reference: str | None = None        # starting map; default: reconstructed from the poses
-    lowpass_angstrom: float | None = None   # default: half-map FSC-0.143 of the predicted poses, >= 10 A
-    sigma_ang: float | None = None      # default: from rlnCpmlExpectedErrorDeg (or 10 deg without it)
-    healpix_order: int | None = None    # default: from sigma_ang
-    offset_range_px: float = 3.0
-    offset_step_px: float = 1.0
-    particle_diameter_angstrom: float | None = None  # default: 90% of the box
-    priors: bool = True
-    mpi_ranks: int = 3
-    threads: int = 1
-    extra_args: str = ""                # appended to the relion_refine command line
+    sym: str = option("C1", "point group")
+    reference: str | None = option(None, "starting map", none_means="reconstructed from the predicted poses")
+    lowpass_angstrom: float | None = option(None, "low-pass of the starting map, A", flag="--lowpass",
+                                            none_means="its half-map FSC-0.143, at least 10 A; 15 A for --reference")
+    sigma_ang: float | None = option(None, "prior width, deg", none_means="from rlnCpmlExpectedErrorDeg, 10 deg "
+                                                                          "without it")
+    healpix_order: int | None = option(None, "initial (local) HEALPix order", none_means="from --sigma-ang")
+    offset_range_px: float = option(3.0, "offset search range, px", flag="--offset-range")
+    offset_step_px: float = option(1.0, "offset search step, px", flag="--offset-step")
+    particle_diameter_angstrom: float | None = option(None, "mask diameter, A", flag="--particle-diameter",
+                                                      none_means="90%% of the box")
+    priors: bool = option(True, "prior columns from the predicted poses (--no-priors: the poses are only the start)")
+    mpi_ranks: int = option(3, "MPI ranks, >= 3", flag="--mpi")
+    threads: int = option(1, "threads per rank")
+    extra_args: str = option("", "extra arguments appended to relion_refine_mpi's command line", flag="--relion-args")
     relion_refine: str = "relion_refine_mpi"
     mpirun: str = "mpirun"
 

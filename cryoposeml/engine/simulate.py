@@ -31,6 +31,7 @@ from ..data.bundled import resolve_map
 from ..data.mrc import read_map, write_stack
 from ..data.preprocess import phase_flip
 from ..data.star import ParticleStar, read_star, write_star
+from ..options import option
 from ._outputs import stamp, staged_dir, write_json
 
 __all__ = ["SimulationConfig", "simulate"]
@@ -40,26 +41,28 @@ JUNK_NONE, JUNK_NOISE, JUNK_OTHER_MAP = 0, 1, 2
 
 @dataclass
 class SimulationConfig:
-    map: str | tuple = "adk_open"         # path or bundled map name; several: one per state
+    map: str | tuple = "adk_open"         # path or bundled map name; several: one per state (the CLI's --map)
     state_weights: tuple | None = None    # with several maps: their shares (default equal)
-    n: int = 1000
-    snr: float | None = 0.1               # None: noise-free
-    ctf: bool = True
-    sym: str = "C1"
-    shift_sigma_angstrom: float = 0.0     # per-axis Gaussian sd of rlnOriginX/YAngst
-    junk_fraction: float = 0.0
-    junk_map: str = "other_ptp1b"
-    junk_noise_share: float = 0.5         # share of junk that is pure noise (rest: other map)
-    poses: str | None = None              # STAR with the poses (and shifts) to use
-    defocus_min_angstrom: float = 10000.0
+    n: int = option(1000, "number of particles")
+    snr: float | None = option(0.1, "signal-to-noise ratio, var(signal)/var(noise); 0 for noise-free")   # None: noise-free
+    ctf: bool = option(True, "apply a CTF")
+    sym: str = option("C1", "the map's point group, recorded")
+    shift_sigma_angstrom: float = option(0.0, "per-axis standard deviation of the origin shifts, Angstrom",
+                                         flag="--shift-sigma")
+    junk_fraction: float = option(0.0, "fraction of junk particles")
+    junk_map: str = option("other_ptp1b", "map for 'other protein' junk")
+    junk_noise_share: float = option(0.5, "share of the junk that is pure noise; the rest images the junk map")
+    poses: str | None = option(None, "STAR file whose poses (and shifts) to use", none_means="uniform random poses")
+    defocus_min_angstrom: float = 10000.0   # the CLI's --defocus-range MIN MAX
     defocus_max_angstrom: float = 25000.0
-    astigmatism_sd_angstrom: float = 200.0
-    voltage_kv: float = 300.0
-    cs_mm: float = 2.7
-    amplitude_contrast: float = 0.1
-    phase_flipped: bool = False           # write phase-flipped images (rlnCtfDataArePhaseFlipped 1)
-    stack_size: int = 1000
-    seed: int = 0
+    astigmatism_sd_angstrom: float = option(200.0, "standard deviation of the astigmatism, Angstrom",
+                                            flag="--astigmatism-sd")
+    voltage_kv: float = option(300.0, "kV", flag="--voltage")
+    cs_mm: float = option(2.7, "spherical aberration, mm", flag="--cs")
+    amplitude_contrast: float = option(0.1)
+    phase_flipped: bool = option(False, "write phase-flipped images (rlnCtfDataArePhaseFlipped 1 in the optics block)")
+    stack_size: int = option(1000, "images per .mrcs")
+    seed: int = option(0, "random seed")
     batch_size: int = 256
 
 

@@ -27,7 +27,8 @@ from ..core.symmetry import symmetric_distance_deg, symmetry_group
 from ..data.dataset import ParticleDataset
 from ..data.preprocess import Preprocessor
 from ..data.star import ParticleStar, read_star
-from ..families import family
+from ..families import FAMILIES, family
+from ..options import option
 from ..models import PoseNetConfig, build_model
 from ._checkpoint import restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
@@ -41,29 +42,37 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    model: str = "image2sphere"
-    sym: str = "C1"
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3                  # peak of the one-cycle schedule
+    model: str = option("image2sphere", "model family: " + "; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.values()),
+                        choices=tuple(FAMILIES))
+    sym: str = option("C1", "point group")
+    epochs: int = option(30)
+    batch_size: int = option(64)
+    lr: float = option(2e-3, "peak learning rate, one-cycle")
     weight_decay: float = 1e-4
-    box_px: int = 64                  # network input box; the field of view of the particles is kept
-    val_fraction: float = 0.1
-    patience: int = 10                # early stopping on the validation median error
-    halfsets: bool = False
-    augment: bool = True              # random in-plane D4 transforms with consistent labels
-    # cryo-forum's pairwise-distance loss with its curriculum, for the regression heads. Off by default:
-    # on the 2,800-particle test set it cost bingham 2.6 deg of held-out median (9.6 against 7.0)
-    siamese: bool = False
+    box_px: int = option(64, "network box; particles are Fourier-rescaled to it, keeping their field of view")
+    val_fraction: float = option(0.1, "particles held out for early stopping and the validation figures")
+    patience: int = option(10, "early-stopping epochs (on the validation median error)")
+    halfsets: bool = option(False, "one network per half-set (rlnRandomSubset)")
+    augment: bool = option(True, "random in-plane D4 transforms with consistent labels")
+    # on the 2,800-particle test set the distance loss cost bingham 2.6 deg of held-out median (9.6 against 7.0)
+    siamese: bool = option(False, "add cryo-forum's pairwise-distance loss with its curriculum to the regression heads "
+                                  "(bingham, sixd, equivariant); it slowed their learning in our tests")
     shift_weight: float = 0.1
-    widths: tuple = (32, 64, 128, 256)
-    dropout: float | None = None      # None: the family's default (cryoposeml.families)
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"           # auto: bfloat16 autocast on CUDA, float32 on CPU; or fp32, bf16
-    label_confidence: str = "auto"    # column weighting each particle's loss; auto: Relion's, if present
-    reference: bool = True            # keep the consensus reference (half-maps) and calibrate the matching
-    calibration_fraction: float = 0.1  # held out of training and of the reference, for that calibration
+    widths: tuple = option((32, 64, 128, 256), "encoder widths")
+    dropout: float | None = option(None, "dropout in the encoder and head",
+                                   none_means="the family's: " + ", ".join(f"{f.dropout:g} for {f.name}"
+                                                                           for f in FAMILIES.values()))
+    seed: int = option(0)
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    precision: str = option("auto", "auto: bfloat16 mixed precision on CUDA, float32 on CPU",
+                            choices=("auto", "fp32", "bf16"))
+    label_confidence: str = option("auto", "column weighting each particle's loss (a refinement's confidence in its "
+                                           "pose); auto: rlnMaxValueProbDistribution, else rlnParticleFigureOfMerit, "
+                                           "when present; none: equal weights")
+    reference: bool = option(True, "keep the consensus reference (half-maps of the training particles, used by predict "
+                                   "to verify the network's poses) and calibrate the matched uncertainty on it")
+    calibration_fraction: float = option(0.1, "particles held out of training and of the reference, on which the "
+                                              "matched uncertainty is calibrated")
     extra: dict = field(default_factory=dict)
 
 

@@ -55,6 +55,7 @@ from ..core.matching import SCORE_NOISE_SD, ReferenceMatcher, noise_power, pseud
 from ..core.metrics import fsc, particle_radius_px, resolution_at, soft_sphere_mask
 from ..core.symmetry import closest_mate_angle_deg, symmetry_group
 from ..data.mrc import read_map, write_map
+from ..options import option
 from ._outputs import write_json
 
 __all__ = ["MatchConfig", "Reference", "write_reference", "load_reference", "MATCHING_MODES", "verify_batch",
@@ -74,9 +75,12 @@ class MatchConfig:
     neighbours: int = 24              # library poses scored around each proposal
     top_k: int = 8                    # network proposals (distribution families)
     basin_separation_deg: float = 15.0
-    escalate_z: float | None = None   # auto: escalate when the proposals' best match z is below this;
-                                      # None: from the model's calibration and escalate_right
-    escalate_right: float = 0.2       # auto: the share of right proposals (calibration split) escalated too
+    escalate_z: float | None = option(None, "auto: search exhaustively the particles whose best proposal matches "
+                                            "with a z-score below this (overrides --escalate-right)",
+                                      none_means="from the model's calibration and --escalate-right")
+    escalate_right: float = option(0.2, "auto: the share of right proposals (on the model's calibration particles) "
+                                        "that are searched exhaustively too; the match-z threshold that gives it "
+                                        "catches most wrong proposals. Higher: more accurate and slower")
     refine_steps_deg: tuple = (3.75, 1.875, 0.94)   # then the posterior's parabolas place the peak
     refine_shift_steps_px: tuple = (1.0, 0.5, 0.25)
     fine_below_deg: float = 2.0       # refinement steps larger than this use the coarse band
