@@ -1,5 +1,7 @@
-"""Shared fixtures. Relion is a hard requirement of the suite (installed by bootstrap.sh): a missing
-Relion program fails the tests that need it instead of skipping them."""
+"""Shared fixtures and the markers (pytest.ini): ``relion`` (runs Relion's programs: skipped, with
+the reason, where they are not installed; bootstrap.sh installs them), ``scipion`` (a headless
+Scipion project or its GUI), ``train`` (trains a network or a decoder). ``-m "not train"`` and the
+like select parts of the suite."""
 from __future__ import annotations
 
 import os
@@ -22,8 +24,31 @@ os.environ.setdefault("SCIPION_PYTHON", sys.executable)
 MAPS = ROOT / "cryoposeml" / "resources" / "maps"
 
 
+#: the Relion programs the ``relion`` tests run
+RELION_PROGRAMS = ("relion_project", "relion_reconstruct", "relion_refine_mpi", "relion_image_handler",
+                   "relion_convert_star")
+#: fixtures that train a network: a test using one is a ``train`` test
+TRAINING_FIXTURES = {"tiny_training"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ("test_scipion.py", "test_gui.py"):
+            item.add_marker(pytest.mark.scipion)
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name == "test_scipion.py":
+            item.add_marker(pytest.mark.train)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("relion"):
+        missing = [p for p in RELION_PROGRAMS if shutil.which(p) is None]
+        if missing:
+            pytest.skip(f"Relion is not installed ({', '.join(missing)} not on PATH): apt-get install relion "
+                        "openmpi-bin, or bash bootstrap.sh setup")
+
+
 def relion(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
-    """Run a Relion program; fail (not skip) if it is missing or fails."""
+    """Run a Relion program (``relion`` tests only: they are skipped where Relion is missing)."""
     exe = shutil.which(args[0])
     assert exe, f"{args[0]} not found: Relion must be installed (bash bootstrap.sh setup)"
     r = subprocess.run([exe, *map(str, args[1:])], cwd=cwd, capture_output=True, text=True)

@@ -1,5 +1,6 @@
 """Ab initio building blocks: decoders render what the projector renders, global pose alignment
 finds the frame and the hand."""
+import pytest
 import numpy as np
 import torch
 
@@ -86,6 +87,7 @@ def test_the_rendering_explains_the_particles_at_their_true_poses(sim_noise_free
     assert right < 0.01 * wrong, (right, wrong)
 
 
+@pytest.mark.train
 def test_abinitio_runs_with_independent_halves(sim_noise_free_ctf, tmp_path):
     """End to end on a tiny set (not to convergence): both halves train, half 2 is put in half 1's
     frame, and the outputs a user expects are there; a second run into the folder is refused."""
@@ -118,6 +120,7 @@ def test_abinitio_runs_with_independent_halves(sim_noise_free_ctf, tmp_path):
     assert r.returncode == 1 and "already holds" in r.stderr
 
 
+@pytest.mark.train
 def test_abinitio_converges_on_a_tiny_noise_free_set(sim_noise_free_ctf, tmp_path):
     """600 noise-free particles (CTF, shifts), 24 px, D4 encoder with L2, about a minute on 2 cores:
     the pose search finds the map and the poses from random initialisation, the local refinement
@@ -213,6 +216,7 @@ def small_subset(star_path, n, out):
     return write_star(star, out)
 
 
+@pytest.mark.train
 def test_a_killed_and_resumed_abinitio_run_equals_an_uninterrupted_one(sim_noise_free_ctf, tmp_path, monkeypatch):
     """Killed after its first search epoch and resumed, a run ends where an uninterrupted one does
     (weights, poses and map to 1e-6): the checkpoint carries the shuffling and the device generators

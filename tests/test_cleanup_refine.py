@@ -128,6 +128,7 @@ def perturbed(tmp_path_factory):
     return write_star(s, d / "perturbed.star"), d
 
 
+@pytest.mark.relion
 def test_relion_local_refinement_improves_the_poses(perturbed):
     star, d = perturbed
     r = cli("refine", "--particles", star, "--out", d / "refine")
@@ -157,6 +158,7 @@ def test_relion_local_refinement_improves_the_poses(perturbed):
         assert (d / "refine" / f).stat().st_size > 64 ** 3 * 4
 
 
+@pytest.mark.relion
 def test_refine_reports_a_missing_relion(perturbed, tmp_path):
     from cryoposeml.core.errors import InputError
     from cryoposeml.engine.refine import RefineConfig, refine

@@ -152,6 +152,7 @@ def test_simulate_two_states_images_each_particle_from_its_own_map(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.relion
 def test_relion_30_star_is_read_as_relion_convert_star_converts_it(sim_noise_free_ctf, tmp_path):
     """A Relion 3.0 particle STAR (one block, optics values per particle, origins in pixels, the
     pixel size from the detector and magnification) reads as the Relion 3.1 file that Relion's own

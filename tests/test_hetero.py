@@ -1,4 +1,5 @@
 """Heterogeneity (HetACUMN): the conformation-conditioned decoder."""
+import pytest
 import numpy as np
 import torch
 
@@ -35,6 +36,7 @@ def test_conditional_decoder_mixes_exact_slices_of_its_maps():
     assert torch.allclose(fresh(A, torch.randn(4, 3)), fresh.maps[0](A))
 
 
+@pytest.mark.train
 def test_hetero_separates_two_states_from_consensus_poses(tmp_path):
     """600 noise-free particles (CTF, shifts), half AdK closed and half open, with consensus poses
     off by about 3 degrees (as a homogeneous refinement gives them), 24 px, about a minute on 2
@@ -113,6 +115,7 @@ def test_phase_schedule_with_and_without_the_class_restart():
     assert schedule(given, given=True) == ["consensus"] * 2 + ["hetero"] * 6
 
 
+@pytest.mark.train
 def test_a_killed_and_resumed_hetero_run_equals_an_uninterrupted_one(sim_noise_free_ctf, tmp_path, monkeypatch):
     """From no poses: killed after the search epoch and resumed, the run (conditional search, local
     refinement, task 2's random poses and noise) ends where an uninterrupted one does, to 1e-6."""

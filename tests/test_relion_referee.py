@@ -28,6 +28,7 @@ def _pose_star(n, apix, box, rng, shifts=True):
 
 
 @pytest.mark.parametrize("with_ctf_and_shifts", [False, True])
+@pytest.mark.relion
 def test_projection_matches_relion_project(tmp_path, adk_map, with_ctf_and_shifts):
     vol, apix = adk_map
     rng = np.random.default_rng(7)
@@ -53,6 +54,7 @@ def read_map_stack(path):
     return StackReader().read(path, np.arange(info.n))
 
 
+@pytest.mark.relion
 def test_relion_reconstructs_our_simulation(sim_noise_free_ctf, adk_map, tmp_path):
     """Our STAR, poses, shifts and CTF are what Relion understands."""
     vol, apix = adk_map
@@ -76,6 +78,7 @@ def relion_noisy(tmp_path_factory):
     return d
 
 
+@pytest.mark.relion
 def test_reconstruct_matches_relion_reconstruct(relion_noisy, adk_map):
     vol, apix = adk_map
     d = relion_noisy
@@ -91,6 +94,7 @@ def test_reconstruct_matches_relion_reconstruct(relion_noisy, adk_map):
     assert pcc(ours, theirs, soft_sphere_mask(vol.shape[0])) > 0.9
 
 
+@pytest.mark.relion
 def test_reconstruct_d2_matches_relion(relion_noisy):
     d = relion_noisy
     relion("relion_reconstruct", "--i", "noisy.star", "--o", "rel_d2.mrc", "--ctf", "--angpix", 1.5, "--sym", "D2",
@@ -106,6 +110,7 @@ def test_reconstruct_d2_matches_relion(relion_noisy):
     assert curve[1:int(0.9 * 32)].min() > 0.98, np.round(curve, 3)
 
 
+@pytest.mark.relion
 def test_phase_flipped_particles_reconstruct_as_relion_does(relion_noisy, adk_map):
     """Relion's noisy particles phase-flipped (as extraction with phase flipping writes them, the
     optics block saying so): cryoposeml reconstructs them as well as the originals, and as

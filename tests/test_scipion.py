@@ -255,6 +255,7 @@ class TestCryoposemlTemplates(BaseTest):
         assert prot.isFailed() and str(star) in prot.getErrorMessage() and "no poses" in prot.getErrorMessage()
         assert not prot.hasAttribute("outputParticles")
 
+    @pytest.mark.relion
     def test_pipeline_template(self):
         from cryoposeml.data.star import read_star
 

@@ -28,6 +28,7 @@ def test_group_is_a_group(sym):
 
 
 @pytest.mark.parametrize("sym", ["C3", "D2", "D3", "T", "O", "I"])
+@pytest.mark.relion
 def test_groups_match_relion(sym, tmp_path):
     """Our group must symmetrise a random map exactly as relion_image_handler --sym does."""
     rng = np.random.default_rng(1)
