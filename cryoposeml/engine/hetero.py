@@ -3,7 +3,9 @@
 A VAE: a pose encoder (rotation and shift, as in :mod:`~cryoposeml.engine.abinitio`) and a
 conformation encoder (the posterior of a latent ``z``, mean and variance) read each particle; a
 decoder conditioned on ``z`` (:class:`~cryoposeml.models.decoders.ConditionalVoxelDecoder`: a mean
-map plus basis maps mixed by a small network of ``z``) renders the particle's central slice.
+map plus one basis map per latent dimension, mixed linearly, ``V(z) = V_0 + sum_k z_k V_k``)
+renders the particle's central slice. The pose search is :mod:`cryoposeml.core.search`'s, the
+training loop :class:`~cryoposeml.engine.amortized.EpochLoop` (both shared with ab initio).
 
 Training:
 
