@@ -89,6 +89,29 @@ def write_stack(path, images: np.ndarray, pixel_size_angstrom: float) -> Path:
     return _write(path, images, pixel_size_angstrom, stack=True)
 
 
+class _MappedStack:
+    """One stack mapped read-only with the standard library's ``mmap`` (its ``madvise`` and ``close``
+    are public, unlike numpy.memmap's)."""
+
+    def __init__(self, info: StackInfo):
+        self.info = info
+        with open(info.path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def read(self, slices: np.ndarray) -> np.ndarray:
+        i = self.info
+        images = np.frombuffer(self.mm, dtype=i.dtype, count=i.n * i.ny * i.nx, offset=i.offset).reshape(i.n, i.ny, i.nx)
+        out = np.array(images[slices], dtype=np.float32)
+        del images     # no view may outlive the map (close() refuses while one exists)
+        # Give the mapped pages back (they stay in the page cache): resident memory stays flat
+        # however large the stacks are and however many particles pass through.
+        self.mm.madvise(mmap.MADV_DONTNEED)
+        return out
+
+    def close(self) -> None:
+        self.mm.close()
+
+
 class StackReader:
     """Reads images from many stacks through memory maps, keeping at most ``max_open`` mapped at
     once (least recently used are closed) and releasing the pages each read touched, so neither
@@ -96,7 +119,7 @@ class StackReader:
 
     def __init__(self, max_open: int = 32):
         self.max_open = max_open
-        self._maps: collections.OrderedDict[Path, np.memmap] = collections.OrderedDict()
+        self._maps: collections.OrderedDict[Path, _MappedStack] = collections.OrderedDict()
         self._infos: dict[Path, StackInfo] = {}
         self._lock = threading.Lock()
 
@@ -105,17 +128,15 @@ class StackReader:
             self._infos[path] = stack_info(path)
         return self._infos[path]
 
-    def _map(self, path: Path) -> np.memmap:
+    def _map(self, path: Path) -> _MappedStack:
         mm = self._maps.get(path)
         if mm is not None:
             self._maps.move_to_end(path)
             return mm
-        info = self.info(path)
-        mm = np.memmap(path, dtype=info.dtype, mode="r", offset=info.offset, shape=(info.n, info.ny, info.nx))
-        self._maps[path] = mm
+        mm = self._maps[path] = _MappedStack(self.info(path))
         while len(self._maps) > self.max_open:
             _, old = self._maps.popitem(last=False)
-            old._mmap.close()
+            old.close()
         return mm
 
     def read(self, path: Path, slices: np.ndarray) -> np.ndarray:
@@ -125,17 +146,12 @@ class StackReader:
             bad = (slices < 0) | (slices >= info.n)
             if bad.any():
                 raise InputError(f"image {int(slices[bad][0]) + 1} requested but the stack has {info.n}", path)
-            mm = self._map(path)
-            out = np.array(mm[slices], dtype=np.float32)
-            # Give the mapped pages back (they stay in the page cache): resident memory stays flat
-            # however large the stacks are and however many particles pass through.
-            mm._mmap.madvise(mmap.MADV_DONTNEED)
-            return out
+            return self._map(path).read(slices)
 
     def close(self) -> None:
         with self._lock:
             for mm in self._maps.values():
-                mm._mmap.close()
+                mm.close()
             self._maps.clear()
 
 

@@ -20,6 +20,7 @@ from e3nn import o3
 from torch import nn
 
 from ..core.rotations import matrix_to_quaternion
+from ..core.search import axis_moves
 from .encoders import BlurStack, VGGEncoder
 
 __all__ = ["Image2Sphere", "so3_healpix_grid_e3nn", "flat_wigner"]
@@ -223,14 +224,9 @@ class Image2Sphere(nn.Module):
     def _refine(self, coeffs: torch.Tensor, R: torch.Tensor, steps: int = 4) -> torch.Tensor:
         """Hill-climb the SO(3) signal from the best grid rotation with shrinking rotations about
         the 3 axes (deterministic)."""
-        step = math.radians(60.0 / 2**self.cfg.grid_order) / 2
-        axes = torch.eye(3, device=R.device, dtype=R.dtype)
+        step = 60.0 / 2**self.cfg.grid_order / 2
         for _ in range(steps):
-            deltas = [torch.eye(3, device=R.device, dtype=R.dtype)]
-            for a in axes:
-                for s in (-step, step):
-                    deltas.append(_axis_angle(a, s))
-            D = torch.stack(deltas)                                     # (K, 3, 3)
+            D = axis_moves(step, R.device, R.dtype)                     # (7, 3, 3), the identity first
             cand = R[:, None] @ D[None]                                 # (B, K, 3, 3)
             ang = o3.matrix_to_angles(cand.reshape(-1, 3, 3).float())
             W = flat_wigner(self.lmax, *ang).reshape(cand.shape[0], cand.shape[1], -1)
@@ -238,10 +234,3 @@ class Image2Sphere(nn.Module):
             R = cand[torch.arange(len(R)), val.argmax(-1)]
             step /= 2
         return R
-
-
-def _axis_angle(axis: torch.Tensor, angle: float) -> torch.Tensor:
-    K = torch.zeros(3, 3, dtype=axis.dtype, device=axis.device)
-    K[0, 1], K[0, 2], K[1, 2] = -axis[2], axis[1], -axis[0]
-    K = K - K.T
-    return torch.eye(3, dtype=axis.dtype, device=axis.device) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
