@@ -53,6 +53,8 @@ mkdir -p "$SCIPION_USER_DATA" "$SCIPION_TESTS" "$SCIPION_HOME/config"
 case "$what" in
   setup) echo "[bootstrap] ready: $ROOT/.venv/bin/cryoposeml" ;;
   demo) exec .venv/bin/cryoposeml demo --out "${1:-demo_out}" ;;
-  test) exec .venv/bin/python -m pytest -ra "$@" ;;
+  # two workers, one test file each at a time (a file's fixtures are built once): the suite waits on
+  # subprocesses, Relion and Scipion much of the time, so the second core is used while the first waits
+  test) exec .venv/bin/python -m pytest -ra -n "${CRYOPOSEML_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   *) echo "usage: bash bootstrap.sh {setup|demo [DIR]|test [PYTEST ARGS]}" >&2; exit 2 ;;
 esac

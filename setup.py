@@ -47,7 +47,7 @@ setup(
             "scikit-learn>=1.3",  # isotonic calibration of the matched uncertainty
         ],
         "scipion": ["scipion-pyworkflow>=3.11", "scipion-em>=3.11", "scipion-em-relion>=5.0"],
-        "test": ["pytest>=8", "psutil", "scipion-app>=3.8"],  # scipion-app: the real installer Environment
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "psutil", "scipion-app>=3.8"],  # scipion-app: the real installer Environment
     },
     entry_points={
         "pyworkflow.plugin": ["cryoposeml = cryoposeml"],
