@@ -6,6 +6,7 @@
 # Environment:
 #   CRYOPOSEML_PYTHON      interpreter for the venv (default: python3.11, else python3)
 #   CRYOPOSEML_TORCH       pip spec for torch (default torch==2.13.0: the CPU build here)
+#   CRYOPOSEML_TEST_WORKERS pytest-xdist workers for the tests (default 2)
 #   CRYOPOSEML_TORCH_INDEX extra index for a CUDA build of torch, e.g.
 #                          https://download.pytorch.org/whl/cu128 (with CRYOPOSEML_TORCH=torch)
 set -euo pipefail
