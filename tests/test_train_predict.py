@@ -337,13 +337,13 @@ class _Evil:
         return (os.system, ("touch pwned_by_pickle",))
 
 
-def test_a_pickle_that_would_run_code_is_refused(tiny_training, tmp_path, monkeypatch):
+def test_a_pickle_that_would_run_code_is_refused(sim_noise_free_ctf, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "model"
     (out / "full").mkdir(parents=True)
     with open(out / "full" / "checkpoint.pt", "wb") as f:
         pickle.dump({"model": _Evil()}, f)
-    r = cli("train", "--particles", tiny_training / "train.star", "--out", out, "--resume", "--epochs", 1, *TINY,
+    r = cli("train", "--particles", sim_noise_free_ctf / "ground_truth.star", "--out", out, "--resume", "--epochs", 1, *TINY,
             cwd=tmp_path)
     assert r.returncode == 1 and "refused" in r.stderr, r.stderr
     assert not (tmp_path / "pwned_by_pickle").exists()
@@ -382,11 +382,12 @@ def test_halfsets_predict_their_own_half(tiny_training, tmp_path):
         assert runs[other]["particles"] == (test_subset == 2).sum()
 
 
-def test_label_confidence_weights(tiny_training):
+def test_label_confidence_weights(sim_noise_free_ctf):
+    """A unit test of the weights: simulated particles, no training."""
     from cryoposeml.core.errors import InputError
     from cryoposeml.engine.train import label_weights
 
-    star = read_star(tiny_training / "test.star")
+    star = read_star(sim_noise_free_ctf / "ground_truth.star")
     w, col = label_weights(star, "auto", "x.star")
     assert col is None and (w == 1).all()
     conf = np.linspace(0.0, 1.0, len(star))
