@@ -19,6 +19,15 @@ ENGINE_MODULES = {"torch", "healpy", "e3nn", "escnn", "roma", "safetensors", "sk
 COMMANDS = ["simulate", "train", "predict", "cleanup", "reconstruct", "refine", "evaluate", "abinitio", "hetero", "demo"]
 
 
+def add_run_options(p, reference_help: str, map_help: str, several_maps: bool = False) -> None:
+    """The options of the commands that learn a map (ab initio, heterogeneity) besides their
+    configuration: the truth they are measured against (metrics only) and ``--resume``."""
+    p.add_argument("--reference", help=reference_help)
+    p.add_argument("--reference-map", help=map_help, **({"nargs": "+", "default": []} if several_maps else {}))
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (it ends as an "
+                   "uninterrupted run would)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cryoposeml", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"cryoposeml {__version__}")

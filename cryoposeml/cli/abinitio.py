@@ -6,16 +6,15 @@ each epoch logs the pose error after the best global alignment (seed 004's MSE /
 """
 from ..engine.abinitio import AbinitioConfig, abinitio
 from ..options import add_options, from_args
+from . import add_run_options
 
 
 def add_args(p):
     p.add_argument("--particles", required=True, help="Relion 3.1+ particle STAR (poses not needed)")
     p.add_argument("--out", required=True, help="output folder")
     add_options(p, AbinitioConfig)
-    p.add_argument("--reference", help="STAR with the true poses (metrics only)")
-    p.add_argument("--reference-map",
-                   help="the true map, a file or a bundled name (final FSC; needs --reference)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_run_options(p, "STAR with the true poses (metrics only)",
+                    "the true map, a file or a bundled name (final FSC; needs --reference)")
 
 
 def main(args):

@@ -7,16 +7,15 @@ rlnCpmlState, e.g. simulate's ground_truth.star) it logs the misclassification a
 """
 from ..engine.hetero import HeteroConfig, hetero
 from ..options import add_options, from_args
+from . import add_run_options
 
 
 def add_args(p):
     p.add_argument("--particles", required=True, help="Relion 3.1+ particle STAR")
     p.add_argument("--out", required=True, help="output folder")
     add_options(p, HeteroConfig)
-    p.add_argument("--reference", help="STAR with the true poses and rlnCpmlState (metrics only)")
-    p.add_argument("--reference-map", nargs="+", default=[],
-                   help="the true map of each state, in rlnCpmlState order (files or bundled names)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    add_run_options(p, "STAR with the true poses and rlnCpmlState (metrics only)",
+                    "the true map of each state, in rlnCpmlState order (files or bundled names)", several_maps=True)
 
 
 def main(args):

@@ -1,13 +1,12 @@
 import enum
-import json
 
 import pyworkflow.protocol.params as params
 from pyworkflow import BETA
 import pwem.objects as emobj
 from pwem.protocols import ProtInitialVolume
 
-from ..convert import fillParticles, writeParticlesStar
-from .protocol_base import CryoPoseMLProtBase
+from ..convert import fillParticles
+from .protocol_base import CryoPoseMLProtBase, MapLearningSteps
 
 ENCODERS = ["equivariant", "cnn"]
 DECODERS = ["voxel", "fouriernet"]
@@ -19,7 +18,7 @@ class AbinitioOutputs(enum.Enum):
     outputParticles = emobj.SetOfParticles
 
 
-class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
+class CryoPoseMLProtAbinitio(MapLearningSteps, CryoPoseMLProtBase, ProtInitialVolume):
     """A map and the particles' poses from scratch (no poses, no reference).
 
     An encoder (the D4-equivariant escnn network, or a CNN) maps each image to a pose and a shift;
@@ -30,6 +29,7 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
     each half is reconstructed independently (gold standard).
     """
     _label = "ab initio (amortized)"
+    _command = "abinitio"
     _devStatus = BETA
     _possibleOutputs = AbinitioOutputs
 
@@ -70,31 +70,13 @@ class CryoPoseMLProtAbinitio(CryoPoseMLProtBase, ProtInitialVolume):
 
     # -------------------------- steps --------------------------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.abinitioStep)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
-
-    def _outDir(self, *parts):
-        return self._getExtraPath("abinitio", *parts)
-
-    def convertInputStep(self):
-        writeParticlesStar(self.inputParticles.get(), self._getExtraPath("input_particles.star"), self._getExtraPath())
+        self._insertMapLearningSteps(self.abinitioStep)
 
     def abinitioStep(self):
-        args = (f"--particles {self._getExtraPath('input_particles.star')} --out {self._outDir()} "
-                f"--encoder {ENCODERS[self.encoder.get()]} --decoder {DECODERS[self.decoder.get()]} "
-                f"--loss {LOSSES[self.loss.get()]} --epochs {self.epochs.get()} --box-px {self.boxPx.get()} "
-                f"--batch-size {self.batchSize.get()} --seed {self.seed.get()}")
-        if self.searchEpochs.get() >= 0:
-            args += f" --search-epochs {self.searchEpochs.get()}"
-        if self.halfSets:
-            args += " --halves"
-        args += self._resumeArgs(self.continueRun.get(), "abinitio", "abinitio.json")
-        self.runCryoposeml("abinitio", f"{args} {self.extraParams.get() or ''}")
-
-    def summaryJson(self):
-        with open(self._outDir("abinitio.json")) as f:
-            return json.load(f)
+        self._runMapLearning(f"--encoder {ENCODERS[self.encoder.get()]} --decoder {DECODERS[self.decoder.get()]} "
+                             f"--loss {LOSSES[self.loss.get()]} --epochs {self.epochs.get()} --box-px {self.boxPx.get()} "
+                             f"--batch-size {self.batchSize.get()} --seed {self.seed.get()}"
+                             + (" --halves" if self.halfSets else ""))
 
     def createOutputStep(self):
         inp = self.inputParticles.get()

@@ -127,3 +127,38 @@ class CryoPoseMLProtBase(EMProtocol):
         if needAlignment and not particles.hasAlignmentProj():
             errors.append("The particles have no 3D alignment (projection angles).")
         return errors
+
+
+class MapLearningSteps:
+    """The steps ab initio and heterogeneity share (a mixin of :class:`CryoPoseMLProtBase`): write the
+    input particles, run ``cryoposeml <_command>`` into ``extra/<_command>`` (continuing a previous
+    run's folder when asked), read its ``<_command>.json``."""
+    _command = None
+
+    def _insertMapLearningSteps(self, runStep):
+        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
+        self._insertFunctionStep(runStep)
+        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
+
+    def _outDir(self, *parts):
+        return self._getExtraPath(self._command, *parts)
+
+    def convertInputStep(self):
+        from ..convert import writeParticlesStar
+
+        writeParticlesStar(self.inputParticles.get(), self._getExtraPath("input_particles.star"), self._getExtraPath())
+
+    def _runMapLearning(self, args: str) -> None:
+        """``args``: the command's own options; the input, output, search epochs, resume and extra
+        arguments are added here."""
+        args = f"--particles {self._getExtraPath('input_particles.star')} --out {self._outDir()} {args}"
+        if self.searchEpochs.get() >= 0:
+            args += f" --search-epochs {self.searchEpochs.get()}"
+        args += self._resumeArgs(self.continueRun.get(), self._command, f"{self._command}.json")
+        self.runCryoposeml(self._command, f"{args} {self.extraParams.get() or ''}")
+
+    def summaryJson(self):
+        import json
+
+        with open(self._outDir(f"{self._command}.json")) as f:
+            return json.load(f)

@@ -1,5 +1,4 @@
 import enum
-import json
 import os
 
 import pyworkflow.protocol.params as params
@@ -7,8 +6,8 @@ from pyworkflow import BETA
 import pwem.objects as emobj
 from pwem.protocols import ProtClassify3D
 
-from ..convert import fillParticles, writeParticlesStar
-from .protocol_base import CryoPoseMLProtBase
+from ..convert import fillParticles
+from .protocol_base import CryoPoseMLProtBase, MapLearningSteps
 
 ENCODERS = ["cnn", "equivariant"]
 
@@ -19,7 +18,7 @@ class HeteroOutputs(enum.Enum):
     outputVolumes = emobj.SetOfVolumes
 
 
-class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
+class CryoPoseMLProtHetero(MapLearningSteps, CryoPoseMLProtBase, ProtClassify3D):
     """Poses and conformations together (HetACUMN): per-particle conformation z, classes, a volume each.
 
     A VAE: a pose encoder and a conformation encoder read each particle; the decoder is a mean map
@@ -32,6 +31,7 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
     of z, k-means classes, a map reconstructed from each class's particles (with half-maps).
     """
     _label = "heterogeneity (HetACUMN)"
+    _command = "hetero"
     _devStatus = BETA
     _possibleOutputs = HeteroOutputs
 
@@ -71,31 +71,13 @@ class CryoPoseMLProtHetero(CryoPoseMLProtBase, ProtClassify3D):
 
     # -------------------------- steps --------------------------------------
     def _insertAllSteps(self):
-        self._insertFunctionStep(self.convertInputStep, needsGPU=False)
-        self._insertFunctionStep(self.heteroStep)
-        self._insertFunctionStep(self.createOutputStep, needsGPU=False)
-
-    def _outDir(self, *parts):
-        return self._getExtraPath("hetero", *parts)
-
-    def convertInputStep(self):
-        writeParticlesStar(self.inputParticles.get(), self._getExtraPath("input_particles.star"), self._getExtraPath())
+        self._insertMapLearningSteps(self.heteroStep)
 
     def heteroStep(self):
-        args = (f"--particles {self._getExtraPath('input_particles.star')} --out {self._outDir()} "
-                f"--poses {'input' if self.usePoses else 'search'} --classes {self.classes.get()} "
-                f"--zdim {self.zdim.get()} --epochs {self.epochs.get()} --box-px {self.boxPx.get()} "
-                f"--encoder {ENCODERS[self.encoder.get()]} --batch-size {self.batchSize.get()} --seed {self.seed.get()}")
-        if self.searchEpochs.get() >= 0:
-            args += f" --search-epochs {self.searchEpochs.get()}"
-        if not self.task2:
-            args += " --no-task2"
-        args += self._resumeArgs(self.continueRun.get(), "hetero", "hetero.json")
-        self.runCryoposeml("hetero", f"{args} {self.extraParams.get() or ''}")
-
-    def summaryJson(self):
-        with open(self._outDir("hetero.json")) as f:
-            return json.load(f)
+        self._runMapLearning(f"--poses {'input' if self.usePoses else 'search'} --classes {self.classes.get()} "
+                             f"--zdim {self.zdim.get()} --epochs {self.epochs.get()} --box-px {self.boxPx.get()} "
+                             f"--encoder {ENCODERS[self.encoder.get()]} --batch-size {self.batchSize.get()} "
+                             f"--seed {self.seed.get()}" + ("" if self.task2 else " --no-task2"))
 
     def _classMap(self, k):
         return self._outDir(f"class_{k:03d}.mrc")
