@@ -54,8 +54,12 @@ mkdir -p "$SCIPION_USER_DATA" "$SCIPION_TESTS" "$SCIPION_HOME/config"
 case "$what" in
   setup) echo "[bootstrap] ready: $ROOT/.venv/bin/cryoposeml" ;;
   demo) exec .venv/bin/cryoposeml demo --out "${1:-demo_out}" ;;
-  # two workers, one test file each at a time (a file's fixtures are built once): the suite waits on
-  # subprocesses, Relion and Scipion much of the time, so the second core is used while the first waits
-  test) exec .venv/bin/python -m pytest -ra -n "${CRYOPOSEML_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+  # Two workers, one test file each at a time (a file's fixtures are built once): the suite waits on
+  # subprocesses, Relion and Scipion much of the time, so the second core works while the first waits.
+  # One thread per process then: two workers' OpenMP teams of two on two cores spin against each other.
+  test)
+    workers=${CRYOPOSEML_TEST_WORKERS:-2}
+    if [ "$workers" != 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}; fi
+    exec .venv/bin/python -m pytest -ra -n "$workers" --dist loadfile "$@" ;;
   *) echo "usage: bash bootstrap.sh {setup|demo [DIR]|test [PYTEST ARGS]}" >&2; exit 2 ;;
 esac

@@ -109,7 +109,7 @@ def wait_finished(test, prot, timeout_s=1800):
         prot = test.proj.getProtocol(prot.getObjId())
         if prot.isFinished() or prot.isFailed() or prot.isAborted():
             break
-        time.sleep(3)
+        time.sleep(1)
     if not prot.isFinished():
         test.printLastLogLines(prot)
         raise AssertionError(f"{prot.getRunName()} ended {prot.getStatus()}: {prot.getErrorMessage()}")
@@ -463,7 +463,7 @@ class TestCryoposemlTemplates(BaseTest):
                 return fresh
             if until is None and all(p.isFinished() for p in fresh):
                 return fresh
-            time.sleep(3)
+            time.sleep(1)
         for p in protocols:
             self.printLastLogLines(p)
         raise AssertionError(f"timed out after {timeout} s")
