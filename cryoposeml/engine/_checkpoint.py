@@ -8,7 +8,16 @@ import torch
 
 from ..core.errors import InputError
 
-__all__ = ["load_checkpoint", "restore", "save_checkpoint", "write_rows_csv"]
+__all__ = ["load_checkpoint", "restore", "save_checkpoint", "write_rows_csv", "global_rng_state"]
+
+
+def global_rng_state() -> dict:
+    """torch's global random state (dropout, and any draw without a generator of its own): the CPU's and,
+    where CUDA is used, every device's. Goes into every checkpoint; :func:`restore` sets it back."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda_rng"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
 
 
 def load_checkpoint(path: Path, device) -> dict:
@@ -34,6 +43,10 @@ def restore(path: Path, device, model, optimizer, generator: torch.Generator, sc
     if scheduler is not None:
         scheduler.load_state_dict(saved["scheduler"])
     generator.set_state(saved["generator"].to("cpu"))   # generator states are CPU byte tensors
+    if "torch_rng" in saved:
+        torch.set_rng_state(saved["torch_rng"].to("cpu"))
+    if "torch_cuda_rng" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(saved["torch_cuda_rng"].to("cpu")))
     if device_generator is not None:
         if "device_generator" not in saved:
             raise InputError("this checkpoint has no device generator state (written by an older version): "

@@ -28,7 +28,7 @@ from ..data.dataset import ParticleDataset
 from ..data.preprocess import rescale
 from ..data.star import read_star
 from ..models import PoseNetConfig, build_model
-from ._checkpoint import restore, save_checkpoint, write_rows_csv
+from ._checkpoint import global_rng_state, restore, save_checkpoint, write_rows_csv
 from .plots import save_figure
 
 __all__ = ["ENCODERS", "MIN_REFINE_EPOCHS", "EpochLoop", "PoseBank", "pose_encoder", "working_set", "reference_rows",
@@ -175,7 +175,7 @@ class EpochLoop:
     tensors, averaged into the row; anything else is theirs to read in ``finish``).
 
     After each epoch the checkpoint (model, optimiser, the shuffling generator, the device
-    generator, the loop's state), ``metrics.csv`` and ``curves.png`` are written; at the end the
+    generator, torch's global random state, the loop's state), ``metrics.csv`` and ``curves.png`` are written; at the end the
     weights (without the pose bank) in ``weights.safetensors``."""
 
     def __init__(self, net, opt, *, n: int, batch_size: int, epochs: int, seed: int, device, out: Path,
@@ -234,7 +234,8 @@ class EpochLoop:
             self.state["epoch"] = epoch + 1
             log.info("%sepoch %d (%s): loss %.4g%s%s", prefix, epoch + 1, phase, row["loss"],
                      f", {100 * row['moved']:.0f}% of best poses moved" if "moved" in row else "", note)
-            save_checkpoint(self.checkpoint, {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+            save_checkpoint(self.checkpoint, {**global_rng_state(), "model": self.net.state_dict(),
+                                              "optimizer": self.opt.state_dict(),
                                               "generator": self.gen.get_state(),
                                               "device_generator": self.gen_device.get_state(),
                                               "state": json.dumps(self.state)})

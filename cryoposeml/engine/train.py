@@ -30,7 +30,7 @@ from ..data.star import ParticleStar, read_star
 from ..families import FAMILIES, family
 from ..options import option
 from ..models import PoseNetConfig, build_model
-from ._checkpoint import restore, save_checkpoint, write_rows_csv
+from ._checkpoint import global_rng_state, restore, save_checkpoint, write_rows_csv
 from ._outputs import check_run_folder, stamp, write_json
 from .calibration import auroc, cross_fitted_ece, fit_calibration
 from .plots import save_figure, training_figure
@@ -292,7 +292,7 @@ def _train_one(cfg: TrainConfig, net_cfg: PoseNetConfig, images, A, origins, wei
             if improved:
                 save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()},
                           str(outdir / "weights.safetensors"))
-            save_checkpoint(ckpt, {"model": core.state_dict(), "optimizer": opt.state_dict(),
+            save_checkpoint(ckpt, {**global_rng_state(), "model": core.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                    "state": json.dumps(state)})
             write_rows_csv(outdir / "metrics.csv", state["rows"])
