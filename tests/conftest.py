@@ -31,7 +31,15 @@ RELION_PROGRAMS = ("relion_project", "relion_reconstruct", "relion_refine_mpi", 
 TRAINING_FIXTURES = {"tiny_training"}
 
 
+#: the longest files first, so that two xdist workers (bootstrap.sh) end together instead of one of
+#: them starting a 10-minute file last
+LONGEST_FIRST = ("test_train_predict.py", "test_scipion.py", "test_families.py", "test_cleanup_refine.py",
+                 "test_evaluate_cli.py", "test_training_runs.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))      # stable: the order within a file is kept
     for item in items:
         if item.path.name in ("test_scipion.py", "test_gui.py"):
             item.add_marker(pytest.mark.scipion)

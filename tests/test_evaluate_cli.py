@@ -99,7 +99,7 @@ def test_evaluate_with_map(sim_noise_free_ctf, tmp_path):
 def test_demo_runs(tmp_path):
     """The whole pipeline, tiny (a model trained for 2 epochs predicts little): every stage runs, the
     report's numbers are the evaluations', and a second run never overwrites the first."""
-    args = ["demo", "--out", tmp_path / "demo", "--n-train", 600, "--n", 300, "--epochs", 2]
+    args = ["demo", "--out", tmp_path / "demo", "--n-train", 500, "--n", 250, "--epochs", 2]
     r = cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     d = tmp_path / "demo"
@@ -112,7 +112,7 @@ def test_demo_runs(tmp_path):
         assert float(row[3]) == pytest.approx(ev["poses"]["median_deg"], abs=0.006)
         assert float(row[6]) == pytest.approx(ev["maps"]["resolution_half_maps_fsc0143_angstrom"], abs=0.006)
     kept, gone = read_star(d / "cleanup" / "kept.star"), d / "cleanup" / "kept_discarded.star"
-    assert len(kept) + (len(read_star(gone)) if gone.exists() else 0) == 300
+    assert len(kept) + (len(read_star(gone)) if gone.exists() else 0) == 250
     assert len(read_star(d / "refine" / "refined.star")) == len(kept)
     again = cli(*args)
     assert again.returncode == 1 and "already exists" in again.stderr

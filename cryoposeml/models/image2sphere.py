@@ -194,32 +194,58 @@ class Image2Sphere(nn.Module):
     @torch.no_grad()
     def top_k(self, out: dict, k: int, group: torch.Tensor, separation_deg: float = 15.0) -> dict:
         """The ``k`` most probable distinct poses from a forward pass's output: the highest local
-        maxima of the grid distribution (no cell within 25 deg is higher), each at least
-        ``separation_deg`` from the earlier ones and from their symmetry mates (``group``
-        ``(G, 3, 3)``), then refined like the main pose (rank 1 is the main pose). Returns
-        ``matrix`` ``(B, k, 3, 3)`` and ``probability`` ``(B, k)``: the mass within
-        ``confidence_radius_deg``. A particle with fewer than ``k`` peaks repeats its last one with
-        probability 0."""
+        maxima of the grid distribution (no cell within 25 deg is higher), each refined like the main
+        pose (rank 1 is the main pose) and at least ``separation_deg`` from the earlier ones and their
+        symmetry mates (``group`` ``(G, 3, 3)``) after refinement: a peak whose refinement climbs
+        onto an earlier pose is passed over for the next one. Returns ``matrix`` ``(B, k, 3, 3)`` and
+        ``probability`` ``(B, k)``: the mass within ``confidence_radius_deg``. A particle with fewer
+        than ``k`` distinct peaks repeats its last one with probability 0."""
         prob = out["logits"].softmax(-1)
         G = self.grid_matrix
+        group = group.to(G.dtype)
         nb = self._grid_neighbours(25.0)
         avail = prob >= prob[:, nb].amax(-1)                          # local maxima
         cos_sep = math.cos(math.radians(separation_deg))
         cos_r = math.cos(math.radians(self.confidence_radius_deg))
         mats, probs = [], []
         for rank in range(k):
-            found = avail.any(-1)
-            best = prob.masked_fill(~avail, -1.0).argmax(-1)
-            R = self._refine(out["coeffs"], G[best])
+            R, best, found = self._next_peak(out["coeffs"], prob, avail, mats, group, separation_deg)
             if rank:   # no peak left: repeat the previous pose with probability 0
                 R = torch.where(found[:, None, None], R, mats[-1])
             tr = torch.einsum("bij,nij->bn", R, G)
             probs.append((prob * (((tr - 1) / 2) > cos_r)).sum(-1) * found)
             mats.append(R)
-            mates = G[best][:, None] @ group.to(R.dtype)[None]                   # (B, |G|, 3, 3)
+            mates = G[best][:, None] @ group[None]                                # (B, |G|, 3, 3)
             tr_m = torch.einsum("bgij,nij->bgn", mates, G)
             avail &= ~(((tr_m - 1) / 2) > cos_sep).any(1)
         return {"matrix": torch.stack(mats, 1), "probability": torch.stack(probs, 1)}
+
+    def _next_peak(self, coeffs, prob, avail, earlier: list, group, separation_deg: float, tries: int = 8):
+        """The best available peak of each particle, refined, that stays ``separation_deg`` from the
+        ``earlier`` poses (peaks that climb onto one are struck off ``avail``, in place) ->
+        ``(R, best cell, found)``."""
+        from ..core.symmetry import closest_mate_angle_deg
+
+        G = self.grid_matrix
+        R = best = found = None
+        pending = torch.ones(len(prob), dtype=torch.bool, device=prob.device)
+        for _ in range(tries):
+            f = avail.any(-1)
+            b = prob.masked_fill(~avail, -1.0).argmax(-1)
+            r = self._refine(coeffs, G[b])
+            if R is None:
+                R, best, found = r, b, f
+            else:
+                R[pending], best[pending], found[pending] = r[pending], b[pending], f[pending]
+            near = torch.zeros_like(pending)
+            for M in earlier:
+                near |= closest_mate_angle_deg(R, M, group) < separation_deg
+            near &= found
+            if not near.any():
+                return R, best, found
+            avail[near, best[near]] = False
+            pending = near
+        return R, best, found & ~near
 
     def _refine(self, coeffs: torch.Tensor, R: torch.Tensor, steps: int = 4) -> torch.Tensor:
         """Hill-climb the SO(3) signal from the best grid rotation with shrinking rotations about
