@@ -20,9 +20,9 @@ For each particle (in batches, memory bounded):
    16-deg network: escalating 21% of particles gives 92% under 5 deg, 36% gives 96%, 61% gives the
    exhaustive search's 97%), so the share trades accuracy for time. Escalation is decided before the
    refinement, so every particle is refined once (on the CPU the refinement, not the library's
-   matrix products, is what costs). The threshold is calibrated at training time: the 5th percentile of the
-   match z of calibration particles whose proposals were right (within 5 degrees), so 95% of
-   right proposals are trusted. At SNR 0.1 a right and a wrong proposal differ by only a few
+   matrix products, is what costs). The threshold is calibrated at training time from the match z
+   of calibration particles whose proposals were right (within 5 degrees): its ``escalate_right``
+   quantile, so by default 80% of right proposals are trusted. At SNR 0.1 a right and a wrong proposal differ by only a few
    noise SDs (measured: right 14, wrong 7.5 median), so a fixed threshold cannot be set a priori.
 4. **Uncertainty**: a Laplace approximation of the posterior about the final pose
    (log-likelihood ``s^2`` at turns of 1 and 2 ``posterior_step_deg`` about each axis) gives the
