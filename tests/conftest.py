@@ -71,6 +71,26 @@ def cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd, capture_output=True, text=True)
 
 
+def write_rows(star_path, rows, out) -> Path:
+    """The particles ``rows`` (a slice or indices) of a STAR, written to ``out`` (image paths kept valid)."""
+    from cryoposeml.data.star import read_star, write_star
+
+    star = read_star(star_path)
+    star.particles = star.particles.iloc[rows].reset_index(drop=True)
+    return write_star(star, out)
+
+
+def simulate_split(d: Path, n_train: int, *simulate_args) -> Path:
+    """``cryoposeml simulate`` into ``d/sim``, its ground truth split into ``d/train.star`` (the first
+    ``n_train`` particles) and ``d/test.star`` (the rest, held out)."""
+    r = cli("simulate", *simulate_args, "--out", d / "sim")
+    assert r.returncode == 0, r.stderr
+    truth = d / "sim" / "ground_truth.star"
+    write_rows(truth, slice(0, n_train), d / "train.star")
+    write_rows(truth, slice(n_train, None), d / "test.star")
+    return d
+
+
 @pytest.fixture(scope="session")
 def adk_map():
     from cryoposeml.data.mrc import read_map

@@ -209,11 +209,9 @@ def assert_same_weights(a, b, atol=1e-6):
 
 
 def small_subset(star_path, n, out):
-    from cryoposeml.data.star import read_star, write_star
+    from conftest import write_rows
 
-    star = read_star(star_path)
-    star.particles = star.particles.iloc[:n].reset_index(drop=True)
-    return write_star(star, out)
+    return write_rows(star_path, slice(0, n), out)
 
 
 @pytest.mark.train

@@ -10,8 +10,7 @@ import json
 
 import pytest
 
-from conftest import cli
-from cryoposeml.data.star import read_star, write_star
+from conftest import cli, simulate_split
 
 pytestmark = pytest.mark.train
 
@@ -22,15 +21,8 @@ SMALL = ["--box-px", 32, "--widths", 16, 32, 64, "--batch-size", 64]
 def noisy_set(tmp_path_factory):
     """1,500 AdK particles at SNR 1 (per pixel of the 64 px box), CTF, 1.5 A shifts: 1,300 to train on,
     200 held out."""
-    d = tmp_path_factory.mktemp("families")
-    r = cli("simulate", "--n", 1500, "--snr", 1, "--shift-sigma", 1.5, "--seed", 5, "--out", d / "sim")
-    assert r.returncode == 0, r.stderr
-    star = read_star(d / "sim" / "ground_truth.star")
-    for name, rows in (("train", slice(0, 1300)), ("test", slice(1300, None))):
-        part = star.copy()
-        part.particles = star.particles.iloc[rows].reset_index(drop=True)
-        write_star(part, d / f"{name}.star")
-    return d
+    return simulate_split(tmp_path_factory.mktemp("families"), 1300, "--n", 1500, "--snr", 1, "--shift-sigma", 1.5,
+                          "--seed", 5)
 
 
 def _train(d, family: str, epochs: int) -> dict:

@@ -13,25 +13,15 @@ import pytest
 
 from cryoposeml.core.rotations import geodesic_distance_deg
 from cryoposeml.data.star import read_star
-from conftest import cli
+from conftest import cli, simulate_split
 
 
 
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    r = cli("simulate", "--n", 3000, "--no-noise", "--shift-sigma", 1.5, "--seed", 4, "--out", d / "sim")
-    assert r.returncode == 0, r.stderr
-    star = read_star(d / "sim" / "ground_truth.star")
     # held-out particles the model never sees: the last 200
-    train = star.copy()
-    train.particles = star.particles.iloc[:2800].reset_index(drop=True)
-    test = star.copy()
-    test.particles = star.particles.iloc[2800:].reset_index(drop=True)
-    from cryoposeml.data.star import write_star
-
-    write_star(train, d / "train.star")
-    write_star(test, d / "test.star")
+    d = simulate_split(tmp_path_factory.mktemp("train"), 2800, "--n", 3000, "--no-noise", "--shift-sigma", 1.5,
+                       "--seed", 4)
     t = time.perf_counter()
     r = cli("train", "--particles", d / "train.star", "--out", d / "model", "--model", "image2sphere",
             "--epochs", 20, "--no-augment", "--lr", "1e-3", "--box-px", 32, "--widths", 32, 64, 128)

@@ -17,7 +17,7 @@ from cryoposeml.core.inplane import D4, transform_images, transform_poses
 from cryoposeml.core.projection import Projector
 from cryoposeml.core.rotations import random_rotations
 from cryoposeml.data.star import read_star
-from conftest import cli
+from conftest import cli, simulate_split
 
 TINY = ["--box-px", 32, "--widths", 16, 32, 64, "--batch-size", 64]
 
@@ -25,17 +25,8 @@ TINY = ["--box-px", 32, "--widths", 16, 32, 64, "--batch-size", 64]
 @pytest.fixture(scope="module")
 def training_data(tmp_path_factory):
     """1,000 noise-free AdK particles (CTF, 1.5 A shifts): 900 to train on, 100 held out. No training."""
-    from cryoposeml.data.star import write_star
-
-    d = tmp_path_factory.mktemp("runs")
-    r = cli("simulate", "--n", 1000, "--no-noise", "--shift-sigma", 1.5, "--seed", 4, "--out", d / "sim")
-    assert r.returncode == 0, r.stderr
-    star = read_star(d / "sim" / "ground_truth.star")
-    for name, rows in (("train", slice(0, 900)), ("test", slice(900, None))):
-        part = star.copy()
-        part.particles = star.particles.iloc[rows].reset_index(drop=True)
-        write_star(part, d / f"{name}.star")
-    return d
+    return simulate_split(tmp_path_factory.mktemp("runs"), 900, "--n", 1000, "--no-noise", "--shift-sigma", 1.5,
+                          "--seed", 4)
 
 
 def test_d4_transforms_match_the_projector(adk_map):
