@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from cryoposeml.core.fourier import fftn_centered, ifftn_centered
+from cryoposeml.core.fourier import resample_volume
 from cryoposeml.core.metrics import fsc, resolution_at, soft_sphere_mask
 from cryoposeml.data.bundled import resolve_map
 from cryoposeml.data.mrc import read_map, write_map
@@ -33,13 +32,7 @@ from bench_predict import run_measured  # noqa: E402
 def padded_map(box: int, path: Path) -> tuple[np.ndarray, float]:
     """AdK at ``box`` px over the same field of view (its spectrum zero-padded)."""
     vol, apix = read_map(resolve_map("adk_open"))
-    n = vol.shape[0]
-    spec = fftn_centered(torch.as_tensor(vol, dtype=torch.float64))
-    big = torch.zeros((box,) * 3, dtype=spec.dtype)
-    lo = box // 2 - n // 2
-    big[lo:lo + n, lo:lo + n, lo:lo + n] = spec
-    out = (ifftn_centered(big).real * (box / n) ** 3).numpy().astype(np.float32)
-    new_apix = apix * n / box
+    out, new_apix = resample_volume(vol, box), apix * vol.shape[0] / box
     write_map(path, out, new_apix)
     return out, new_apix
 

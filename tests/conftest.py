@@ -91,6 +91,17 @@ def simulate_split(d: Path, n_train: int, *simulate_args) -> Path:
     return d
 
 
+#: the network every training test uses: 32 px, small encoder (2 cores; docs/benchmarks.md has the big ones)
+SMALL_NETWORK = ["--box-px", 32, "--widths", 16, 32, 64, "--batch-size", 64]
+
+
+def noisy_split(d: Path) -> Path:
+    """1,500 AdK particles at SNR 1 (per pixel of the 64 px box), CTF, 1.5 A shifts: ``d/train.star``
+    (1,300 to train on) and ``d/test.star`` (200 held out). test_train_predict.py and
+    test_families.py train on it."""
+    return simulate_split(d, 1300, "--n", 1500, "--snr", 1, "--shift-sigma", 1.5, "--seed", 5)
+
+
 @pytest.fixture(scope="session")
 def adk_map():
     from cryoposeml.data.mrc import read_map

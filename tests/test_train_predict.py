@@ -1,7 +1,8 @@
-"""Prediction with a trained model (one image2sphere network on 2,800 noise-free particles, shared
-by the file): deterministic, calibrated, verified against the kept reference, the streaming
-worker, transferability, top-k poses, refused inputs, phase-flipped particles. Training runs that
-need no trained model: tests/test_training_runs.py; every family on noisy data: tests/test_families.py."""
+"""Prediction with a trained model (one image2sphere network on 1,300 AdK particles at SNR 1, shared
+by the file; it is also image2sphere's family test): the network learns, its uncertainty is
+calibrated, verification against the kept reference makes its poses accurate, the streaming worker,
+transferability, top-k poses, refused inputs, phase-flipped particles. Training runs that need no
+trained model: tests/test_training_runs.py; the other families: tests/test_families.py."""
 import json
 import subprocess
 import sys
@@ -13,18 +14,17 @@ import pytest
 
 from cryoposeml.core.rotations import geodesic_distance_deg
 from cryoposeml.data.star import read_star
-from conftest import cli, simulate_split
+from conftest import SMALL_NETWORK, cli, noisy_split
 
 
 
 @pytest.fixture(scope="module")
 def tiny_training(tmp_path_factory):
-    # held-out particles the model never sees: the last 200
-    d = simulate_split(tmp_path_factory.mktemp("train"), 2800, "--n", 3000, "--no-noise", "--shift-sigma", 1.5,
-                       "--seed", 4)
+    """image2sphere trained on :func:`noisy_split` as test_families.py trains the other families."""
+    d = noisy_split(tmp_path_factory.mktemp("train"))
     t = time.perf_counter()
     r = cli("train", "--particles", d / "train.star", "--out", d / "model", "--model", "image2sphere",
-            "--epochs", 20, "--no-augment", "--lr", "1e-3", "--box-px", 32, "--widths", 32, 64, 128)
+            "--epochs", 20, *SMALL_NETWORK)
     assert r.returncode == 0, r.stderr
     print(f"tiny training took {time.perf_counter() - t:.0f} s")
     return d
@@ -34,8 +34,8 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     d = tiny_training
     meta = json.loads((d / "model" / "model.json").read_text())
     val = meta["runs"]["full"]["validation"]
-    # a random pose is ~126 deg off on average; the network must have learned the map's views
-    assert val["median_deg"] < 15, val
+    # a random pose is ~126 deg off at the median; the network must have learned the map's views
+    assert val["median_deg"] < 40, val
     # the network alone (its own calibration is what is checked here)
     for name in ("pred1", "pred2"):
         r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--out", d / f"{name}.star",
@@ -49,24 +49,32 @@ def test_training_learns_and_prediction_is_calibrated(tiny_training):
     r = cli("evaluate", "--particles", d / "pred1.star", "--reference", d / "test.star", "--out", d / "ev.json")
     assert r.returncode == 0, r.stderr
     ev = json.loads((d / "ev.json").read_text())["poses"]
-    assert ev["median_deg"] < 15, ev
-    # the expected error is of the right size on particles it never saw, and it ranks them:
-    # the confident half is more accurate than the other half
+    assert ev["median_deg"] < 40, ev
+    # the expected error is of the right size on particles it never saw: the calibration (fitted on
+    # the 130 validation particles) averages to their mean error, which differs from these 200's by
+    # sampling alone; at SNR 1 the errors spread from a few degrees to flips (s.d. ~60 deg), so within
+    # three standard errors of that difference (measured 43 vs 57 deg; 3 s.e. = 20 deg). A biased
+    # calibration is caught by test_calibration.py. Weighting by the FOM helps.
     expected = p1.particles["rlnCpmlExpectedErrorDeg"].to_numpy()
-    assert abs(np.mean(expected) - ev["mean_deg"]) < 10
-    assert ev["weighted_mean_deg"] < ev["mean_deg"]
+    err1 = geodesic_distance_deg(p1.matrices(), read_star(d / "test.star").matrices())
+    three_se = 3 * np.sqrt(err1.var() / val["particles"] + err1.var() / len(err1))
+    assert abs(np.mean(expected) - ev["mean_deg"]) < three_se, (np.mean(expected), ev["mean_deg"], three_se)
+    assert ev["weighted_mean_deg"] < ev["mean_deg"], ev   # measured 48.8 vs 56.6
     summary = json.loads((d / "pred1.json").read_text())
     assert summary["runs"]["full"]["transfers"]
     # verified against the model's reference (the default), the same particles come out far better:
-    # noise-free, the map pins every pose the network got into the right basin, and the rest escalate
+    # the map pins every pose the network got into the right basin, and the rest escalate (measured:
+    # median 0.60 deg, 96% under 5 deg, shifts 0.17 A); the verified expected error is calibrated
+    # (measured mean 1.19 deg against 1.03)
     r = cli("predict", "--particles", d / "test.star", "--model", d / "model", "--out", d / "verified.star")
     assert r.returncode == 0, r.stderr
     r = cli("evaluate", "--particles", d / "verified.star", "--reference", d / "test.star", "--out", d / "ev_v.json")
     assert r.returncode == 0, r.stderr
     ev_v = json.loads((d / "ev_v.json").read_text())["poses"]
-    assert ev_v["median_deg"] < 1.0 and ev_v["pct_under_5deg"] > 97, ev_v
+    assert ev_v["median_deg"] < 1.0 and ev_v["pct_under_5deg"] > 90, ev_v
     assert ev_v["shift_error_median_angstrom"] < 0.3, ev_v
     verified = read_star(d / "verified.star").particles
+    assert abs(verified["rlnCpmlExpectedErrorDeg"].mean() - ev_v["mean_deg"]) < 0.5 * ev_v["mean_deg"], ev_v
     assert {"rlnCpmlMatchZ", "rlnMaxValueProbDistribution", "rlnCpmlEscalated"} <= set(verified.columns)
     matching = json.loads((d / "model" / "model.json").read_text())["runs"]["full"]["matching_validation"]
     assert matching["median_deg"] < 1.0, matching     # the held-out calibration split, verified
@@ -154,9 +162,10 @@ def test_the_streaming_worker_gives_what_one_shot_predict_gives(tiny_training, t
 
 
 def test_a_model_of_another_protein_does_not_transfer(tiny_training, tmp_path):
-    """Particles of PTP1B given to the AdK model: warned, and refused with --strict."""
+    """Particles of PTP1B (same microscope, same SNR) given to the AdK model: warned, and refused with
+    --strict."""
     d = tiny_training
-    r = cli("simulate", "--map", "other_ptp1b", "--n", 200, "--no-noise", "--shift-sigma", 1.5, "--seed", 9,
+    r = cli("simulate", "--map", "other_ptp1b", "--n", 200, "--snr", 1, "--shift-sigma", 1.5, "--seed", 9,
             "--out", tmp_path / "ptp")
     assert r.returncode == 0, r.stderr
     r = cli("predict", "--particles", tmp_path / "ptp" / "particles.star", "--model", d / "model", "--out",

@@ -10,7 +10,7 @@ import torch
 
 __all__ = ["fft2_centered", "ifft2_centered", "fftn_centered", "ifftn_centered", "frequency_index_2d",
            "frequency_grid_2d",
-           "shift_phase_2d", "trilinear_apodization", "lowpass_volume"]
+           "shift_phase_2d", "trilinear_apodization", "lowpass_volume", "resample_volume"]
 
 
 def fft2_centered(images: torch.Tensor) -> torch.Tensor:
@@ -83,3 +83,26 @@ def lowpass_volume(volume, pixel_size_angstrom: float, resolution_angstrom: floa
     filt = 0.5 * (1.0 + torch.cos(torch.pi * x))
     out = ifftn_centered(fftn_centered(v) * filt).real.to(torch.float32)
     return out.numpy() if is_np else out
+
+
+def resample_volume(volume, box: int):
+    """A ``(N, N, N)`` volume (numpy or torch) resampled to ``(box,)*3`` over the same field of view:
+    its centred spectrum cropped (``box < N``: a low-pass at the new Nyquist) or zero-padded
+    (``box > N``), real-space intensities kept. The pixel size becomes ``pixel * N / box``.
+    Returns the same type (float32 for numpy)."""
+    import numpy as np
+
+    is_np = isinstance(volume, np.ndarray)
+    v = torch.as_tensor(volume, dtype=torch.float64)
+    n = v.shape[0]
+    if box % 2 or n % 2:
+        raise ValueError(f"resampling needs even boxes (got {n} -> {box})")
+    if box == n:
+        return volume
+    spec = fftn_centered(v)
+    out = torch.zeros((box,) * 3, dtype=spec.dtype)
+    m = min(n, box)
+    so, sn = box // 2 - m // 2, n // 2 - m // 2
+    out[so:so + m, so:so + m, so:so + m] = spec[sn:sn + m, sn:sn + m, sn:sn + m]
+    res = ifftn_centered(out).real * (box / n) ** 3
+    return res.numpy().astype(np.float32) if is_np else res.to(torch.as_tensor(volume).dtype)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.ctf import CtfParams, ctf_2d
+from ..core.fourier import resample_volume
 from ..core.errors import InputError
 from ..core.projection import Projector
 from ..core.rotations import matrix_to_euler, random_rotations
@@ -62,16 +63,23 @@ class SimulationConfig:
     amplitude_contrast: float = option(0.1)
     phase_flipped: bool = option(False, "write phase-flipped images (rlnCtfDataArePhaseFlipped 1 in the optics block)")
     stack_size: int = option(1000, "images per .mrcs")
+    box_px: int | None = option(None, "box of the particles: the maps Fourier-cropped or padded to it (same field of "
+                                "view, pixel size scaled)", none_means="the map's box")
     seed: int = option(0, "random seed")
     batch_size: int = 256
 
 
-def _projector(path, what: str) -> tuple[Projector, float, int]:
+def _projector(path, what: str, box_px: int | None = None) -> tuple[Projector, float, int]:
+    """The map at ``path`` ready to project: ``(projector, pixel size, box)``, Fourier-resampled to
+    ``box_px`` (same field of view) when given. Its own box and pixel size are checked by the caller."""
     vol, apix = read_map(path)
     if vol.shape[0] % 2:
         raise InputError(f"odd box size {vol.shape[0]} px in the {what}: an even box is needed", path)
     if not np.isfinite(vol).all():
         raise InputError(f"the {what} contains NaN or infinite values", path)
+    if box_px is not None and box_px != vol.shape[0]:
+        apix = apix * vol.shape[0] / box_px
+        vol = resample_volume(vol, box_px)
     return Projector(vol), apix, vol.shape[0]
 
 
@@ -90,7 +98,9 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
     map_paths = [resolve_map(m) for m in ([cfg.map] if isinstance(cfg.map, (str, Path)) else cfg.map)]
     if not map_paths:
         raise InputError("no map given")
-    loaded = [_projector(path, "map" if len(map_paths) == 1 else f"map of state {k + 1}")
+    if cfg.box_px is not None and (cfg.box_px < 16 or cfg.box_px % 2):
+        raise InputError(f"--box-px must be even and at least 16 (got {cfg.box_px})")
+    loaded = [_projector(path, "map" if len(map_paths) == 1 else f"map of state {k + 1}", cfg.box_px)
               for k, path in enumerate(map_paths)]
     projs = [p for p, _, _ in loaded]
     _, apix, box = loaded[0]
@@ -129,7 +139,7 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
     junk_proj = None
     if (junk == JUNK_OTHER_MAP).any():
         jpath = resolve_map(cfg.junk_map)
-        junk_proj, japix, jbox = _projector(jpath, "junk map")
+        junk_proj, japix, jbox = _projector(jpath, "junk map", cfg.box_px)
         if jbox != box or abs(japix - apix) > 1e-3:
             raise InputError(f"the junk map is {jbox} px at {japix:.3f} A/px but the map is {box} px at "
                              f"{apix:.3f} A/px", jpath)
