@@ -53,21 +53,23 @@ def near_d2_map(path: Path) -> Path:
     return path
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Run ``cmd``; its wall time (s) and peak RSS (GB, polled every 0.1 s)."""
+def run_measured(cmd: list[str], cwd=None) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run ``cmd`` (in ``cwd``); its wall time (s) and peak RSS (GB: the process and its children,
+    polled every 0.1 s)."""
     import psutil
 
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     peak = [0]
 
     def poll():
         p = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                peak[0] = max(peak[0], p.memory_info().rss)
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                peak[0] = max(peak[0], rss)
             except psutil.Error:
-                break
+                pass
             time.sleep(0.1)
 
     th = threading.Thread(target=poll, daemon=True)

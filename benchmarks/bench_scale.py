@@ -1,23 +1,33 @@
-"""Scale benchmark (first part): reconstruction time and peak memory at facility box sizes.
+"""Scale benchmark: the whole pipeline at a facility's box size, time and peak memory per stage.
 
-AdK is Fourier-padded from its 64 px at 1.5 A/px to ``--box`` px at ``1.5 * 64 / box`` A/px (the
-same field of view, finer sampling), ``--n`` particles are simulated from it (SNR 0.1, CTF, origins
-of 2 A s.d.), then ``cryoposeml reconstruct --halves`` and ``relion_reconstruct --ctf`` (the full
-map only) run on them, one after the other, each in its own process with its peak resident memory
-polled. Reported: wall time, peak RSS, FSC 0.5 against the padded true map. The rest of the
-issue's list (train, predict, cleanup and the handoff on 20,000 particles at 256 px) is still to
-come.
+AdK (64 px at 1.5 A/px) is simulated at ``--box`` px over the same field of view (``simulate
+--box-px``: the map's spectrum zero-padded, ``1.5 * 64 / box`` A/px), ``--n`` particles at SNR 0.1
+with CTF and origins of 2 A s.d., written stack by stack. Then, each stage in its own process with
+its peak resident memory polled (one after the other, nothing else running):
 
-Usage: python benchmarks/bench_scale.py [--box 256] [--n 1000] [--work DIR] [--out benchmarks/results]
+- ``simulate``;
+- ``train``: one epoch of ``--model`` at the default 64 px network box (the particles are
+  Fourier-cropped on the fly), the consensus reference (half-maps at the full box) included;
+- ``predict``: the particles without poses, verified against that reference (``--matching auto``);
+  after one epoch most escalate to the exhaustive search, so this is prediction's slow case;
+- ``reconstruct --halves`` of the true poses, and ``relion_reconstruct --ctf`` of the same file
+  (the full map only: Relion's program makes no half-maps), FSC 0.5 of each against the true map;
+- ``cleanup`` of the predicted particles (its FSC sweep reconstructs at the full box);
+- ``refine --prepare-only``: the Relion handoff (priors, reference), without running Relion.
+
+Stages already measured in ``--work`` are kept (``rows.json`` there), so a long run can be resumed
+and ``--n`` changed for another work folder; ``--stages`` picks some. Reported per stage: wall time,
+particles/s, peak RSS (GB), and for the reconstructions the FSC 0.5 against the truth.
+
+Usage: python benchmarks/bench_scale.py [--box 256] [--n 20000] [--work DIR] [--stages ...]
+       [--model image2sphere] [--out benchmarks/results] [--name NAME]
 """
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import sys
 from pathlib import Path
-
-import numpy as np
 
 from cryoposeml.core.fourier import resample_volume
 from cryoposeml.core.metrics import fsc, resolution_at, soft_sphere_mask
@@ -28,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
 from bench_predict import run_measured  # noqa: E402
 
+STAGES = ("simulate", "train", "predict", "reconstruct", "relion_reconstruct", "cleanup", "handoff")
 
-def padded_map(box: int, path: Path) -> tuple[np.ndarray, float]:
+
+def padded_map(box: int, path: Path) -> tuple:
     """AdK at ``box`` px over the same field of view (its spectrum zero-padded)."""
     vol, apix = read_map(resolve_map("adk_open"))
     out, new_apix = resample_volume(vol, box), apix * vol.shape[0] / box
@@ -37,63 +49,72 @@ def padded_map(box: int, path: Path) -> tuple[np.ndarray, float]:
     return out, new_apix
 
 
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "cryoposeml.cli", *map(str, args), "--quiet"]
+
+
+def commands(args, work: Path, apix: float) -> dict:
+    sim = work / "sim"
+    return {
+        "simulate": (cli("simulate", "--map", "adk_open", "--box-px", args.box, "--n", args.n, "--snr", 0.1,
+                         "--shift-sigma", 2, "--seed", 1, "--out", sim), None, sim / "ground_truth.star"),
+        "train": (cli("train", "--particles", sim / "ground_truth.star", "--out", work / "model", "--model", args.model,
+                      "--epochs", 1, "--overwrite"), None, work / "model" / "model.json"),
+        "predict": (cli("predict", "--particles", sim / "particles.star", "--model", work / "model", "--out",
+                        work / "predicted.star", "--overwrite"), None, work / "predicted.star"),
+        "reconstruct": (cli("reconstruct", "--particles", sim / "ground_truth.star", "--out", work / "ours.mrc",
+                            "--halves", "--overwrite"), None, work / "ours.mrc"),
+        "relion_reconstruct": (["relion_reconstruct", "--i", "ground_truth.star", "--o", str((work / "relion.mrc").resolve()),
+                                "--ctf", "--angpix", str(apix)], sim, work / "relion.mrc"),
+        "cleanup": (cli("cleanup", "--particles", work / "predicted.star", "--out", work / "kept.star", "--overwrite"),
+                    None, work / "kept.star"),
+        "handoff": (cli("refine", "--particles", work / "kept.star", "--out", work / "refine", "--prepare-only",
+                        "--overwrite"), None, work / "refine" / "relion_job.json"),
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--box", type=int, default=256)
-    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--model", default="image2sphere")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--redo", action="store_true", help="measure the chosen stages again")
     ap.add_argument("--work", default="bench_scale_work")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--name", default="bench_scale")
+    ap.add_argument("--name", default=None, help="results file name (default bench_scale_<box>px_<n>)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     truth, apix = padded_map(args.box, work / "map.mrc")
-    sim = work / "sim"
-    if not (sim / "ground_truth.star").exists():
-        shutil.rmtree(sim, ignore_errors=True)
-        wall, gb, r = run_measured([str(c) for c in (sys.executable, "-m", "cryoposeml.cli", "simulate", "--map",
-                                                     work / "map.mrc", "--n", args.n, "--snr", 0.1, "--shift-sigma",
-                                                     2, "--seed", 1, "--out", sim, "--quiet")])
-        assert r.returncode == 0, r.stderr
-        print(f"simulate: {wall:.0f} s, peak {gb:.2f} GB")
     mask = soft_sphere_mask(args.box)
-    rows = []
-    runs = {
-        "cryoposeml reconstruct --halves": [sys.executable, "-m", "cryoposeml.cli", "reconstruct", "--particles",
-                                            sim / "ground_truth.star", "--out", work / "ours.mrc", "--halves",
-                                            "--overwrite", "--quiet"],
-        "relion_reconstruct --ctf (full map only)": ["relion_reconstruct", "--i", "ground_truth.star", "--o",
-                                                     (work / "relion.mrc").absolute(), "--ctf", "--angpix", apix],
-    }
-    for name, cmd in runs.items():
-        cwd = sim if cmd[0] == "relion_reconstruct" else None
-        wall, gb, r = run_measured([str(c) for c in cmd]) if cwd is None else _in(cwd, cmd)
-        assert r.returncode == 0, r.stderr[-2000:]
-        out = work / ("ours.mrc" if "cryoposeml" in name else "relion.mrc")
-        vol, _ = read_map(out)
-        row = {"box": args.box, "particles": args.n, "method": name, "wall_s": wall, "peak_rss_gb": gb,
-               "fsc05_vs_true_A": resolution_at(*fsc(vol, truth, apix, mask), 0.5)}
-        rows.append(row)
-        print(row)
-    path = write_results(args.out, args.name, args, rows)
-    print("| box | particles | program | wall (s) | peak RSS (GB) | FSC 0.5 vs truth (A) |")
-    print("|---|---|---|---|---|---|")
+    done_path = work / "rows.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    cmds = commands(args, work, apix)
+    for stage in STAGES:
+        if stage not in args.stages or (stage in done and not args.redo):
+            continue
+        cmd, cwd, product = cmds[stage]
+        wall, gb, r = run_measured(cmd, cwd=cwd)
+        if r.returncode != 0 or not product.exists():
+            raise SystemExit(f"{stage} failed ({' '.join(map(str, cmd))}):\n{r.stderr[-3000:]}")
+        row = {"stage": stage, "box": args.box, "particles": args.n, "wall_s": wall,
+               "particles_per_s": args.n / wall, "peak_rss_gb": gb}
+        if stage in ("reconstruct", "relion_reconstruct"):
+            vol, _ = read_map(product)
+            row["fsc05_vs_true_A"] = resolution_at(*fsc(vol, truth, apix, mask), 0.5)
+        done[stage] = row
+        done_path.write_text(json.dumps(done, indent=2))
+        print(row, flush=True)
+    rows = [done[s] for s in STAGES if s in done]
+    path = write_results(args.out, args.name or f"bench_scale_{args.box}px_{args.n}", args, rows)
+    print("| stage | box | particles | wall (s) | particles/s | peak RSS (GB) | FSC 0.5 vs truth (A) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['box']} | {r['particles']} | {r['method']} | {r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} | "
-              f"{r['fsc05_vs_true_A']:.2f} |")
+        f = f"{r['fsc05_vs_true_A']:.2f}" if "fsc05_vs_true_A" in r else ""
+        print(f"| {r['stage']} | {r['box']} | {r['particles']} | {r['wall_s']:.0f} | {r['particles_per_s']:.1f} | "
+              f"{r['peak_rss_gb']:.2f} | {f} |")
     print(f"wrote {path}")
-
-
-def _in(cwd: Path, cmd: list) -> tuple:
-    """``run_measured`` in another working directory (Relion resolves image paths from it)."""
-    import os
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return run_measured([str(c) for c in cmd])
-    finally:
-        os.chdir(old)
 
 
 if __name__ == "__main__":

@@ -257,3 +257,24 @@ def test_cli_options_are_declared_once_on_the_configs():
                               "--no-frequency-marching", "--search-epochs", "3"])
     cfg = from_args(AbinitioConfig, args)
     assert cfg.widths == (8, 16) and cfg.frequency_marching is False and cfg.search_epochs == 3
+
+
+def test_a_command_loads_only_its_own_module():
+    """``cryoposeml reconstruct ...`` builds its own parser only: the other commands' modules (and
+    what they import: e3nn, escnn, roma ...) are not loaded, which saves seconds per call; the full
+    parser (``cryoposeml --help``) still lists every command."""
+    code = """
+import sys
+from cryoposeml.cli import COMMANDS, build_parser, _command_of
+assert _command_of(["reconstruct", "--particles", "p.star"]) == "reconstruct" and _command_of(["--help"]) is None
+p = build_parser("reconstruct")
+p.parse_args(["reconstruct", "--particles", "p.star", "--out", "m.mrc"])
+loaded = sorted(c for c in COMMANDS if f"cryoposeml.cli.{c}" in sys.modules)
+assert loaded == ["reconstruct"], loaded
+assert not {"e3nn", "escnn", "roma", "cryoposeml.engine.train"} & set(sys.modules), sorted(sys.modules)[:5]
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "cryoposeml.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("simulate", "predict", "hetero", "demo")), r.stdout

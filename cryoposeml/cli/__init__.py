@@ -28,11 +28,17 @@ def add_run_options(p, reference_help: str, map_help: str, several_maps: bool = 
                    "uninterrupted run would)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given ``command``, of that one only: the others are then
+    listed but their modules (and the engine they import: torch, healpy, e3nn ...) not loaded, which
+    saves seconds on every call."""
     parser = argparse.ArgumentParser(prog="cryoposeml", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"cryoposeml {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
+        if command is not None and name != command:
+            sub.add_parser(name)
+            continue
         module = importlib.import_module(f".{name}", __name__)
         doc = module.__doc__ or ""
         p = sub.add_parser(name, help=doc.strip().split("\n")[0], description=doc,
@@ -44,10 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The command ``argv`` names (its first word), if it is one; else None (``--help``, a typo)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv=None) -> int:
     from ..core.errors import InputError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser(_command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args._main(args)
