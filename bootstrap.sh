@@ -60,6 +60,6 @@ case "$what" in
   test)
     workers=${CRYOPOSEML_TEST_WORKERS:-2}
     if [ "$workers" != 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}; fi
-    exec .venv/bin/python -m pytest -ra -n "$workers" --dist loadfile "$@" ;;
+    exec .venv/bin/python -m pytest -ra --durations=25 -n "$workers" --dist loadfile "$@" ;;
   *) echo "usage: bash bootstrap.sh {setup|demo [DIR]|test [PYTEST ARGS]}" >&2; exit 2 ;;
 esac
