@@ -31,18 +31,15 @@ RELION_PROGRAMS = ("relion_project", "relion_reconstruct", "relion_refine_mpi", 
 TRAINING_FIXTURES = {"tiny_training"}
 
 
-#: the order files are handed to the two xdist workers (bootstrap.sh: a file at a time). xdist gives
-#: each worker two files up front (1st and 3rd to one, 2nd and 4th to the other), then one more each
-#: time one finishes. So the two longest go first, each followed by a short file (a long one queued
-#: behind the longest would leave the other worker idle at the end), then the rest longest first.
-FILE_ORDER = ("test_train_predict.py", "test_scipion.py", "test_rotations.py", "test_symmetry_grids.py",
-              "test_families.py", "test_cleanup_refine.py", "test_evaluate_cli.py", "test_training_runs.py",
-              "test_abinitio.py", "test_hetero.py", "test_matching.py", "test_relion_referee.py")
+#: the longest files first, so that two xdist workers (bootstrap.sh) end together instead of one of
+#: them starting a 10-minute file last
+LONGEST_FIRST = ("test_train_predict.py", "test_scipion.py", "test_families.py", "test_cleanup_refine.py",
+                 "test_evaluate_cli.py", "test_training_runs.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: FILE_ORDER.index(item.path.name) if item.path.name in FILE_ORDER
-               else len(FILE_ORDER))      # stable: the order within a file is kept
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))      # stable: the order within a file is kept
     for item in items:
         if item.path.name in ("test_scipion.py", "test_gui.py"):
             item.add_marker(pytest.mark.scipion)
