@@ -58,8 +58,10 @@ def test_equivariant_network_follows_turns_and_mirrors():
             for T in D4:
                 got = model(transform_images(x, T))
                 A, o = transform_poses(ref["matrix"], ref["shift_px"], T)
-                assert torch.allclose(got["matrix"], A, atol=1e-4), T
-                assert torch.allclose(got["shift_px"], o, atol=1e-4), T
+                # float32 rounding through the network: 1e-4 was exceeded (by ~1e-4) in one CI run;
+                # a wrong transform is off by O(1)
+                assert torch.allclose(got["matrix"], A, atol=1e-3), T
+                assert torch.allclose(got["shift_px"], o, atol=1e-3), T
                 assert torch.allclose(got["confidence"], ref["confidence"], atol=1e-4), T
 
 
