@@ -31,20 +31,67 @@ RELION_PROGRAMS = ("relion_project", "relion_reconstruct", "relion_refine_mpi", 
 TRAINING_FIXTURES = {"tiny_training"}
 
 
-#: the longest files first, so that two xdist workers (bootstrap.sh) end together instead of one of
-#: them starting a 10-minute file last
-LONGEST_FIRST = ("test_train_predict.py", "test_scipion.py", "test_families.py", "test_cleanup_refine.py",
-                 "test_evaluate_cli.py", "test_training_runs.py")
+#: test files by their measured time, longest first (bootstrap.sh runs two xdist workers, a file at
+#: a time). xdist's ``loadfile`` would hand files out by their number of tests and give each worker
+#: two up front, so the longest files used to end up queued on one worker while the other sat idle;
+#: the scheduler below hands them out in this order instead (files not listed follow, in xdist's
+#: order), one file per worker at a time.
+FILE_ORDER = ("test_train_predict.py", "test_scipion.py", "test_families.py", "test_cleanup_refine.py",
+              "test_evaluate_cli.py", "test_training_runs.py", "test_abinitio.py", "test_hetero.py",
+              "test_matching.py", "test_relion_referee.py", "test_gui.py", "test_data.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
-               else len(LONGEST_FIRST))      # stable: the order within a file is kept
     for item in items:
         if item.path.name in ("test_scipion.py", "test_gui.py"):
             item.add_marker(pytest.mark.scipion)
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name == "test_scipion.py":
             item.add_marker(pytest.mark.train)
+
+
+def _file_rank(scope: str) -> int:
+    name = scope.rsplit("/", 1)[-1]
+    return FILE_ORDER.index(name) if name in FILE_ORDER else len(FILE_ORDER)
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:            # pytest without xdist: one process, nothing to schedule
+    LoadFileScheduling = None
+
+if LoadFileScheduling is not None:
+    class _LongestFileFirst(LoadFileScheduling):
+        """``--dist loadfile`` with the files in :data:`FILE_ORDER`, each handed out only when the
+        worker is down to the last test of its file (a worker holds that one back until it knows
+        what follows), so that no file waits behind a long one on a busy worker while another is free."""
+
+        def schedule(self):
+            if self.collection is None and self.collection_is_completed:
+                self._order_pending = True
+            super().schedule()
+
+        def _assign_work_unit(self, node):
+            if getattr(self, "_order_pending", False):
+                ordered = sorted(self.workqueue.items(), key=lambda kv: _file_rank(kv[0]))  # stable
+                self.workqueue.clear()
+                self.workqueue.update(ordered)
+                self._order_pending = False
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node):
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) > 1:
+                return
+            self._assign_work_unit(node)
+
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getvalue("dist") == "loadfile":
+            return _LongestFileFirst(config, log)
+        return None
 
 
 def pytest_runtest_setup(item):

@@ -168,14 +168,16 @@ def simulate(cfg: SimulationConfig, out, overwrite: bool = False, progress: bool
 
     # The signal variance (for the SNR and to scale other-map junk) comes from a pilot of up to
     # 1024 particles, so the images can then be streamed to disk one stack at a time.
-    pilot = render(slice(0, min(n, 1024)))
+    pilot = np.concatenate([render(slice(b, min(n, 1024, b + cfg.batch_size)))
+                            for b in range(0, min(n, 1024), cfg.batch_size)])
     pj = junk[:len(pilot)]
     signal_var = float(pilot[pj == JUNK_NONE].var(axis=(1, 2)).mean()) if (pj == JUNK_NONE).any() \
         else float(pilot.var(axis=(1, 2)).mean())
     other_scale = 1.0
     if junk_proj is not None:
-        probe = junk_proj.project(torch.as_tensor(A[:256], dtype=torch.float32), None,
-                                  ctf_2d(ctf.subset(slice(0, 256)), box, apix) if cfg.ctf else None).numpy()
+        k = min(256, cfg.batch_size)
+        probe = junk_proj.project(torch.as_tensor(A[:k], dtype=torch.float32), None,
+                                  ctf_2d(ctf.subset(slice(0, k)), box, apix) if cfg.ctf else None).numpy()
         other_scale = float(np.sqrt(signal_var / probe.var(axis=(1, 2)).mean()))
     noise_sd = float(np.sqrt(signal_var / cfg.snr)) if cfg.snr else 0.0
     good = junk == JUNK_NONE
