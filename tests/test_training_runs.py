@@ -82,6 +82,33 @@ def test_bingham_head_returns_the_smallest_eigenvector(form):
     assert torch.isfinite(feats.grad).all()
 
 
+@pytest.mark.parametrize("lmax,order", [(6, 2), (4, 1), (3, 2)])
+def test_image2sphere_grid_activation_is_the_dense_evaluation_and_least_squares(lmax, order):
+    """The SO(3) activation's factored evaluation (directions x in-plane trigonometric series) and
+    its projection back are the dense Wigner matrix ``D`` of the grid and ``pinv(D)``, values and
+    gradients (float32 rounding: relative 1e-5; a wrong index or sign is off by O(1))."""
+    from cryoposeml.models.image2sphere import _GridActivation, flat_wigner, so3_healpix_grid_e3nn
+
+    act = _GridActivation(lmax, order)
+    D = flat_wigner(lmax, *so3_healpix_grid_e3nn(order)).double()
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, D.shape[1], dtype=torch.float32, requires_grad=True)
+    g = torch.randn(4, 3, D.shape[0], dtype=torch.float32, requires_grad=True)
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())
+    assert rel(act.to_grid(x), x.double() @ D.T) < 1e-5
+    assert rel(act.from_grid(g), g.double() @ torch.linalg.pinv(D).T) < 1e-5
+    w = torch.randn(4, 3, D.shape[0], dtype=torch.float64)
+    (act.to_grid(x) * w).sum().backward()
+    assert rel(x.grad, w @ D) < 1e-5
+    c = torch.randn(4, 3, D.shape[1], dtype=torch.float64)
+    (act.from_grid(g) * c).sum().backward()
+    assert rel(g.grad, c @ torch.linalg.pinv(D)) < 1e-5
+    # the nonlinearity in between: a band-limited signal's ReLU, projected back
+    y = act(x.detach())
+    ref = torch.relu(x.detach().double() @ D.T) @ torch.linalg.pinv(D).T
+    assert rel(y, ref) < 1e-5
+
+
 def test_models_written_before_the_symmetric_head_load_as_they_were():
     """A model.json without pool_grid / head_form is an older bingham or sixd network: 4 x 4 pooled
     layout and a Cholesky head. Its weights must fit the network built from it, and no other."""
