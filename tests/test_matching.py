@@ -67,6 +67,37 @@ def test_proposals_20_degrees_off_are_refined_to_under_one_degree(adk):
     assert float(r["expected_raw"].median()) < 1.0
 
 
+def test_a_trusted_wrong_proposal_that_matches_poorly_is_searched_exhaustively(adk):
+    """``auto`` trusts a proposal whose match z clears the escalation threshold; one that clears it
+    from a wrong basin refines to a pose that matches like no good particle, and the rescue (final
+    match z below ``rescue_z``) searches it exhaustively: the right pose is found, the right
+    proposals are left alone (but the few at the bottom of the good particles' match z)."""
+    img, A, o, ctf = _particles(adk, 16, 11, snr=1.0)
+    m = ReferenceMatcher(adk, "C1", coarse_kmax=16, fine_kmax=28)
+    wrong = np.arange(16) % 2 == 1
+    props = np.where(wrong[:, None, None], _turn(A, 90.0, 12), _turn(A, 3.0, 13))
+    props = torch.as_tensor(props, dtype=torch.float32)[:, None]
+    origins = torch.as_tensor(o, dtype=torch.float32)
+    none = np.zeros((0, 3, 3))
+    good = verify_batch(m, img, ctf, props, origins, MatchConfig(matching="proposals"), none, 24)
+    good_z = good["z"].numpy()[~wrong]
+    trusting = MatchConfig(matching="auto", escalate_z=-1e9)      # every proposal clears the threshold
+    kept = verify_batch(m, img, ctf, props, origins, trusting, none, 24)
+    err_kept = symmetric_distance_deg(kept["matrix"].double().numpy(), A)
+    assert (err_kept[wrong] > 20).all() and not kept["escalated"].any(), err_kept   # the wrong basins stay
+    rescue_z = float(np.quantile(good_z, 0.05))
+    assert kept["z"].numpy()[wrong].max() < rescue_z, (kept["z"], good_z)
+    trusting.rescue_z = rescue_z
+    r = verify_batch(m, img, ctf, props, origins, trusting, none, 24)
+    err = symmetric_distance_deg(r["matrix"].double().numpy(), A)
+    assert err.max() < 2.0, err
+    # every wrong one searched; of the right ones only those at the bottom of the good z's (the 5%
+    # quantile of 8: the lowest)
+    esc = r["escalated"].numpy()
+    assert esc[wrong].all() and esc[~wrong].sum() <= 1, esc
+    np.testing.assert_allclose(r["matrix"].numpy()[~wrong & ~esc], kept["matrix"].numpy()[~wrong & ~esc])
+
+
 def test_a_flip_onto_a_near_symmetric_mate_is_corrected(adk):
     """A map nearly D2-symmetric (AdK's D2 average, 20% of one copy left as it is): a regression
     network's typical failure is the pose of a symmetry mate. The map's near-symmetries are found,

@@ -71,6 +71,24 @@ def transfer_check(scores: np.ndarray, calib: Calibration) -> dict:
             "fraction_below_validation_p5": below5, "transfers": bool(med >= q25 and below5 <= 0.2)}
 
 
+def proposal_transfer_check(z_proposals: np.ndarray, escalate_z: float, validation: dict | None) -> dict:
+    """Does the map confirm the network's proposals as often as on the model's calibration split?
+    There, a share ``1 - fraction_escalated`` of the proposals matched the map above the escalation
+    threshold; new particles of the same kind do so about as often, while for another protein, a
+    much lower SNR or another preprocessing the proposals stop matching. Said not to transfer when
+    fewer than half as many proposals are confirmed (with at least 20 particles, and a calibration
+    that confirmed at least 10%: a network whose proposals are rarely right says little)."""
+    confirmed = float(np.mean(z_proposals >= escalate_z))
+    out = {"proposals_confirmed": confirmed}
+    if validation is None or "fraction_escalated" not in validation:
+        return out
+    expected = 1.0 - float(validation["fraction_escalated"])
+    out["validation_proposals_confirmed"] = expected
+    if len(z_proposals) >= 20 and expected >= 0.1 and confirmed < 0.5 * expected:
+        out["transfers"] = False
+    return out
+
+
 def _top_k_star(result, mats: np.ndarray, prob: np.ndarray, shifts_angstrom):
     """``k`` rows per particle (all of its columns, then the rank-``r`` pose), ranks 1..k with
     ``rlnCpmlPoseRank`` and ``rlnCpmlPoseProbability``; rank 1 is the pose of the main output."""
@@ -230,6 +248,11 @@ class Predictor:
                 log.warning("no calibrated escalation threshold (model without a calibration split, or too few "
                             "right proposals on it): --matching auto searches every particle exhaustively; "
                             "set --escalate-z to trust the proposals")
+        if cfg.matching == "auto" and cfg.rescue_z is None and ref is not None and cfg.rescue_quantile > 0 \
+                and ref.source == str(reference_dir(model_dir)):
+            good = [meta["runs"][r].get("matching_good_z") for r in models]
+            if all(good):   # the model's own reference, which those z-scores were measured with
+                cfg.rescue_z = max(float(np.quantile(g, cfg.rescue_quantile)) for g in good)
         self.cfg = cfg
 
     def warm_up(self) -> None:
@@ -314,6 +337,9 @@ class Predictor:
                 expected[sel] = calib.expected_error(score[sel])
                 fom[sel] = calib.figure_of_merit(score[sel])
             runs[run] = {"particles": int(sel.sum()), **(transfer_check(score[sel], calib) if sel.any() else {})}
+            if matched and sel.any() and cfg.matching == "auto" and cfg.escalate_z is not None:
+                runs[run].update(proposal_transfer_check(arr["z_proposals"][sel], cfg.escalate_z,
+                                                         meta["runs"][run].get("matching_validation")))
         if matched and not all("matching_calibration" in meta["runs"][r] for r in models):
             log.warning("this model has no calibration of the matched uncertainty (trained before it existed): "
                         "rlnCpmlExpectedErrorDeg is the raw posterior spread, not calibrated")
@@ -343,10 +369,17 @@ class Predictor:
                 p["rlnCpmlProposalZ"] = arr["z_proposals"]   # the network's best proposal's match z
         bad = [r for r, v in runs.items() if v.get("transfers") is False]
         if bad:
-            msg = (f"the model does not seem to transfer to these particles ({', '.join(bad)}): they are much less "
-                   "confident than its held-out validation particles (median below the validation 25th percentile, "
-                   "or over 20% below its 5th). Poses are likely unreliable (another protein, another pixel size or "
-                   "preprocessing, much lower SNR?)")
+            why = []
+            for r in bad:
+                v = runs[r]
+                if v["median_confidence"] < v["validation_p25_confidence"] or v["fraction_below_validation_p5"] > 0.2:
+                    why.append(f"{r}: much less confident than its held-out validation particles (median below "
+                               "the validation 25th percentile, or over 20% below its 5th)")
+                if "validation_proposals_confirmed" in v and v["proposals_confirmed"] < 0.5 * v["validation_proposals_confirmed"]:
+                    why.append(f"{r}: the map confirms {100 * v['proposals_confirmed']:.0f}% of its proposals, "
+                               f"{100 * v['validation_proposals_confirmed']:.0f}% on its calibration particles")
+            msg = (f"the model does not seem to transfer to these particles ({'; '.join(why)}). The network's poses "
+                   "are likely unreliable (another protein, another pixel size or preprocessing, much lower SNR?)")
             if self.strict:
                 raise InputError(msg, particles)
             log.warning("WARNING: %s", msg)

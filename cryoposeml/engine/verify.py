@@ -81,6 +81,10 @@ class MatchConfig:
     escalate_right: float = option(0.2, "auto: the share of right proposals (on the model's calibration particles) "
                                         "that are searched exhaustively too; the match-z threshold that gives it "
                                         "catches most wrong proposals. Higher: more accurate and slower")
+    rescue_quantile: float = option(0.05, "auto: a particle whose proposal was trusted but whose refined pose "
+                                          "matches worse than this share of the model's good calibration "
+                                          "particles is searched exhaustively too (0: never)")
+    rescue_z: float | None = None     # the match z of rescue_quantile (predict sets it from the model)
     refine_steps_deg: tuple = (3.75, 1.875, 0.94)   # then the posterior's parabolas place the peak
     refine_shift_steps_px: tuple = (1.0, 0.5, 0.25)
     fine_below_deg: float = 2.0       # refinement steps larger than this use the coarse band
@@ -380,6 +384,30 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     # match z: the final pose's coarse score above the particle's null mean, in noise SDs (junk:
     # noise or another protein matches no view much better than a random one)
     z = coarse_z(res["matrix"], res["origin"])
+    if proposals is not None and cfg.matching == "auto" and cfg.rescue_z is not None:
+        # a trusted proposal that refined to a pose matching like the bottom tail of good particles
+        # was most likely a wrong basin above the escalation threshold: search those exhaustively
+        # too, and keep whichever refined pose scores better
+        redo = torch.nonzero(~escalated & (z < cfg.rescue_z)).flatten()
+        if len(redo):
+            top_s, top_A, n_lib = library_top(redo)
+            n_scored[redo] += n_lib
+            e1, es1, e2, es2 = _two_basins(torch.cat([scores[redo], top_s], 1), torch.cat([poses[redo], top_A], 1),
+                                           group, cfg.basin_separation_deg)
+            dcs, dfs = dc.subset(redo), df.subset(redo)
+            r2 = _refine_basins(m, dcs, dfs, e1, es1, e2, es2, origins[redo], cfg)
+            n_scored[redo] += r2["n_scored"]
+            if cfg.mate_check and len(pseudo):
+                r2 = _check_mates(m, dcs, dfs, r2, pseudo, cfg)
+                n_scored[redo] += r2.pop("n_mates")
+            better = r2["score"] > res["score"][redo]
+            win = redo[better]
+            for k in ("matrix", "origin", "score", "power", "alt_matrix", "alt_score"):
+                res[k] = res[k].clone()
+                res[k][win] = r2[k][better]
+            escalated = escalated.clone()
+            escalated[redo] = True
+            z = coarse_z(res["matrix"], res["origin"])
     # the posterior about the final pose (Laplace), and the competing basin's weight
     post = m.posterior(df, res["matrix"], res["origin"], cfg.posterior_step_deg)
     res["matrix"] = post["peak_matrix"]
