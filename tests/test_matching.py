@@ -52,6 +52,23 @@ def adk():
     return read_map(MAPS / "adk_open.mrc")[0]
 
 
+@pytest.mark.parametrize("n,half", [(32, 20), (33, 9)])
+def test_the_padded_spectrum_centre_is_the_crop_of_the_whole_padded_transform(n, half):
+    """What the matcher keeps of its reference's padded spectrum, computed axis by axis, equals the
+    central cube of the whole padded transform (float32 rounding)."""
+    from cryoposeml.core.fourier import fftn_centered, padded_spectrum_centre
+
+    vol = torch.randn(n, n, n, generator=torch.Generator().manual_seed(n))
+    m = 2 * n
+    padded = torch.zeros(m, m, m)
+    lo, c = m // 2 - n // 2, m // 2
+    padded[lo:lo + n, lo:lo + n, lo:lo + n] = vol
+    whole = fftn_centered(padded)[c - half:c + half + 1, c - half:c + half + 1, c - half:c + half + 1]
+    got = padded_spectrum_centre(vol, m, half)
+    assert got.shape == whole.shape
+    assert float((got - whole).abs().max() / whole.abs().max()) < 1e-5
+
+
 def test_proposals_20_degrees_off_are_refined_to_under_one_degree(adk):
     img, A, o, ctf = _particles(adk, 24, 3)
     m = ReferenceMatcher(adk, "C1", coarse_kmax=16, fine_kmax=28)

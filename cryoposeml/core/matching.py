@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fourier import fft2_centered, fftn_centered, frequency_index_2d, ifftn_centered, trilinear_apodization
+from .fourier import (fft2_centered, fftn_centered, frequency_index_2d, ifftn_centered, padded_spectrum_centre,
+                      trilinear_apodization)
 from .rotations import rotation_angle_deg
 from .search import axis_moves, cube_moves, pattern_search, shift_moves, so3_grid
 from .symmetry import symmetry_group
@@ -126,20 +127,14 @@ class ReferenceMatcher:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         m = pad * n
         vol = (vol / trilinear_apodization(n, m)).float()
-        padded = torch.zeros((m, m, m), dtype=torch.float32)
-        lo = m // 2 - n // 2
-        padded[lo:lo + n, lo:lo + n, lo:lo + n] = vol
-        spec = fftn_centered(padded)      # complex64: at a 256 px box, 1 GB while it lives
-        del padded
         self.coarse = Band(n, coarse_kmax, self.device)
         self.fine = Band(n, max(fine_kmax, coarse_kmax), self.device)
-        # Only the cube the widest band's slices can reach is kept (a few MB even at 400 px), not
-        # the whole padded spectrum.
+        # Only the cube the widest band's slices can reach is kept (a few MB even at 400 px), and
+        # only it is computed: never the whole padded spectrum (1 GB complex at a 256 px box).
         self._reach = min(self._band_reach(self.fine), m // 2 - 1)
-        c, h = m // 2, self._reach
-        crop = spec[c - h:c + h + 1, c - h:c + h + 1, c - h:c + h + 1]
+        crop = padded_spectrum_centre(vol, m, self._reach)
+        del vol
         self._grid = torch.stack([crop.real, crop.imag])[None].contiguous().to(self.device)
-        del spec
         self.group = torch.as_tensor(symmetry_group(sym), dtype=torch.float32, device=self.device)
         self._library = None
         self._crops: dict = {}
