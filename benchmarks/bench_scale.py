@@ -19,8 +19,13 @@ Stages already measured in ``--work`` are kept (``rows.json`` there), so a long 
 and ``--n`` changed for another work folder; ``--stages`` picks some. Reported per stage: wall time,
 particles/s, peak RSS (GB), and for the reconstructions the FSC 0.5 against the truth.
 
+``--memory-vs-n N1 N2 ...``: then predict and reconstruct ``--halves`` again on the first N1, N2, ...
+simulated particles (the same particles, nested), to show that their peak memory does not grow
+with N; ``--model-dir`` predicts with another run's model (same box and pixel size) instead of
+training one here.
+
 Usage: python benchmarks/bench_scale.py [--box 256] [--n 20000] [--work DIR] [--stages ...]
-       [--model image2sphere] [--out benchmarks/results] [--name NAME]
+       [--model image2sphere] [--model-dir DIR] [--memory-vs-n N ...] [--out benchmarks/results] [--name NAME]
 """
 from __future__ import annotations
 
@@ -53,6 +58,41 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "cryoposeml.cli", *map(str, args), "--quiet"]
 
 
+def model_dir(args, work: Path) -> Path:
+    return Path(args.model_dir) if args.model_dir else work / "model"
+
+
+def memory_vs_n(args, work: Path, done: dict) -> None:
+    """predict and reconstruct on nested subsets of the simulated particles (rows ``predict@N``,
+    ``reconstruct@N`` in ``done``)."""
+    from cryoposeml.data.star import read_star, write_star
+
+    for n in args.memory_vs_n:
+        for stage in ("predict", "reconstruct"):
+            key = f"{stage}@{n}"
+            if key in done and not args.redo:
+                continue
+            sub = work / f"subset_{n}"
+            sub.mkdir(exist_ok=True)
+            for kind in ("particles", "ground_truth"):
+                star = read_star(work / "sim" / f"{kind}.star")
+                star.particles = star.particles.iloc[:n].reset_index(drop=True)
+                write_star(star, sub / f"{kind}.star")
+            if stage == "predict":
+                cmd = cli("predict", "--particles", sub / "particles.star", "--model", model_dir(args, work),
+                          "--out", sub / "predicted.star", "--overwrite")
+            else:
+                cmd = cli("reconstruct", "--particles", sub / "ground_truth.star", "--out", sub / "ours.mrc",
+                          "--halves", "--overwrite")
+            wall, gb, r = run_measured(cmd)
+            if r.returncode != 0:
+                raise SystemExit(f"{key} failed ({' '.join(map(str, cmd))}):\n{r.stderr[-3000:]}")
+            done[key] = {"stage": key, "box": args.box, "particles": n, "wall_s": wall, "particles_per_s": n / wall,
+                         "peak_rss_gb": gb}
+            (work / "rows.json").write_text(json.dumps(done, indent=2))
+            print(done[key], flush=True)
+
+
 def commands(args, work: Path, apix: float) -> dict:
     sim = work / "sim"
     return {
@@ -60,7 +100,7 @@ def commands(args, work: Path, apix: float) -> dict:
                          "--shift-sigma", 2, "--seed", 1, "--out", sim), None, sim / "ground_truth.star"),
         "train": (cli("train", "--particles", sim / "ground_truth.star", "--out", work / "model", "--model", args.model,
                       "--epochs", 1, "--overwrite"), None, work / "model" / "model.json"),
-        "predict": (cli("predict", "--particles", sim / "particles.star", "--model", work / "model", "--out",
+        "predict": (cli("predict", "--particles", sim / "particles.star", "--model", model_dir(args, work), "--out",
                         work / "predicted.star", "--overwrite"), None, work / "predicted.star"),
         "reconstruct": (cli("reconstruct", "--particles", sim / "ground_truth.star", "--out", work / "ours.mrc",
                             "--halves", "--overwrite"), None, work / "ours.mrc"),
@@ -80,6 +120,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="image2sphere")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--redo", action="store_true", help="measure the chosen stages again")
+    ap.add_argument("--model-dir", default=None, help="predict with this model folder instead of training one")
+    ap.add_argument("--memory-vs-n", type=int, nargs="*", default=[],
+                    help="then predict and reconstruct on the first N1, N2, ... particles")
     ap.add_argument("--work", default="bench_scale_work")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default=None, help="results file name (default bench_scale_<box>px_<n>)")
@@ -106,7 +149,9 @@ def main(argv=None) -> None:
         done[stage] = row
         done_path.write_text(json.dumps(done, indent=2))
         print(row, flush=True)
-    rows = [done[s] for s in STAGES if s in done]
+    if args.memory_vs_n:
+        memory_vs_n(args, work, done)
+    rows = [done[s] for s in STAGES if s in done] + [done[k] for k in done if "@" in k]
     path = write_results(args.out, args.name or f"bench_scale_{args.box}px_{args.n}", args, rows)
     print("| stage | box | particles | wall (s) | particles/s | peak RSS (GB) | FSC 0.5 vs truth (A) |")
     print("|---|---|---|---|---|---|---|")
