@@ -347,6 +347,14 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     def coarse_z(A, o):
         return (m.score_poses(dc, A[:, None], o)[:, 0] - mu) / SCORE_NOISE_SD
 
+    def library_basins(sel: torch.Tensor):
+        """The two basins of particles ``sel`` among their proposals' candidates and the whole
+        library's best (counted in ``n_scored``)."""
+        top_s, top_A, n_lib = library_top(sel)
+        n_scored[sel] += n_lib
+        return _two_basins(torch.cat([scores[sel], top_s], 1), torch.cat([poses[sel], top_A], 1), group,
+                           cfg.basin_separation_deg)
+
     n_scored = torch.zeros(B, device=dev)
     if proposals is None:
         scores, poses, n_lib = library_top(torch.arange(B, device=dev))
@@ -370,10 +378,7 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
     if proposals is not None and bool(escalated.any()):
         # the escalated particles' candidates: their proposals' and the whole library's best
         sel = torch.nonzero(escalated).flatten()
-        top_s, top_A, n_lib = library_top(sel)
-        n_scored[sel] += n_lib
-        e1, es1, e2, es2 = _two_basins(torch.cat([scores[sel], top_s], 1), torch.cat([poses[sel], top_A], 1), group,
-                                       cfg.basin_separation_deg)
+        e1, es1, e2, es2 = library_basins(sel)
         A1, s1, A2, s2 = A1.clone(), s1.clone(), A2.clone(), s2.clone()
         A1[sel], s1[sel], A2[sel], s2[sel] = e1, es1, e2, es2
     res = _refine_basins(m, dc, df, A1, s1, A2, s2, origins, cfg)
@@ -390,10 +395,7 @@ def verify_batch(m: ReferenceMatcher, images: torch.Tensor, ctf: torch.Tensor | 
         # too, and keep whichever refined pose scores better
         redo = torch.nonzero(~escalated & (z < cfg.rescue_z)).flatten()
         if len(redo):
-            top_s, top_A, n_lib = library_top(redo)
-            n_scored[redo] += n_lib
-            e1, es1, e2, es2 = _two_basins(torch.cat([scores[redo], top_s], 1), torch.cat([poses[redo], top_A], 1),
-                                           group, cfg.basin_separation_deg)
+            e1, es1, e2, es2 = library_basins(redo)
             dcs, dfs = dc.subset(redo), df.subset(redo)
             r2 = _refine_basins(m, dcs, dfs, e1, es1, e2, es2, origins[redo], cfg)
             n_scored[redo] += r2["n_scored"]
