@@ -66,9 +66,13 @@ def transfer_check(scores: np.ndarray, calib: Calibration) -> dict:
     q5, q25, q50, q75, q95 = calib.validation_confidence_quantiles
     med = float(np.median(scores))
     below5 = float(np.mean(scores < q5))
-    return {"median_confidence": med, "validation_median_confidence": q50, "validation_p25_confidence": q25,
-            "validation_p5_confidence": q5, "fraction_below_validation_p25": float(np.mean(scores < q25)),
-            "fraction_below_validation_p5": below5, "transfers": bool(med >= q25 and below5 <= 0.2)}
+    out = {"median_confidence": med, "validation_median_confidence": q50, "validation_p25_confidence": q25,
+           "validation_p5_confidence": q5, "fraction_below_validation_p25": float(np.mean(scores < q25)),
+           "fraction_below_validation_p5": below5, "transfers": bool(med >= q25 and below5 <= 0.2)}
+    if not out["transfers"]:
+        out["transfer_failures"] = ["much less confident than its held-out validation particles (median below the "
+                                    "validation 25th percentile, or over 20% below its 5th)"]
+    return out
 
 
 def proposal_transfer_check(z_proposals: np.ndarray, escalate_z: float, validation: dict | None) -> dict:
@@ -86,6 +90,8 @@ def proposal_transfer_check(z_proposals: np.ndarray, escalate_z: float, validati
     out["validation_proposals_confirmed"] = expected
     if len(z_proposals) >= 20 and expected >= 0.1 and confirmed < 0.5 * expected:
         out["transfers"] = False
+        out["transfer_failures"] = [f"the map confirms {100 * confirmed:.0f}% of its proposals, {100 * expected:.0f}% "
+                                    "on its calibration particles"]
     return out
 
 
@@ -338,8 +344,10 @@ class Predictor:
                 fom[sel] = calib.figure_of_merit(score[sel])
             runs[run] = {"particles": int(sel.sum()), **(transfer_check(score[sel], calib) if sel.any() else {})}
             if matched and sel.any() and cfg.matching == "auto" and cfg.escalate_z is not None:
-                runs[run].update(proposal_transfer_check(arr["z_proposals"][sel], cfg.escalate_z,
-                                                         meta["runs"][run].get("matching_validation")))
+                by_map = proposal_transfer_check(arr["z_proposals"][sel], cfg.escalate_z,
+                                                 meta["runs"][run].get("matching_validation"))
+                by_map["transfer_failures"] = runs[run].get("transfer_failures", []) + by_map.get("transfer_failures", [])
+                runs[run].update(by_map)
         if matched and not all("matching_calibration" in meta["runs"][r] for r in models):
             log.warning("this model has no calibration of the matched uncertainty (trained before it existed): "
                         "rlnCpmlExpectedErrorDeg is the raw posterior spread, not calibrated")
@@ -369,15 +377,7 @@ class Predictor:
                 p["rlnCpmlProposalZ"] = arr["z_proposals"]   # the network's best proposal's match z
         bad = [r for r, v in runs.items() if v.get("transfers") is False]
         if bad:
-            why = []
-            for r in bad:
-                v = runs[r]
-                if v["median_confidence"] < v["validation_p25_confidence"] or v["fraction_below_validation_p5"] > 0.2:
-                    why.append(f"{r}: much less confident than its held-out validation particles (median below "
-                               "the validation 25th percentile, or over 20% below its 5th)")
-                if "validation_proposals_confirmed" in v and v["proposals_confirmed"] < 0.5 * v["validation_proposals_confirmed"]:
-                    why.append(f"{r}: the map confirms {100 * v['proposals_confirmed']:.0f}% of its proposals, "
-                               f"{100 * v['validation_proposals_confirmed']:.0f}% on its calibration particles")
+            why = [f"{r}: {reason}" for r in bad for reason in runs[r]["transfer_failures"]]
             msg = (f"the model does not seem to transfer to these particles ({'; '.join(why)}). The network's poses "
                    "are likely unreliable (another protein, another pixel size or preprocessing, much lower SNR?)")
             if self.strict:
