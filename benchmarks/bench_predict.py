@@ -53,13 +53,14 @@ def near_d2_map(path: Path) -> Path:
     return path
 
 
-def run_measured(cmd: list[str], cwd=None) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Run ``cmd`` (in ``cwd``); its wall time (s) and peak RSS (GB: the process and its children,
-    polled every 0.1 s)."""
+def run_measured(cmd: list[str], cwd=None, env=None) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run ``cmd`` (in ``cwd``, with ``env``); its wall time (s) and peak RSS (GB: the process and
+    its children, summed, polled every 0.1 s)."""
     import psutil
 
     t = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env)
     peak = [0]
 
     def poll():

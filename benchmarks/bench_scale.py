@@ -12,6 +12,8 @@ its peak resident memory polled (one after the other, nothing else running):
   after one epoch most escalate to the exhaustive search, so this is prediction's slow case;
 - ``reconstruct --halves`` of the true poses, and ``relion_reconstruct --ctf`` of the same file
   (the full map only: Relion's program makes no half-maps), FSC 0.5 of each against the true map;
+  Relion gets both cores as ours does (``mpirun -n 2 relion_reconstruct_mpi``, ``--relion-ranks``;
+  1 runs the serial program);
 - ``cleanup`` of the predicted particles (its FSC sweep reconstructs at the full box);
 - ``refine --prepare-only``: the Relion handoff (priors, reference), without running Relion.
 
@@ -38,6 +40,7 @@ from cryoposeml.core.fourier import resample_volume
 from cryoposeml.core.metrics import fsc, resolution_at, soft_sphere_mask
 from cryoposeml.data.bundled import resolve_map
 from cryoposeml.data.mrc import read_map, write_map
+from cryoposeml.engine.refine import relion_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
@@ -72,6 +75,9 @@ def memory_vs_n(args, work: Path, done: dict) -> None:
             key = f"{stage}@{n}"
             if key in done and not args.redo:
                 continue
+            if n == args.n and stage in done:   # the whole set: the stage's own row, not a second run
+                done[key] = dict(done[stage], stage=key)
+                continue
             sub = work / f"subset_{n}"
             sub.mkdir(exist_ok=True)
             for kind in ("particles", "ground_truth"):
@@ -93,6 +99,14 @@ def memory_vs_n(args, work: Path, done: dict) -> None:
             print(done[key], flush=True)
 
 
+def relion_reconstruct(ranks: int) -> list[str]:
+    """Relion's reconstruction on ``ranks`` MPI processes (``relion_reconstruct_mpi`` shares the
+    particles among them), or its serial program for 1."""
+    if ranks == 1:
+        return ["relion_reconstruct"]
+    return ["mpirun", "--oversubscribe", "-n", str(ranks), "relion_reconstruct_mpi"]
+
+
 def commands(args, work: Path, apix: float) -> dict:
     sim = work / "sim"
     return {
@@ -104,8 +118,9 @@ def commands(args, work: Path, apix: float) -> dict:
                         work / "predicted.star", "--overwrite"), None, work / "predicted.star"),
         "reconstruct": (cli("reconstruct", "--particles", sim / "ground_truth.star", "--out", work / "ours.mrc",
                             "--halves", "--overwrite"), None, work / "ours.mrc"),
-        "relion_reconstruct": (["relion_reconstruct", "--i", "ground_truth.star", "--o", str((work / "relion.mrc").resolve()),
-                                "--ctf", "--angpix", str(apix)], sim, work / "relion.mrc"),
+        "relion_reconstruct": (relion_reconstruct(args.relion_ranks) + [
+            "--i", "ground_truth.star", "--o", str((work / "relion.mrc").resolve()), "--ctf", "--angpix", str(apix)],
+            sim, work / "relion.mrc"),
         "cleanup": (cli("cleanup", "--particles", work / "predicted.star", "--out", work / "kept.star", "--overwrite"),
                     None, work / "kept.star"),
         "handoff": (cli("refine", "--particles", work / "kept.star", "--out", work / "refine", "--prepare-only",
@@ -120,6 +135,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="image2sphere")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--redo", action="store_true", help="measure the chosen stages again")
+    ap.add_argument("--relion-ranks", type=int, default=2,
+                    help="MPI processes for relion_reconstruct_mpi (1: the serial relion_reconstruct)")
     ap.add_argument("--model-dir", default=None, help="predict with this model folder instead of training one")
     ap.add_argument("--memory-vs-n", type=int, nargs="*", default=[],
                     help="then predict and reconstruct on the first N1, N2, ... particles")
@@ -138,7 +155,7 @@ def main(argv=None) -> None:
         if stage not in args.stages or (stage in done and not args.redo):
             continue
         cmd, cwd, product = cmds[stage]
-        wall, gb, r = run_measured(cmd, cwd=cwd)
+        wall, gb, r = run_measured(cmd, cwd=cwd, env=relion_env() if stage == "relion_reconstruct" else None)
         if r.returncode != 0 or not product.exists():
             raise SystemExit(f"{stage} failed ({' '.join(map(str, cmd))}):\n{r.stderr[-3000:]}")
         row = {"stage": stage, "box": args.box, "particles": args.n, "wall_s": wall,

@@ -88,6 +88,7 @@ if LoadFileScheduling is not None:
                 return
             self._assign_work_unit(node)
 
+    @pytest.hookimpl(optionalhook=True)       # also loads under ``-p no:xdist``
     def pytest_xdist_make_scheduler(config, log):
         if config.getvalue("dist") == "loadfile":
             return _LongestFileFirst(config, log)

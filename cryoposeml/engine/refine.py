@@ -120,7 +120,9 @@ def choose_search(expected_error_deg: np.ndarray | None) -> dict:
     return {"sigma_ang": sigma, "healpix_order": order, "basis": basis}
 
 
-def _relion_env() -> dict:
+def relion_env() -> dict:
+    """This environment, with what Open MPI needs to start Relion's MPI programs here (as root, and
+    more ranks than cores)."""
     env = dict(os.environ)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -185,7 +187,7 @@ def run_relion(cmd: list[str], cwd: Path, log_path: Path, progress: bool, timeou
         logf.write("$ " + shlex.join(cmd) + "\n")
         logf.flush()
         try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=_relion_env(), stdout=subprocess.PIPE,
+            proc = subprocess.Popen(cmd, cwd=cwd, env=relion_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
                                     start_new_session=True)
         except OSError as e:
