@@ -69,14 +69,20 @@ def frequency_grid_2d(box: int, pixel_size_angstrom: float, dtype=torch.float32,
     return kx * scale, ky * scale
 
 
-def shift_phase_2d(shifts_px: torch.Tensor, box: int) -> torch.Tensor:
+def shift_phase_2d(shifts_px: torch.Tensor, box: int, dtype=None) -> torch.Tensor:
     """Phase ramps ``(B, box, box)`` that translate images by ``+shifts_px`` ``(B, 2)`` (x, y).
 
-    Multiplying a centred spectrum by it moves the real-space content towards +x, +y.
+    Multiplying a centred spectrum by it moves the real-space content towards +x, +y. ``dtype``:
+    the real precision of the phases (default the shifts'); the turns are computed in the shifts'
+    precision and reduced to [0, 1) first, so float32 phases lose nothing to large turns.
     """
     kx, ky = frequency_index_2d(box, shifts_px.dtype, shifts_px.device)
     arg = kx * shifts_px[:, 0, None, None] + ky * shifts_px[:, 1, None, None]
-    return torch.polar(torch.ones_like(arg), -2 * torch.pi * arg / box)
+    if dtype is None or dtype == arg.dtype:
+        return torch.polar(torch.ones_like(arg), -2 * torch.pi * arg / box)
+    turns = arg / box
+    turns = (turns - torch.floor(turns)).to(dtype)
+    return torch.polar(torch.ones_like(turns), -2 * torch.pi * turns)
 
 
 def trilinear_apodization(box: int, padded_box: int, dtype=torch.float64, device=None) -> torch.Tensor:

@@ -74,19 +74,19 @@ class BackProjector:
         self.count += images.shape[0]
 
     def _insert(self, images, A, origins_px, ctf, weights) -> None:
-        dev = self._acc.device
-        images = torch.as_tensor(images, dtype=torch.float64, device=dev)
+        dev, real = self._acc.device, self._acc.dtype   # the spectra in the accumulators' precision
+        images = torch.as_tensor(images, device=dev).to(real)
         spectra = fft2_centered(images)
         if origins_px is not None:
             origins = torch.as_tensor(origins_px, dtype=torch.float64, device=dev)
-            spectra = spectra * shift_phase_2d(origins, self.box)   # re-centre the particle
+            spectra = spectra * shift_phase_2d(origins, self.box, real)   # re-centre the particle
         if ctf is not None:
-            ctf = torch.as_tensor(ctf, dtype=torch.float64, device=dev)
+            ctf = torch.as_tensor(ctf, device=dev).to(real)
             spectra, w2 = spectra * ctf, ctf**2
         else:
             w2 = torch.ones_like(images)
         if weights is not None:
-            w = torch.as_tensor(weights, dtype=torch.float64, device=dev)[:, None, None]
+            w = torch.as_tensor(weights, device=dev).to(real)[:, None, None]
             spectra, w2 = spectra * w, w2 * w
         values = torch.cat([torch.view_as_real(spectra), w2[..., None]], -1)
         kx = torch.arange(self.box, device=dev) - self.box // 2
@@ -108,15 +108,22 @@ class BackProjector:
         base = torch.floor(pts)
         frac = (pts - base).to(self._acc.dtype)
         base = base.long()
+        # per axis: the lower and upper corner's weight, and whether that corner is on the grid (a
+        # corner off it gets weight 0 at index 0 rather than a compacted copy of every array)
+        wx, wy, wz = ((1 - frac[:, i], frac[:, i]) for i in range(3))
+        x0, y0, z0 = base[:, 0], base[:, 1], base[:, 2]
+        in_y = ((y0 >= 0) & (y0 < m), (y0 + 1 >= 0) & (y0 + 1 < m))
+        in_z = ((z0 >= 0) & (z0 < m), (z0 + 1 >= 0) & (z0 + 1 < m))
+        in_x = (x0 < h, x0 + 1 < h)
         for dz in (0, 1):
             for dy in (0, 1):
+                wzy = wz[dz] * wy[dy]
+                zy = ((z0 + dz) * m + (y0 + dy)) * h + x0
                 for dx in (0, 1):
-                    x, y, z = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
-                    w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
-                         * (frac[:, 2] if dz else 1 - frac[:, 2]))
-                    ok = (x < h) & (y >= 0) & (y < m) & (z >= 0) & (z < m)
-                    idx = ((z * m + y) * h + x)[ok]
-                    self._acc.index_add_(0, idx, values[ok] * w[ok, None])
+                    ok = in_z[dz] & in_y[dy] & in_x[dx]
+                    w = torch.where(ok, wzy * wx[dx], 0)
+                    idx = torch.where(ok, zy + dx, 0)
+                    self._acc.index_add_(0, idx, values * w[:, None])
 
     def merge(self, other: "BackProjector") -> None:
         """Add another accumulator's data (e.g. two half-sets -> the full map), in place."""
