@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from cryoposeml.engine.spool import SpoolClient
+
+from _run import cli
 
 
 def feed_worker(model: Path, batches: list[Path], folder: Path, extra_args: tuple = ()) -> dict:
@@ -19,8 +20,7 @@ def feed_worker(model: Path, batches: list[Path], folder: Path, extra_args: tupl
         shutil.rmtree(folder)
     client = SpoolClient(folder / "spool")
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "cryoposeml.cli", "predict", "--model", str(model), "--spool", str(client.folder),
-           *map(str, extra_args), "--quiet"]
+    cmd = cli("predict", "--model", model, "--spool", client.folder, *extra_args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (client.folder / "worker.json").exists():
         if proc.poll() is not None:

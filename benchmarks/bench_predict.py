@@ -22,7 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from cryoposeml.engine.reconstruct import reconstruct_star
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
+from _run import cli, run_measured  # noqa: E402
 
 MODES = ("none", "proposals", "auto", "exhaustive")
 
@@ -51,37 +51,6 @@ def near_d2_map(path: Path) -> Path:
     vol = 0.8 * d2 / np.abs(d2).max() + 0.2 * adk / np.abs(adk).max()
     write_map(path, vol.astype(np.float32), apix)
     return path
-
-
-def run_measured(cmd: list[str], cwd=None, env=None) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Run ``cmd`` (in ``cwd``, with ``env``); its wall time (s) and peak RSS (GB: the process and
-    its children, summed, polled every 0.1 s)."""
-    import psutil
-
-    t = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=env)
-    peak = [0]
-
-    def poll():
-        p = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                peak[0] = max(peak[0], rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    th.join()
-    return time.perf_counter() - t, peak[0] / 1e9, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "cryoposeml.cli", *map(str, args), "--quiet"]
 
 
 def score_row(pred_path: Path, truth, true_map, sym: str, expected: bool = True) -> dict:

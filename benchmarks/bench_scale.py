@@ -44,7 +44,7 @@ from cryoposeml.engine.refine import relion_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
-from bench_predict import run_measured  # noqa: E402
+from _run import cli, run_measured  # noqa: E402
 
 STAGES = ("simulate", "train", "predict", "reconstruct", "relion_reconstruct", "cleanup", "handoff")
 
@@ -55,10 +55,6 @@ def padded_map(box: int, path: Path) -> tuple:
     out, new_apix = resample_volume(vol, box), apix * vol.shape[0] / box
     write_map(path, out, new_apix)
     return out, new_apix
-
-
-def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "cryoposeml.cli", *map(str, args), "--quiet"]
 
 
 def model_dir(args, work: Path) -> Path:

@@ -27,11 +27,8 @@ from cryoposeml.data.star import read_star, write_star
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_results  # noqa: E402
+from _run import cli  # noqa: E402
 from _worker import feed_worker  # noqa: E402
-
-
-def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "cryoposeml.cli", *map(str, args), "--quiet"]
 
 
 def run_worker(model: Path, batches: list[Path], folder: Path) -> dict:
