@@ -37,7 +37,20 @@ def _junk_share(path, junk_col="rlnCpmlJunk"):
     return int((p[junk_col] != 0).sum()), int((p[junk_col] == 0).sum())
 
 
-def test_auto_cleanup_uses_the_half_map_fsc(junk_scored):
+def _maps_are_those_of_the_kept_particles(kept_star, tmp_path):
+    """cleanup's maps (kept from its sweep) are what ``reconstruct --halves`` makes of KEPT.star."""
+    from cryoposeml.data.mrc import half_map_paths, read_map
+    from cryoposeml.engine.cleanup import cleanup_paths
+
+    r = cli("reconstruct", "--particles", kept_star, "--out", tmp_path / "again.mrc", "--halves")
+    assert r.returncode == 0, r.stderr
+    paths = cleanup_paths(kept_star)
+    for name, again in zip(("map", "half1", "half2"), (tmp_path / "again.mrc", *half_map_paths(tmp_path / "again.mrc"))):
+        ours, ref = read_map(paths[name])[0], read_map(again)[0]
+        np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+
+
+def test_auto_cleanup_uses_the_half_map_fsc(junk_scored, tmp_path):
     star, d = junk_scored
     r = cli("cleanup", "--particles", star, "--out", d / "auto" / "kept.star")
     assert r.returncode == 0, r.stderr
@@ -59,6 +72,7 @@ def test_auto_cleanup_uses_the_half_map_fsc(junk_scored):
     kept = read_star(d / "auto" / "kept.star")
     assert "rlnCpmlExpectedErrorDeg" in kept.particles and "rlnCpmlJunk" in kept.particles   # columns survive
     assert kept.particles["rlnCpmlExpectedErrorDeg"].max() <= s["score_threshold"]
+    _maps_are_those_of_the_kept_particles(d / "auto" / "kept.star", tmp_path)
 
 
 def test_auto_cleanup_drops_what_fails_the_junk_test_first(junk_scored, tmp_path):
@@ -99,6 +113,7 @@ def test_quantile_and_max_error(junk_scored):
     assert r.returncode == 0, r.stderr
     assert len(read_star(d / "q" / "kept.star")) == 700
     assert len(read_star(d / "q" / "kept_discarded.star")) == 300
+    _maps_are_those_of_the_kept_particles(d / "q" / "kept.star", d / "q")
     r = cli("cleanup", "--particles", star, "--out", d / "m" / "kept.star", "--method", "max-error",
             "--max-error", 7.0)
     assert r.returncode == 0, r.stderr

@@ -166,6 +166,15 @@ def test_half_space_float32_accumulators(adk_map):
         # the inverse transform in small blocks (as at a 256 px box, where a block is a few slabs)
         bp.BLOCK_BYTES = 200_000
         assert np.abs(bp.reconstruct() - maps[1]).max() <= 1e-6 * np.abs(maps[1]).max()
+        # two half-sets' accumulators read together give the map of all the data (no merged copy)
+        halves = [BackProjector(64, sym) for _ in range(2)]
+        for k, bp_half in enumerate(halves):
+            bp_half.insert(img[k::2], A[k::2], o[k::2])
+        halves[0].BLOCK_BYTES = 200_000
+        both = halves[0].reconstruct(plus=halves[1])
+        assert np.abs(both - maps[1]).max() <= 1e-6 * np.abs(maps[1]).max()
+    with pytest.raises(ValueError, match="differ"):
+        halves[0].reconstruct(plus=BackProjector(64, "C1"))
     assert BackProjector(256).nbytes < 0.85e9
 
 

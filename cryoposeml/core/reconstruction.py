@@ -125,25 +125,17 @@ class BackProjector:
                     idx = torch.where(ok, zy + dx, 0)
                     self._acc.index_add_(0, idx, values * w[:, None])
 
-    def merge(self, other: "BackProjector") -> None:
-        """Add another accumulator's data (e.g. two half-sets -> the full map), in place."""
-        self._acc += other._acc
-        self.count += other.count
-
-    def copy(self) -> "BackProjector":
-        new = BackProjector.__new__(BackProjector)
-        new.box, new.pad, new.group, new.count, new._half = self.box, self.pad, self.group, self.count, self._half
-        new._acc = self._acc.clone()
-        return new
-
     #: bytes of complex spectrum handled per block in :meth:`reconstruct` (bounds its temporaries)
     BLOCK_BYTES = 16 << 20
 
-    def reconstruct(self, regularization: float = 1e-3, mask_corners: bool = True) -> np.ndarray:
+    def reconstruct(self, regularization: float = 1e-3, mask_corners: bool = True,
+                    plus: "BackProjector | None" = None) -> np.ndarray:
         """The map ``(N, N, N)`` float32, ``(z, y, x)``, centre at ``N // 2``.
 
         ``mask_corners``: as Relion, blend the box corners beyond the inscribed sphere to their mean
-        (they hold only noise and aliasing).
+        (they hold only noise and aliasing). ``plus``: the map of this accumulator's data and
+        ``plus``'s together (the two half-sets' full map), read block by block from both, without a
+        merged copy: the same map as one accumulator that held both sets' data.
 
         Memory: besides the accumulators, one ``(N, M, M/2 + 1)`` complex buffer (a quarter of the
         padded half-grid: 0.27 GB at a 256 px box) and blocks of :attr:`BLOCK_BYTES`. The spectrum
@@ -151,20 +143,29 @@ class BackProjector:
         separable: along z for blocks of y columns, keeping only the N output rows the cropped map
         needs, then along y and x for blocks of those rows."""
         n, m, h = self.box, self.box * self.pad, self._half
-        acc = self._acc.reshape(m, m, h, 3)
-        rdt, dev = acc.dtype, acc.device
+        if plus is not None and ((plus.box, plus.pad) != (self.box, self.pad) or plus.group.shape != self.group.shape
+                                 or not torch.equal(plus.group, self.group)):
+            raise ValueError("the accumulators differ in box, padding or symmetry")
+        mine = self._acc.reshape(m, m, h, 3)
+        theirs = None if plus is None else plus._acc.reshape(m, m, h, 3)
+
+        def acc(*index):   # a block of the data: this accumulator's, plus ``plus``'s
+            return mine[index] if theirs is None else mine[index] + theirs[index]
+
+        rdt, dev = mine.dtype, mine.device
         cdt = torch.complex64 if rdt == torch.float32 else torch.complex128
         # The x = 0 plane holds p and -p both: complete it, value(q) + conj(value(-q)); index i holds
         # p = i - m/2, so -p is at m - i, the flipped plane rolled by one.
-        plane = torch.complex(acc[:, :, 0, 0], acc[:, :, 0, 1])
-        wplane = acc[:, :, 0, 2]
+        plane_data = acc(slice(None), slice(None), 0)
+        plane, wplane = torch.complex(plane_data[..., 0], plane_data[..., 1]), plane_data[..., 2]
+        del plane_data
         plane = plane + torch.roll(torch.flip(plane, (0, 1)), (1, 1), (0, 1)).conj()
         wplane = wplane + torch.roll(torch.flip(wplane, (0, 1)), (1, 1), (0, 1))
         per_y = max(1, self.BLOCK_BYTES // (m * h * torch.empty((), dtype=cdt).element_size()))
         blocks = [slice(y0, min(m, y0 + per_y)) for y0 in range(0, m, per_y)]
 
         def weights(ys):
-            w = acc[:, ys, :, 2].clone()
+            w = acc(slice(None), ys, slice(None), 2).clone()
             w[:, :, 0] = wplane[:, ys]
             return w
 
@@ -191,7 +192,9 @@ class BackProjector:
         nyquist2 = (n // 2 * self.pad) ** 2   # keep the Nyquist sphere of the original box only
         rows = torch.empty((n, m, h), dtype=cdt, device=dev)   # after the z transform: kept z rows, all y
         for ys in blocks:
-            data = torch.complex(acc[:, ys, :, 0], acc[:, ys, :, 1])
+            block = acc(slice(None), ys)
+            data = torch.complex(block[..., 0], block[..., 1])
+            del block
             data[:, :, 0] = plane[:, ys]
             spectrum = data / (weights(ys) + lam)
             del data

@@ -38,7 +38,7 @@ from ..data.star import ParticleStar, read_star, write_star
 from ..options import option
 from ._outputs import check_new_file, stamp, write_json
 from .plots import cleanup_figure, save_figure
-from .reconstruct import half_map_paths, half_set_labels, nested_half_reconstructions, reconstruct_star
+from .reconstruct import ReconstructionResult, half_map_paths, half_set_labels, nested_half_reconstructions
 
 __all__ = ["CleanupConfig", "cleanup", "cleanup_paths", "score_order"]
 
@@ -193,9 +193,9 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
     sizes = sorted(set(_sizes(cfg, n_ok, score[order[:n_ok]], larger)) | {n})
 
     mask = soft_sphere_mask(star.box)
-    rows, fsc_all = [], None
-    for res in nested_half_reconstructions(star, order, sizes, cfg.sym, regularization=cfg.regularization,
-                                           batch_size=cfg.batch_size, progress=progress, device=device):
+    rows, fsc_all, best_shell, kept = [], None, -np.inf, None
+    for res, full_map in nested_half_reconstructions(star, order, sizes, cfg.sym, regularization=cfg.regularization,
+                                                     batch_size=cfg.batch_size, progress=progress, device=device):
         freq, curve = fsc(res.half1, res.half2, res.pixel_size_angstrom, mask)
         k = res.info["particles"]
         rows.append({"particles_kept": k, "fraction_kept": k / n, "score_threshold": float(score[order[k - 1]]),
@@ -205,22 +205,28 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
                      "crossing_shell_0143": _crossing_shell(freq, curve)})
         if k == n:
             fsc_all = curve
-
-    if cfg.method == "auto":
-        shells = np.array([r["crossing_shell_0143"] if r["particles_kept"] <= n_ok else -np.inf for r in rows])
-        ties = np.nonzero(shells >= shells.max() - cfg.tie_shells)[0]
-        chosen = int(ties[np.argmax([rows[i]["particles_kept"] for i in ties])])
-    else:
-        chosen = 0  # the smaller size is the kept set (the other is all particles, for comparison)
+        # The kept set, chosen as the sweep goes: auto keeps the largest subset whose crossing
+        # shell is within tie_shells of the best (a subset with junk in it cannot be chosen), so
+        # each subset that comes within them of the best so far replaces the one before; the
+        # other methods keep the smaller size, the first. Its maps are kept, not made again.
+        if cfg.method == "auto":
+            shell = rows[-1]["crossing_shell_0143"] if k <= n_ok else -np.inf
+            best_shell = max(best_shell, shell)
+            chosen_now = shell >= best_shell - cfg.tie_shells
+        else:
+            chosen_now = kept is None
+        if chosen_now:
+            chosen, kept = len(rows) - 1, None   # the previous choice's maps go first
+            kept = ReconstructionResult(full_map(), res.pixel_size_angstrom, res.half1, res.half2)
+            kept_fsc = (freq, curve)
+        del res
     n_keep = rows[chosen]["particles_kept"]
     keep = np.zeros(n, bool)
     keep[order[:n_keep]] = True
 
     kept_star = ParticleStar(star.particles[keep].reset_index(drop=True), star.optics, star.path,
                              star.other_blocks)
-    rec = reconstruct_star(kept_star, cfg.sym, halves=True, regularization=cfg.regularization,
-                           batch_size=cfg.batch_size, progress=progress, device=device)
-    freq, curve = rec.half_fsc(mask)
+    freq, curve = kept_fsc
     everything = rows[-1]
     summary = {
         **stamp(particles=particles, **asdict(cfg)),
@@ -238,9 +244,9 @@ def cleanup(particles, out, cfg: CleanupConfig | None = None, overwrite: bool = 
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     save_figure(cleanup_figure(summary), paths["plot"])
-    write_map(paths["half1"], rec.half1, rec.pixel_size_angstrom)
-    write_map(paths["half2"], rec.half2, rec.pixel_size_angstrom)
-    write_map(paths["map"], rec.full, rec.pixel_size_angstrom)
+    write_map(paths["half1"], kept.half1, kept.pixel_size_angstrom)
+    write_map(paths["half2"], kept.half2, kept.pixel_size_angstrom)
+    write_map(paths["map"], kept.full, kept.pixel_size_angstrom)
     if n_keep < n:
         write_star(ParticleStar(star.particles[~keep].reset_index(drop=True), star.optics, star.path,
                                 star.other_blocks), paths["discarded"])

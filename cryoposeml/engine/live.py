@@ -90,10 +90,7 @@ class LiveMap:
         if min(self.bps[1].count, self.bps[2].count) == 0:
             return {"resolution_fsc0143_angstrom": None, "resolution_fsc05_angstrom": None}
         half1, half2 = self.bps[1].reconstruct(), self.bps[2].reconstruct()
-        full_bp = self.bps[1].copy()
-        full_bp.merge(self.bps[2])
-        full = full_bp.reconstruct()
-        del full_bp
+        full = self.bps[1].reconstruct(plus=self.bps[2])   # without a merged copy of the accumulators
         h1, h2, _ = half_map_paths(self.folder / "map.mrc")
         write_map(h1, half1, self.apix)
         write_map(h2, half2, self.apix)

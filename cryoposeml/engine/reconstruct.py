@@ -97,9 +97,8 @@ def reconstruct_star(star: ParticleStar, sym: str = "C1", halves: bool = False, 
         raise InputError("half-maps need particles in both rlnRandomSubset 1 and 2", star.path)
     half1, half2 = bps[1].reconstruct(regularization), bps[2].reconstruct(regularization)
     info.update(halves_assigned_randomly=made_up, half_counts=[bps[1].count, bps[2].count])
-    bps[1].merge(bps[2])   # in place: the full map without a third accumulator
-    del bps[2]
-    return ReconstructionResult(bps[1].reconstruct(regularization), apix, half1, half2, info)
+    full = bps[1].reconstruct(regularization, plus=bps[2])   # both halves' data, without a merged copy
+    return ReconstructionResult(full, apix, half1, half2, info)
 
 
 def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, sym: str = "C1",
@@ -109,8 +108,10 @@ def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, s
     ``counts`` (increasing), the first ``n`` particles of ``order``. Each half-set (rlnRandomSubset,
     or a fixed random split) keeps its own accumulator, so the halves stay independent.
 
-    A generator: yields one :class:`ReconstructionResult` per size (``full`` is None), so only one
-    pair of half-maps is held at a time."""
+    A generator: yields ``(result, full_map)`` per size, the :class:`ReconstructionResult` of the
+    half-maps (``full`` is None) and a function that makes that subset's full map from both
+    half-sets' data (called before the generator moves on: it reads the accumulators as they are),
+    so only one pair of half-maps is held at a time and the full map only where it is wanted."""
     counts = sorted(int(c) for c in counts)
     if not counts or counts[0] < 1 or counts[-1] > len(order):
         raise ValueError(f"subset sizes must lie in 1..{len(order)}")
@@ -125,10 +126,11 @@ def nested_half_reconstructions(star: ParticleStar, order: np.ndarray, counts, s
                 start = n
             if min(bps[1].count, bps[2].count) == 0:
                 raise InputError(f"the first {n} particles are all in one half-set; no half-map FSC", star.path)
-            yield ReconstructionResult(None, star.pixel_size_angstrom, bps[1].reconstruct(regularization),
-                                       bps[2].reconstruct(regularization),
-                                       {"particles": n, "half_counts": [bps[1].count, bps[2].count],
-                                        "halves_assigned_randomly": made_up})
+            yield (ReconstructionResult(None, star.pixel_size_angstrom, bps[1].reconstruct(regularization),
+                                        bps[2].reconstruct(regularization),
+                                        {"particles": n, "half_counts": [bps[1].count, bps[2].count],
+                                         "halves_assigned_randomly": made_up}),
+                   lambda: bps[1].reconstruct(regularization, plus=bps[2]))
 
 
 def reconstruct(particles, out, sym: str = "C1", halves: bool = False, fom_weighting: bool = False,
