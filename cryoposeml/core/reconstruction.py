@@ -143,8 +143,7 @@ class BackProjector:
         separable: along z for blocks of y columns, keeping only the N output rows the cropped map
         needs, then along y and x for blocks of those rows."""
         n, m, h = self.box, self.box * self.pad, self._half
-        if plus is not None and ((plus.box, plus.pad) != (self.box, self.pad) or plus.group.shape != self.group.shape
-                                 or not torch.equal(plus.group, self.group)):
+        if plus is not None and ((plus.box, plus.pad) != (self.box, self.pad) or not torch.equal(plus.group, self.group)):
             raise ValueError("the accumulators differ in box, padding or symmetry")
         mine = self._acc.reshape(m, m, h, 3)
         theirs = None if plus is None else plus._acc.reshape(m, m, h, 3)
